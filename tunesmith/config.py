@@ -1,0 +1,249 @@
+"""The one config: pydantic models of the YAML file, loading, `--set` overrides and readable errors.
+
+Every default in tunesmith lives here. The LoRA and seed defaults are the reference article's
+(Unsloth's `get_peft_model` defaults): r=16, alpha=16, dropout 0, bias none, seven projections, 3407.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tunesmith.errors import ConfigError
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Every quantization llama.cpp's quantizer can produce through the bindings, by the names
+# llama.cpp and Ollama users type (lower case, as in `<name>.q4_k_m.gguf`).
+QUANTIZATIONS = [
+    "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1",
+    "q4_k_m", "q4_k_s", "q4_0", "q4_1", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k",
+]
+
+
+class Section(BaseModel):
+    # Unknown keys are errors: a typo like `lora.rank` must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    base: str = "builtin:smollm2-135m"
+    """A Hugging Face hub id, a local checkpoint directory, or `builtin:smollm2-135m`."""
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class DataConfig(Section):
+    train_file: str | None = None
+    eval_file: str | None = None
+    test_file: str | None = None
+    format: Literal["auto", "input_output", "alpaca", "chat", "sharegpt", "prompt_completion"] = "auto"
+    fields: dict[str, str] = Field(default_factory=dict)
+    """Rename fields of your records to the shape's names, e.g. {"input": "question"}."""
+    system_prompt: str | None = None
+    on_error: Literal["stop", "skip"] = "stop"
+    think: Literal["strip", "keep"] = "strip"
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    dedupe: bool = True
+    overlength: Literal["truncate", "drop"] = "drop"
+
+
+class LoraConfig(Section):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: list(PROJECTIONS))
+    use_rslora: bool = False
+
+
+class TrainConfig(Section):
+    method: Literal["lora", "qlora", "full"] = "lora"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    optimizer: Literal["auto", "adamw", "adamw_8bit"] = "auto"
+    """`auto`: adamw_8bit on GPU (bitsandbytes, as the article), plain AdamW on CPU."""
+    max_seq_length: int = Field(1024, gt=0)
+    gradient_checkpointing: bool = True
+    bf16: Literal["auto", True, False] = "auto"
+    seed: int = 3407
+    loss_on: Literal["completion", "all"] = "completion"
+    save_steps: int = Field(50, gt=0)
+    log_steps: int = Field(10, gt=0)
+    eval_steps: int = Field(50, gt=0)
+    low_memory: bool = False
+
+
+class ExportConfig(Section):
+    quantizations: list[str] = Field(default_factory=lambda: ["q4_k_m", "q8_0"])
+    outtype: Literal["f16", "bf16", "f32"] = "f16"
+    template: str | None = None
+    """An Ollama Go template to use instead of the one derived from the tokenizer's chat template."""
+    min_agreement: float = Field(0.8, ge=0.0, le=1.0)
+    fidelity_prompts: int = Field(32, ge=0)
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"temperature": 0.0})
+
+    @field_validator("quantizations")
+    @classmethod
+    def _known_quantizations(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name.lower() not in QUANTIZATIONS:
+                raise ValueError(f"unknown quantization {name!r}; valid: {', '.join(QUANTIZATIONS)}")
+        return [name.lower() for name in value]
+
+
+class ServeConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(11434, gt=0, lt=65536)
+    api_key: str | None = None
+    parallel: int = Field(1, gt=0)
+    max_queue: int = Field(64, gt=0)
+    max_loaded: int = Field(2, gt=0)
+    keep_alive: str = "5m"
+    num_ctx: int = Field(2048, gt=0)
+
+
+class EvalConfig(Section):
+    file: str | None = None
+    expect: Literal["text", "json"] = "text"
+    scorer: str | None = None
+    """`module:function` scoring one answer against its reference, e.g. goDrive's per-rule accuracy."""
+    max_new_tokens: int = Field(128, gt=0)
+    limit: int | None = Field(None, gt=0)
+
+
+class Config(Section):
+    name: str = "run"
+    """The run's name: outputs go to `<runs_dir>/<name>/`, the exported model is called this."""
+    runs_dir: str = "runs"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read the YAML file (if any), apply `key.path=value` overrides, validate.
+
+    Relative file paths in `data.*` and `eval.file` are taken relative to the config file, so a
+    config works from any working directory.
+    """
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        raw = _read_yaml(Path(path))
+    for override in overrides or []:
+        _apply_override(raw, override)
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source, raw)) from exc
+    if path is not None:
+        _resolve_paths(config, Path(path).resolve().parent)
+    return config
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found", "pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, data, lora, ...) at the top level")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {override!r}: expected key.path=value, e.g. --set train.max_steps=20")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {override!r}: {part!r} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {override!r}: value is not valid YAML") from exc
+
+
+def _describe(exc: ValidationError, source: str, raw: dict[str, Any]) -> str:
+    """One line for the first problem: file, key path, what was expected, and the closest valid key."""
+    error = exc.errors()[0]
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        section_model: type[BaseModel] = Config
+        for part in loc[:-1]:
+            field = section_model.model_fields.get(part)
+            annotation = field.annotation if field else None
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                section_model = annotation
+        valid = list(section_model.model_fields)
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        prefix = ".".join(loc[:-1])
+        suggestion = f"did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else (
+            f"valid keys: {', '.join(valid)}")
+        return f"{source}: unknown key {key!r}; {suggestion}"
+    value = _lookup(raw, loc)
+    got = f" (got {value!r})" if value is not _MISSING else ""
+    return f"{source}: {key}: {error['msg']}{got}"
+
+
+_MISSING = object()
+
+
+def _lookup(raw: Any, loc: list[str]) -> Any:
+    node = raw
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return _MISSING
+    return node
+
+
+def _resolve_paths(config: Config, base: Path) -> None:
+    for section, field in [("data", "train_file"), ("data", "eval_file"), ("data", "test_file"), ("eval", "file")]:
+        part = getattr(config, section)
+        value = getattr(part, field)
+        if value and not Path(value).is_absolute():
+            setattr(part, field, str(base / value))
+    # A local model directory next to the config is found the same way; hub ids and builtins are left alone.
+    base_model = config.model.base
+    if not base_model.startswith("builtin:") and (base / base_model).is_dir():
+        config.model.base = str(base / base_model)
