@@ -175,8 +175,7 @@ class _Reader:
 
 def parse(text: str) -> Modelfile:
     """Parse Modelfile text. Instructions are case-insensitive; `#` starts a comment only at a line's start."""
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    text = text.removeprefix("\ufeff")
     r = _Reader(text)
     mf = Modelfile()
     seen_from = False
