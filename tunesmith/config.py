@@ -212,9 +212,9 @@ def _describe(exc: ValidationError, source: str, raw: dict[str, Any]) -> str:
             if isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 section_model = annotation
         valid = list(section_model.model_fields)
-        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        close = _closest_key(loc[-1], valid)
         prefix = ".".join(loc[:-1])
-        suggestion = f"did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else (
+        suggestion = f"did you mean {prefix + '.' if prefix else ''}{close}?" if close else (
             f"valid keys: {', '.join(valid)}")
         return f"{source}: unknown key {key!r}; {suggestion}"
     value = _lookup(raw, loc)
@@ -223,6 +223,21 @@ def _describe(exc: ValidationError, source: str, raw: dict[str, Any]) -> str:
 
 
 _MISSING = object()
+
+# The names users bring from PEFT, TRL and the article's notebook, mapped to ours.
+_ALIASES = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
+    "lr": "learning_rate", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "max_seq_len": "max_seq_length", "random_state": "seed",
+    "quantization_method": "quantizations", "quantization": "quantizations", "warmup_steps": "warmup_ratio",
+}
+
+
+def _closest_key(key: str, valid: list[str]) -> str | None:
+    if _ALIASES.get(key) in valid:
+        return _ALIASES[key]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return close[0] if close else None
 
 
 def _lookup(raw: Any, loc: list[str]) -> Any:

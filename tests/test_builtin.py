@@ -1,0 +1,95 @@
+"""The built-in base model: materialized once, atomically, and it still knows the capital of France."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tunesmith.errors import ModelError
+from tunesmith.models import load_model, load_tokenizer, resolve_base
+from tunesmith.models.builtin import COMPLETE_MARKER
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+MATERIALIZE = "from tunesmith.models import resolve_base; print(resolve_base('builtin:smollm2-135m'))"
+
+
+def _greedy_answer(checkpoint: Path) -> str:
+    tokenizer = load_tokenizer(checkpoint)
+    model = load_model(checkpoint)
+    inputs = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    output = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+    return tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_crash_mid_materialization_leaves_nothing_that_loads_then_a_rerun_completes(tmp_path):
+    env = {**os.environ, "TUNESMITH_HOME": str(tmp_path)}
+    target = tmp_path / "base" / "smollm2-135m"
+    process = subprocess.Popen([sys.executable, "-c", MATERIALIZE], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    # Kill it once it has started writing its temporary directory, i.e. mid-conversion.
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "base").glob(".tmp-smollm2-135m-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not target.exists(), "a killed materialization left a directory under the final name"
+
+    done = subprocess.run([sys.executable, "-c", MATERIALIZE], check=False, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert (target / COMPLETE_MARKER).exists()
+    assert not list((tmp_path / "base").glob(".tmp-*")), "stale temporary directory kept"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in target.iterdir()}
+    assert "Paris" in _greedy_answer(target)
+
+
+def test_builtin_answers_paris_like_llama_cpp_on_the_original_gguf(builtin_checkpoint, smollm2_gguf):
+    from llama_cpp import Llama
+
+    assert "Paris" in _greedy_answer(builtin_checkpoint)
+    llm = Llama(model_path=str(smollm2_gguf), n_ctx=256, verbose=False, seed=0)
+    reply = llm.create_chat_completion(messages=QUESTION, max_tokens=16, temperature=0.0)
+    assert "Paris" in reply["choices"][0]["message"]["content"]
+
+
+def test_checkpoint_carries_the_chat_template(builtin_checkpoint):
+    tokenizer = load_tokenizer(builtin_checkpoint)
+    text = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    assert text.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_local_directory_and_bad_specs(builtin_checkpoint, tmp_path):
+    assert resolve_base(str(builtin_checkpoint)) == builtin_checkpoint
+    with pytest.raises(ModelError, match="unknown built-in 'builtin:nope'"):
+        resolve_base("builtin:nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        resolve_base(str(tmp_path / "empty"))
+    with pytest.raises(ModelError, match="neither an existing directory nor a hub id"):
+        resolve_base("not a model")
+
+
+def test_hub_id_without_network_says_so_and_names_the_offline_alternatives(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty hub cache, so nothing is found locally
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # what a machine with no network ends up at, without waiting
+    with pytest.raises(ModelError) as info:
+        resolve_base("Qwen/Qwen3-0.6B")
+    assert "hub is unreachable" in info.value.message
+    assert "builtin:smollm2-135m" in info.value.hint
+
+
+def test_tiny_models_load_and_generate(tiny_qwen3, tiny_llama):
+    for checkpoint, model_type in [(tiny_qwen3, "qwen3"), (tiny_llama, "llama")]:
+        model = load_model(checkpoint)
+        assert model.config.model_type == model_type and model.config.num_hidden_layers == 2
+        tokenizer = load_tokenizer(checkpoint)
+        ids = tokenizer("hello", return_tensors="pt")
+        assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 3

@@ -1,0 +1,236 @@
+"""The `tunesmith` command: parse, call a component, print. No logic of its own lives here.
+
+Every user error is a `TunesmithError`; `main` turns it into one line on stderr and exit code 2.
+`--debug` (anywhere on the command line) shows the traceback as well.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+
+from tunesmith.config import Config, load_config
+from tunesmith.errors import NotBuiltYet, TunesmithError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Turn a file of examples into a fine-tuned model served behind an Ollama-compatible API.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Check and look at training data.")
+app.add_typer(data_app, name="data")
+
+console = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="The YAML config file.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override one config value: key.path=value (repeatable)."),
+]
+RunOpt = Annotated[Path | None, typer.Option("--run", help="A run folder, runs/<name>.")]
+
+
+def _config(config: Path | None, sets: list[str] | None) -> Config:
+    return load_config(config, sets or [])
+
+
+def _later(command: str, issue: int, what: str) -> None:
+    raise NotBuiltYet(f"`tunesmith {command}` is not built yet: it arrives with issue #{issue} ({what})")
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s")
+
+
+@app.command()
+def doctor(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Check Python, torch, the GPU, llama.cpp and the caches (the article's "is the GPU available?" step)."""
+    from tunesmith.doctor import print_report, run_checks
+
+    _config(config, set_)  # a broken config is a problem worth reporting too
+    problems = print_report(run_checks(), console)
+    raise typer.Exit(1 if problems else 0)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    file: Annotated[Path, typer.Argument(help="A JSON, JSONL, CSV or Parquet file, or a datasets folder.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Validate a data file and show its shape, counts, token lengths and one rendered example."""
+    _config(config, set_)
+    _later("data inspect", 3, "data loading and validation")
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
+) -> None:
+    """Fine-tune the base model with LoRA on the training data."""
+    _config(config, set_)
+    _later("train", 4, "training")
+
+
+@app.command()
+def generate(prompt: str, run: RunOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Answer one prompt with the fine-tuned model (base + adapter), streaming."""
+    _config(config, set_)
+    _later("generate", 4, "training")
+
+
+@app.command("eval")
+def eval_(run: RunOpt = None, file: Path | None = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Score base vs fine-tuned vs each GGUF on held-out examples."""
+    _config(config, set_)
+    _later("eval", 7, "pipeline, evaluation and report")
+
+
+@app.command()
+def export(
+    run: RunOpt = None,
+    quant: Annotated[str | None, typer.Option(help="Comma-separated quantizations, e.g. q4_k_m,q8_0,f16.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Merge, convert to GGUF, quantize, write the Modelfile and check fidelity."""
+    _config(config, set_)
+    _later("export", 5, "GGUF export")
+
+
+@app.command()
+def serve(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Serve the model store through Ollama's API (default 127.0.0.1:11434)."""
+    _config(config, set_)
+    _later("serve", 6, "Ollama-compatible server")
+
+
+@app.command()
+def create(
+    name: str,
+    file: Annotated[Path, typer.Option("--file", "-f", help="The Modelfile.")] = Path("Modelfile"),
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Create a model in the store from a Modelfile (like `ollama create`)."""
+    _config(config, set_)
+    _later("create", 6, "Ollama-compatible server")
+
+
+@app.command("run")
+def run_(name: str, prompt: str | None = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Chat with a model, or answer one prompt (like `ollama run`)."""
+    _config(config, set_)
+    _later("run", 6, "Ollama-compatible server")
+
+
+@app.command("list")
+def list_(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """List the models in the store (like `ollama list`)."""
+    _config(config, set_)
+    _later("list", 6, "Ollama-compatible server")
+
+
+@app.command()
+def show(name: str, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Show a model's Modelfile, template and parameters (like `ollama show`)."""
+    _config(config, set_)
+    _later("show", 6, "Ollama-compatible server")
+
+
+@app.command()
+def ps(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """List the loaded models (like `ollama ps`)."""
+    _config(config, set_)
+    _later("ps", 6, "Ollama-compatible server")
+
+
+@app.command()
+def cp(source: str, destination: str, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Copy a model (like `ollama cp`)."""
+    _config(config, set_)
+    _later("cp", 6, "Ollama-compatible server")
+
+
+@app.command()
+def rm(name: str, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Remove a model (like `ollama rm`)."""
+    _config(config, set_)
+    _later("rm", 6, "Ollama-compatible server")
+
+
+@app.command()
+def deploy(
+    run: RunOpt = None,
+    to: Annotated[str, typer.Option("--to", help="URL of a server that speaks Ollama's API.")] = "http://127.0.0.1:11434",
+    name: str | None = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Upload the exported GGUF and create the model on an Ollama (or tunesmith) server."""
+    _config(config, set_)
+    _later("deploy", 6, "Ollama-compatible server")
+
+
+@app.command()
+def pipeline(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    force: Annotated[list[str] | None, typer.Option("--force", help="Redo this stage even if complete.")] = None,
+) -> None:
+    """All of it: data check, train, evaluate, export, create, serve, one request."""
+    from tunesmith.pipeline import run_pipeline
+
+    run_pipeline(_config(config, set_), console, force=set(force or []))
+
+
+@app.command()
+def report(run: RunOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Rebuild runs/<name>/report.html."""
+    _config(config, set_)
+    _later("report", 7, "pipeline, evaluation and report")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:  # accept --debug anywhere, not only before the command
+        argv = ["--debug"] + [a for a in argv if a != "--debug"]
+    try:
+        # Without standalone mode Click returns typer.Exit's code instead of calling sys.exit.
+        result = app(args=argv, prog_name="tunesmith", standalone_mode=False)
+    except TunesmithError as exc:
+        if debug:
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        if exc.hint:
+            err.print(f"  hint: {exc.hint}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:  # usage errors: Click already words them well
+        exc.show()
+        return 2
+    except click.exceptions.Abort:
+        err.print("aborted")
+        return 130
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
