@@ -1,0 +1,360 @@
+"""GPU training speed: tunesmith's fast path vs transformers + peft vs Unsloth, one run, one card.
+
+The workload of issue 8 (and ../shared/bench/anchor_sft.py): the Qwen3-0.6B architecture with random
+weights, LoRA r=16 alpha=16 on the seven projections, bf16, AdamW, lr 2e-4, batches of 16 sequences with
+lengths uniform in 64-512 and random tokens, every token trained. Reports useful (non-pad) tokens/s after
+warm-up, peak GPU memory, MFU (model FLOPs of the useful tokens over 989 TFLOP/s dense bf16) and the
+equivalence of the fast path with transformers + peft. Each stack runs in its own process.
+
+    python bench/train_gpu.py                      # every stack; Unsloth if importable
+    python bench/train_gpu.py --stacks fast,hf --record bench/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+QWEN3_06B = {
+    "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+    "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024, "initializer_range": 0.02,
+    "intermediate_size": 3072, "max_position_embeddings": 40960, "max_window_layers": 28,
+    "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": True, "use_cache": False,
+    "use_sliding_window": False, "vocab_size": 151936,
+}
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEAK_BF16 = 989e12  # H100/H200 SXM dense bf16, datasheet
+STACKS = {
+    "fast": "tunesmith fast path",
+    "fast_low": "tunesmith fast path, low_memory",
+    "hf": "transformers + peft, SDPA, padded per batch",
+    "unsloth": "Unsloth (FastLanguageModel + its gradient checkpointing), plain loop",
+}
+
+
+# Workload -------------------------------------------------------------------------------------------
+def make_model_dir(path: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    if os.path.exists(os.path.join(path, "config.json")):
+        return
+    torch.manual_seed(0)
+    cfg = Qwen3Config(**QWEN3_06B)
+    cfg.architectures = ["Qwen3ForCausalLM"]
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(path)
+
+
+def batches(n_batches: int, bs: int = 16, lo: int = 64, hi: int = 512, seed: int = 0):
+    """anchor_sft.py's batches: (ids, attention_mask, labels, useful tokens), padded per batch."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n_batches):
+        lens = torch.randint(lo, hi + 1, (bs,), generator=g)
+        width = int(lens.max())
+        ids = torch.randint(0, 150000, (bs, width), generator=g)
+        mask = (torch.arange(width)[None, :] < lens[:, None]).long()
+        yield ids, mask, ids.masked_fill(mask == 0, -100), int(lens.sum())
+
+
+def documents(batch_list) -> list[tuple[list[int], list[int]]]:
+    """The same sequences as (input_ids, labels) examples, for packing."""
+    docs = []
+    for ids, mask, labels, _ in batch_list:
+        for i in range(ids.shape[0]):
+            n = int(mask[i].sum())
+            docs.append((ids[i, :n].tolist(), labels[i, :n].tolist()))
+    return docs
+
+
+def model_flops(lengths: list[int]) -> float:
+    """Training FLOPs of LoRA on these documents: frozen matmuls forward + input-gradient (4 N per
+    token), LoRA weights 6 N, causal attention forward x 3; recomputation not counted."""
+    c = QWEN3_06B
+    d, f, layers, heads, hd, kv = (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"],
+                                   c["num_attention_heads"], c["head_dim"], c["num_key_value_heads"])
+    frozen = layers * (d * heads * hd + 2 * d * kv * hd + heads * hd * d + 3 * d * f) + c["vocab_size"] * d
+    r = 16
+    lora = layers * r * ((d + heads * hd) * 2 + (d + kv * hd) * 2 + (d + f) * 3)
+    tokens = sum(lengths)
+    attention = sum(3 * 2 * n * n * heads * hd * layers for n in lengths)
+    return tokens * (4 * frozen + 6 * lora) + attention
+
+
+# Workers ----------------------------------------------------------------------------------------------
+def load_model(path: str, attn: str = "sdpa"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation=attn).cuda()
+
+
+def peft_model(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
+                                            target_modules=MODULES, task_type="CAUSAL_LM"))
+
+
+def run_padded(model, a, all_batches) -> dict:
+    """The article's loop: one padded batch of 16 per step (anchor_sft.py)."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
+    model.train()
+    torch.cuda.reset_peak_memory_stats()
+    lengths, t0 = [], None
+    for step, (ids, mask, labels, _n) in enumerate(all_batches[: a.steps]):
+        if step == a.warm:
+            torch.cuda.synchronize()
+            t0, lengths = time.perf_counter(), []
+        out = model(input_ids=ids.cuda(), attention_mask=mask.cuda(), labels=labels.cuda())
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        lengths += mask.sum(1).tolist()
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return measured(lengths, dt, a.steps - a.warm, float(out.loss.detach()))
+
+
+def measured(lengths: list[int], dt: float, steps: int, loss: float) -> dict:
+    import torch
+
+    return {"tokens_per_s": round(sum(lengths) / dt), "step_ms": round(1000 * dt / steps, 1),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+            "mfu": round(model_flops(lengths) / dt / PEAK_BF16, 3), "loss": round(loss, 3)}
+
+
+def worker_hf(a) -> dict:
+    model = peft_model(load_model(a.model))
+    return run_padded(model, a, list(batches(a.steps)))
+
+
+def worker_unsloth(a) -> dict:
+    import torch
+    import unsloth  # before transformers: it patches it
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(a.model, max_seq_length=1024, dtype=torch.bfloat16,
+                                                 load_in_4bit=False)
+    model = FastLanguageModel.get_peft_model(model, r=16, target_modules=MODULES, lora_alpha=16, lora_dropout=0,
+                                             bias="none", use_gradient_checkpointing="unsloth",
+                                             random_state=3407)
+    out = run_padded(model, a, list(batches(a.steps)))
+    out["version"] = unsloth.__version__
+    return out
+
+
+def worker_fast(a, low_memory: bool) -> dict:
+    """tunesmith's path on the same sequences, packed into buffers of seq_len tokens."""
+    import torch
+
+    from tunesmith.config import LoraConfig
+    from tunesmith.train.fast import make_optimizer, make_train_step, pack, prepare_fast_model
+
+    seq_len = a.low_seq_len if low_memory else a.seq_len
+    docs = documents(list(batches(a.docs_batches)))
+    packed = pack(docs, seq_len)
+    torch.manual_seed(3407)
+    fast = prepare_fast_model(load_model(a.model), LoraConfig(), low_memory=low_memory)
+    opt = make_optimizer(fast, lr=2e-4)
+    step = make_train_step(fast, opt)
+    torch.cuda.reset_peak_memory_stats()
+    t_start = time.perf_counter()
+    warm = min(a.warm, len(packed) // 4)
+    for batch in packed[:warm]:
+        loss = step(batch)
+    torch.cuda.synchronize()
+    t0, warm_s = time.perf_counter(), time.perf_counter() - t_start
+    lengths = []
+    for batch in packed[warm:]:
+        loss = step(batch)
+        docs_here = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
+        lengths += docs_here[:-1] if batch.num_tokens < seq_len else docs_here  # the padding tail is no document
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    out = measured(lengths, dt, len(packed) - warm, float(loss))
+    out.update(seq_len=seq_len, warmup_s=round(warm_s, 1),
+               fill=round(sum(b.num_tokens for b in packed) / (len(packed) * seq_len), 3))
+    return out
+
+
+def worker_equiv(a) -> dict:
+    """Fast path vs transformers + peft on the same batch (loss, LoRA gradients), then a short run."""
+    import torch
+    from peft import set_peft_model_state_dict
+
+    from tunesmith.config import LoraConfig
+    from tunesmith.train.fast import make_optimizer, make_train_step, pack, prepare_fast_model
+
+    torch.manual_seed(3407)
+    fast = prepare_fast_model(load_model(a.model), LoraConfig())
+    ref = peft_model(load_model(a.model))
+    g = torch.Generator().manual_seed(1)
+    state = {k: v if "lora_A" in k else torch.randn(v.shape, generator=g) * 0.02
+             for k, v in fast.adapter_state_dict().items()}  # nonzero B, so A gets gradients too
+    fast.load_adapter_state_dict(state)
+    set_peft_model_state_dict(ref, state)
+    train = list(batches(4, seed=7))
+
+    def ref_loss(b):
+        ids, mask, labels, _ = b
+        return ref(input_ids=ids.cuda(), attention_mask=mask.cuda(), labels=labels.cuda()).loss
+
+    one = pack(documents(train[:1]), 8192)
+    assert len(one) == 1
+    loss_f = fast(one[0].to("cuda"))
+    loss_f.backward()
+    fast.grads_to_master()
+    loss_r = ref_loss(train[0])
+    loss_r.backward()
+    grads_f = fast.adapter_state_dict(grads=True)
+    grads_r = {k.replace(".default", ""): p.grad.float().cpu() for k, p in ref.named_parameters() if p.requires_grad}
+    cos = [float(torch.nn.functional.cosine_similarity(grads_f[k].flatten(), grads_r[k].flatten(), dim=0))
+           for k in grads_f]
+    flat_f = torch.cat([grads_f[k].flatten() for k in grads_f])
+    flat_r = torch.cat([grads_r[k].flatten() for k in grads_f])
+    result = {"loss_fast": round(float(loss_f), 5), "loss_ref": round(float(loss_r), 5),
+              "loss_rel_diff": float(abs(loss_f - loss_r) / loss_r),
+              "grad_cos_all": float(torch.nn.functional.cosine_similarity(flat_f, flat_r, dim=0)),
+              "grad_cos_min": min(cos), "grad_norm_ratio": float(flat_f.norm() / flat_r.norm())}
+    # Short run: same start, same 4 batches cycled, lr 1e-3 so the loss moves (it memorizes them).
+    fast.grads_to_master()
+    ref.zero_grad(set_to_none=True)
+    opt_f = make_optimizer(fast, lr=1e-3)
+    step = make_train_step(fast, opt_f)
+    opt_r = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0,
+                            fused=True)
+    packed = [pack(documents([b]), 8192)[0] for b in train]
+    curve_f, curve_r = [], []
+    for i in range(a.curve_steps):
+        curve_f.append(float(step(packed[i % 4])))
+        loss = ref_loss(train[i % 4])
+        loss.backward()
+        opt_r.step()
+        opt_r.zero_grad(set_to_none=True)
+        curve_r.append(float(loss))
+    result.update(curve_fast=[round(x, 3) for x in curve_f], curve_ref=[round(x, 3) for x in curve_r],
+                  curve_max_rel_diff=max(abs(f - r) / r for f, r in zip(curve_f, curve_r, strict=True)))
+    result["ok"] = (result["loss_rel_diff"] < 1e-2 and result["grad_cos_min"] > 0.99
+                    and result["curve_max_rel_diff"] < 2e-2)
+    return result
+
+
+# Driver -----------------------------------------------------------------------------------------------
+def versions() -> dict:
+    import peft
+    import torch
+    import transformers
+    import triton
+
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "transformers": transformers.__version__, "peft": peft.__version__, "triton": triton.__version__}
+
+
+def run_worker(stack: str, a) -> dict:
+    """Run one stack in a fresh process; `fast:4096` runs the fast path with buffers of 4096 tokens."""
+    name, _, seq_len = stack.partition(":")
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--model", a.model,
+           "--steps", str(a.steps), "--warm", str(a.warm), "--seq-len", seq_len or str(a.seq_len),
+           "--low-seq-len", seq_len or str(a.low_seq_len), "--docs-batches", str(a.docs_batches),
+           "--curve-steps", str(a.curve_steps)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=a.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {a.timeout} s"}
+    if a.log_dir:
+        with open(os.path.join(a.log_dir, f"{stack}.log"), "w") as f:
+            f.write(proc.stdout + proc.stderr)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    if proc.returncode or not lines:
+        tail = [x for x in proc.stderr.strip().splitlines() if x.strip()][-3:]
+        return {"error": " | ".join(tail)[-400:] or f"exit {proc.returncode}"}
+    out = json.loads(lines[-1])
+    out["wall_s"] = round(time.perf_counter() - t0)
+    return out
+
+
+def table(results: dict, unsloth_speed: float | None) -> str:
+    rows = ["| stack | useful tokens/s | vs Unsloth | step ms | peak GiB | MFU |", "|---|---|---|---|---|---|"]
+    for stack, r in results.items():
+        if stack == "equiv" or "tokens_per_s" not in r:
+            continue
+        name = STACKS[stack.partition(":")[0]] + (f" (packed {r['seq_len']})" if "seq_len" in r else "")
+        ratio = f"{r['tokens_per_s'] / unsloth_speed:.2f}x" if unsloth_speed else "-"
+        rows.append(f"| {name} | {r['tokens_per_s']:,} | {ratio} | {r['step_ms']} | {r['peak_gib']} | "
+                    f"{100 * r['mfu']:.1f}% |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stacks", default="equiv,fast,fast_low,hf,unsloth")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default=os.path.join(tempfile.gettempdir(), "qwen3-0.6b-random"))
+    ap.add_argument("--steps", type=int, default=30, help="padded batches per padded stack")
+    ap.add_argument("--warm", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=8192)
+    ap.add_argument("--low-seq-len", type=int, default=8192)
+    ap.add_argument("--docs-batches", type=int, default=80, help="16-sequence batches packed for the fast path")
+    ap.add_argument("--curve-steps", type=int, default=20)
+    ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--record", help="append the results as markdown to this file")
+    ap.add_argument("--log-dir", help="write each worker's full output here")
+    ap.add_argument("--json", help="write all results as JSON here")
+    a = ap.parse_args()
+    if a.worker:
+        worker = {"hf": worker_hf, "unsloth": worker_unsloth, "equiv": worker_equiv,
+                  "fast": lambda a: worker_fast(a, False), "fast_low": lambda a: worker_fast(a, True)}[a.worker]
+        print(json.dumps(worker(a)), flush=True)
+        return
+    make_model_dir(a.model)
+    info = versions()
+    print(json.dumps(info), flush=True)
+    results = {}
+    for stack in a.stacks.split(","):
+        if stack == "unsloth" and importlib.util.find_spec("unsloth") is None:
+            results[stack] = {"error": "not importable"}
+            continue
+        results[stack] = run_worker(stack, a)
+        print(stack, json.dumps(results[stack]), flush=True)
+    unsloth_speed = results.get("unsloth", {}).get("tokens_per_s")
+    text = table(results, unsloth_speed)
+    eq = results.get("equiv", {})
+    if "loss_rel_diff" in eq:
+        text += (f"\n\nequivalence vs transformers+peft (bf16, one 16-sequence batch): loss rel diff "
+                 f"{eq['loss_rel_diff']:.2e}, LoRA grad cosine min {eq['grad_cos_min']:.4f} (all "
+                 f"{eq['grad_cos_all']:.4f}), {a.curve_steps}-step curve max rel diff "
+                 f"{eq['curve_max_rel_diff']:.2e}: {'PASS' if eq['ok'] else 'FAIL'}")
+    elif eq:
+        text += f"\n\nequivalence: {eq}"
+    for stack, r in results.items():
+        if "error" in r:
+            text += f"\n{stack}: ERROR {r['error']}"
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"versions": info, "args": vars(a), "results": results}, f, indent=1)
+    if a.record:
+        with open(a.record, "a") as f:
+            f.write(f"\n### {time.strftime('%Y-%m-%d')} {info['gpu']}\n{json.dumps(info)}\n\n"
+                    f"`python bench/train_gpu.py {' '.join(sys.argv[1:])}`\n\n{text}\n")
+    print(f"\n{info['gpu']}  torch {info['torch']}  transformers {info['transformers']}  peft {info['peft']}")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

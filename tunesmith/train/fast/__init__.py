@@ -1,0 +1,42 @@
+"""tunesmith's GPU training path: packed buffers, per-document attention, bf16 LoRA, compiled layers.
+
+    fast = prepare_fast_model(hf_model, config.lora, low_memory=config.train.low_memory)
+    optimizer = make_optimizer(fast, lr=config.train.learning_rate)
+    step = make_train_step(fast, optimizer, max_grad_norm=1.0)
+    for batch in pack(examples, seq_len=8192):   # examples: [(input_ids, labels), ...]
+        loss = step(batch)
+    save_adapter(fast.adapter_state_dict(), config.lora, "runs/x/adapter", base_model=...)
+
+The optimizer is a plain `torch.optim.AdamW`, so learning-rate schedulers and `state_dict()` work.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tunesmith.config import LoraConfig
+from tunesmith.train.fast.lora import LoraLinear, save_adapter
+from tunesmith.train.fast.model import FastCausalLM, FastPathUnsupported, check_supported
+from tunesmith.train.fast.packing import IGNORE_INDEX, PackedBatch, pack
+from tunesmith.train.fast.step import make_optimizer, make_train_step
+
+DEFAULT_SEQ_LEN = 8192
+"""Tokens per packed buffer in the normal mode (measured on H100: see bench/RESULTS.md)."""
+LOW_MEMORY_SEQ_LEN = 8192
+
+
+def prepare_fast_model(model: nn.Module, lora_cfg: LoraConfig, low_memory: bool = False,
+                       compile: bool | None = None) -> FastCausalLM:
+    """Add LoRA to a Hugging Face causal LM (in place) and wrap it for packed training.
+
+    `model` should already be on its device in its training dtype (bf16 on CUDA). `compile` defaults
+    to True on CUDA. Raises FastPathUnsupported for architectures the fast path does not run.
+    """
+    return FastCausalLM(model, lora_cfg, low_memory=low_memory, compile=compile).train()
+
+
+__all__ = [
+    "DEFAULT_SEQ_LEN", "IGNORE_INDEX", "LOW_MEMORY_SEQ_LEN", "FastCausalLM", "FastPathUnsupported",
+    "LoraLinear", "PackedBatch", "check_supported", "make_optimizer", "make_train_step", "pack",
+    "prepare_fast_model", "save_adapter",
+]
