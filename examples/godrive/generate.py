@@ -1,0 +1,249 @@
+"""goDrive, the reference article's task: a car's sensor features in, a driving coach's instruction out.
+
+Run `python examples/godrive/generate.py` to rewrite train.jsonl (7,799 examples) and test.jsonl
+(300 examples whose feature combinations never occur in training) next to this file; the output is the
+same on every run (seeded). The evaluator imports `expected(features) -> str` and
+`score(prediction, reference) -> dict` (`eval.scorer: examples.godrive.generate:score`).
+
+Input, one line:
+  <特征>场地类型:科目二; 当前项目:非项目区域; 车辆类型:手动挡; 挡位:1挡; 手刹:放下; 发动机:打火; 安全带:系上;
+  车门:关闭; 离合:未踩; 刹车:未踩; 油门:未踩; 速度:适中; 时间特征:夜晚</特征>
+Output: the instructions of the rules below that fire, in this priority order, at most three, joined
+without spaces (each ends with "。"); when none fires, "状态良好，继续保持。". One wording per rule, so
+answers can be scored by exact match and per rule.
+
+| priority | rule          | fires when                                        | instruction          |
+|----------|---------------|---------------------------------------------------|----------------------|
+| 1 safety | seatbelt      | 安全带:未系                                        | 请系好安全带。        |
+| 2 safety | door          | 车门:未关                                          | 请关好车门。          |
+| 3 safety | handbrake     | 手刹:拉起 and 速度 is not 静止                      | 请松开手刹。          |
+| 4 safety | engine        | 发动机:熄火                                        | 请点火启动。          |
+| 5 gear   | gear_start    | 手动挡, 速度:静止, 挡位 is 2挡..5挡                 | 起步请挂一挡。        |
+| 6 gear   | neutral_coast | 速度 is 适中 or 过快, 挡位 is 空挡 or N挡             | 行驶中不要空挡滑行。  |
+| 7 clutch | clutch_ride   | 手动挡, 速度 is 适中 or 过快, 离合:踩下              | 行驶中请松开离合。    |
+| 8 item   | item:<项目>    | 当前项目 is not 非项目区域 (one wording per item)   | see ITEM_WORDING     |
+| 9 speed  | speeding      | 速度:过快                                          | 请减速慢行。          |
+| 10 time  | night         | 时间特征:夜晚                                      | 请开启近光灯。        |
+| 10 time  | dusk          | 时间特征:傍晚                                      | 请打开示廓灯。        |
+The other features (刹车, 油门, 缓慢 speed, the exact forward gear) make the state realistic and are
+distractors: the model has to learn which features matter.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FEATURES = ["场地类型", "当前项目", "车辆类型", "挡位", "手刹", "发动机", "安全带", "车门", "离合", "刹车", "油门",
+            "速度", "时间特征"]
+ITEMS = {
+    "科目二": ["倒车入库", "侧方停车", "坡道定点停车与起步", "直角转弯", "曲线行驶"],
+    "科目三": ["直线行驶", "变更车道", "通过路口", "靠边停车", "掉头"],
+}
+ITEM_WORDING = {
+    "倒车入库": "倒车入库看后视镜。",
+    "侧方停车": "侧方停车注意车距。",
+    "坡道定点停车与起步": "坡道起步防止溜车。",
+    "直角转弯": "直角转弯打满方向。",
+    "曲线行驶": "曲线行驶慢打方向。",
+    "直线行驶": "直线行驶握稳方向。",
+    "变更车道": "变更车道先打转向灯。",
+    "通过路口": "通过路口减速观察。",
+    "靠边停车": "靠边停车打右转向灯。",
+    "掉头": "掉头前打左转向灯。",
+}
+NO_ITEM = "非项目区域"
+ALL_GOOD = "状态良好，继续保持。"
+MAX_INSTRUCTIONS = 3
+MOVING_FAST = ("适中", "过快")
+TRAIN_SIZE = 7799
+TEST_SIZE = 300
+SEED = 7799
+HERE = Path(__file__).resolve().parent
+
+Features = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    wording: str
+    fires: Callable[[Features], bool]
+
+
+RULES: list[Rule] = [
+    Rule("seatbelt", "请系好安全带。", lambda f: f["安全带"] == "未系"),
+    Rule("door", "请关好车门。", lambda f: f["车门"] == "未关"),
+    Rule("handbrake", "请松开手刹。", lambda f: f["手刹"] == "拉起" and f["速度"] != "静止"),
+    Rule("engine", "请点火启动。", lambda f: f["发动机"] == "熄火"),
+    Rule("gear_start", "起步请挂一挡。",
+         lambda f: f["车辆类型"] == "手动挡" and f["速度"] == "静止" and f["挡位"] in ("2挡", "3挡", "4挡", "5挡")),
+    Rule("neutral_coast", "行驶中不要空挡滑行。", lambda f: f["速度"] in MOVING_FAST and f["挡位"] in ("空挡", "N挡")),
+    Rule("clutch_ride", "行驶中请松开离合。",
+         lambda f: f["车辆类型"] == "手动挡" and f["速度"] in MOVING_FAST and f["离合"] == "踩下"),
+    *[Rule(f"item:{item}", wording, lambda f, item=item: f["当前项目"] == item) for item, wording in ITEM_WORDING.items()],
+    Rule("speeding", "请减速慢行。", lambda f: f["速度"] == "过快"),
+    Rule("night", "请开启近光灯。", lambda f: f["时间特征"] == "夜晚"),
+    Rule("dusk", "请打开示廓灯。", lambda f: f["时间特征"] == "傍晚"),
+]
+WORDING_TO_RULE = {rule.wording: rule.id for rule in RULES} | {ALL_GOOD: "all_good"}
+_LINE = re.compile(r"^\s*<特征>(.*)</特征>\s*$", re.DOTALL)
+
+
+def parse_features(text: str) -> Features:
+    """`<特征>键:值; 键:值; ...</特征>` → {键: 值}; ValueError names what is wrong."""
+    match = _LINE.match(text)
+    if not match:
+        raise ValueError(f"not a goDrive feature line (expected <特征>...</特征>): {text[:60]!r}")
+    features: Features = {}
+    for part in match.group(1).split(";"):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition(":")
+        if not sep:
+            raise ValueError(f"feature {part.strip()!r} has no ':'")
+        features[key.strip()] = value.strip()
+    missing = [key for key in FEATURES if key not in features]
+    if missing:
+        raise ValueError(f"feature line lacks {', '.join(missing)}")
+    return features
+
+
+def format_features(features: Features) -> str:
+    return "<特征>" + "; ".join(f"{key}:{features[key]}" for key in FEATURES) + "</特征>"
+
+
+def fired_rules(features: Features | str) -> list[str]:
+    """Ids of every rule that fires, in priority order (before the cut to three)."""
+    f = parse_features(features) if isinstance(features, str) else features
+    return [rule.id for rule in RULES if rule.fires(f)]
+
+
+def expected(features: Features | str) -> str:
+    """The coach's instruction for a feature state: the answer the fine-tuned model should give."""
+    f = parse_features(features) if isinstance(features, str) else features
+    wordings = [rule.wording for rule in RULES if rule.fires(f)][:MAX_INSTRUCTIONS]
+    return "".join(wordings) or ALL_GOOD
+
+
+def split_instructions(text: str) -> list[str]:
+    """'请系好安全带。请开启近光灯。' → ['请系好安全带。', '请开启近光灯。'] (ALL_GOOD stays whole)."""
+    text = text.strip()
+    if text.startswith(ALL_GOOD):
+        return [ALL_GOOD] + split_instructions(text[len(ALL_GOOD):])
+    return [piece + "。" for piece in text.split("。")[:-1] if piece.strip()] + (
+        [text.rsplit("。", 1)[-1]] if text and not text.endswith("。") else [])
+
+
+def score(prediction: str, reference: str | dict[str, Any]) -> dict[str, float]:
+    """Exact match plus per-rule scores for one answer.
+
+    `reference` is the expected answer, a feature line (its `expected` answer is used), or a record with
+    "output" (or "input"). Returned keys: exact_match (0/1), rule_precision, rule_recall, rule_f1 over the
+    instructions, and "rule:<id>" = 1.0 when the answer and the reference agree on that rule, for every
+    rule in either; averaging each key over the examples that have it gives per-rule accuracy.
+    """
+    if isinstance(reference, dict):
+        reference = reference.get("output") or expected(reference["input"])
+    elif reference.lstrip().startswith("<特征>"):
+        reference = expected(reference)
+    predicted = [WORDING_TO_RULE.get(s.strip(), "unknown") for s in split_instructions(prediction)]
+    wanted = [WORDING_TO_RULE.get(s, "unknown") for s in split_instructions(reference)]
+    hits = len(set(predicted) & set(wanted) - {"unknown"})
+    precision = hits / len(predicted) if predicted else 0.0
+    recall = hits / len(wanted) if wanted else 0.0
+    result = {
+        "exact_match": float(prediction.strip() == reference.strip()),
+        "rule_precision": precision,
+        "rule_recall": recall,
+        "rule_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+    }
+    for rule_id in (set(predicted) | set(wanted)) - {"unknown"}:
+        result[f"rule:{rule_id}"] = float((rule_id in predicted) == (rule_id in wanted))
+    return result
+
+
+def _pick(rng: random.Random, weights: dict[str, float]) -> str:
+    return rng.choices(list(weights), weights=list(weights.values()))[0]
+
+
+def sample_features(rng: random.Random) -> Features:
+    """One plausible car state: the engine off means standing still, reversing items favour reverse gear."""
+    site = _pick(rng, {"科目二": 1, "科目三": 1})
+    item = _pick(rng, {NO_ITEM: 0.25, **{name: 0.15 for name in ITEMS[site]}})
+    manual = rng.random() < 0.6
+    engine = _pick(rng, {"打火": 0.92, "熄火": 0.08})
+    speed = "静止" if engine == "熄火" else _pick(rng, {"静止": 0.2, "缓慢": 0.3, "适中": 0.3, "过快": 0.2})
+    moving = speed != "静止"
+    reversing = item in ("倒车入库", "侧方停车") and moving and rng.random() < 0.6
+    if manual:
+        if reversing:
+            gear = "倒挡"
+        elif moving:
+            gear = _pick(rng, {"空挡": 0.12, "1挡": 0.2, "2挡": 0.25, "3挡": 0.2, "4挡": 0.1, "5挡": 0.05, "倒挡": 0.08})
+        else:
+            gear = _pick(rng, {"空挡": 0.3, "1挡": 0.3, "2挡": 0.1, "3挡": 0.1, "4挡": 0.05, "5挡": 0.05, "倒挡": 0.1})
+        clutch = _pick(rng, {"踩下": 0.2, "未踩": 0.8} if moving else {"踩下": 0.5, "未踩": 0.5})
+    else:
+        if reversing:
+            gear = "R挡"
+        elif moving:
+            gear = _pick(rng, {"D挡": 0.8, "N挡": 0.12, "R挡": 0.08})
+        else:
+            gear = _pick(rng, {"P挡": 0.5, "N挡": 0.2, "D挡": 0.25, "R挡": 0.05})
+        clutch = "无"
+    return {
+        "场地类型": site,
+        "当前项目": item,
+        "车辆类型": "手动挡" if manual else "自动挡",
+        "挡位": gear,
+        "手刹": _pick(rng, {"拉起": 0.1, "放下": 0.9} if moving else {"拉起": 0.6, "放下": 0.4}),
+        "发动机": engine,
+        "安全带": _pick(rng, {"系上": 0.9, "未系": 0.1}),
+        "车门": _pick(rng, {"关闭": 0.92, "未关": 0.08}),
+        "离合": clutch,
+        "刹车": _pick(rng, {"踩下": 0.2, "未踩": 0.8} if moving else {"踩下": 0.5, "未踩": 0.5}),
+        "油门": "未踩" if engine == "熄火" else _pick(rng, {"踩下": 0.4, "未踩": 0.6} if moving else
+                                                      {"踩下": 0.1, "未踩": 0.9}),
+        "速度": speed,
+        "时间特征": _pick(rng, {"白天": 0.5, "傍晚": 0.2, "夜晚": 0.3}),
+    }
+
+
+def generate(train_size: int = TRAIN_SIZE, test_size: int = TEST_SIZE, seed: int = SEED) -> tuple[list[dict], list[dict]]:
+    """Distinct feature states: the first `train_size` for training, the next `test_size` for testing."""
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    lines: list[str] = []
+    while len(lines) < train_size + test_size:
+        line = format_features(sample_features(rng))
+        if line not in seen:
+            seen.add(line)
+            lines.append(line)
+    train = [{"input": line, "output": expected(line)} for line in lines[:train_size]]
+    test = [{"input": line, "output": expected(line), "rules": fired_rules(line)[:MAX_INSTRUCTIONS]}
+            for line in lines[train_size:]]
+    return train, test
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    tmp.replace(path)
+
+
+def main(out: Path = HERE) -> None:
+    train, test = generate()
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "test.jsonl", test)
+    print(f"wrote {len(train)} examples to {out / 'train.jsonl'} and {len(test)} to {out / 'test.jsonl'}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else HERE)

@@ -1,0 +1,91 @@
+"""`tunesmith data inspect FILE`: what the data stage would see, printed without training anything.
+
+Shows the reader and detected shape, the counts, the token-length table against train.max_seq_length,
+every problem found (skipped records, duplicates, overlong examples, ignored fields), and the first
+example rendered with the model's chat template, the trained (assistant) part highlighted.
+Loads only the tokenizer, never model weights. Invalid data raises DataError (exit code 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from tunesmith.config import Config
+from tunesmith.data.render import IGNORE_INDEX, render, tokenize_many
+from tunesmith.data.split import dedupe
+from tunesmith.data.stats import length_stats
+from tunesmith.data.validate import LoadReport, load_examples
+
+SHOWN = 20  # problems listed per kind; the count is always complete
+
+
+def inspect_file(path: str | Path, config: Config, console: Console) -> None:
+    from tunesmith.models import load_tokenizer, resolve_base
+
+    data, train = config.data, config.train
+    report = LoadReport(str(path))
+    examples = load_examples(path, data, report)
+    unique, duplicates = dedupe(examples)
+
+    console.print(f"[bold]{path}[/]")
+    counts = Table.grid(padding=(0, 2))
+    counts.add_row("reader", report.reader)
+    counts.add_row("shape", f"{report.shape}" + ("" if data.format == "auto" else " (data.format)"))
+    counts.add_row("records", str(report.records))
+    counts.add_row("valid", str(report.loaded))
+    counts.add_row("skipped", str(len(report.skipped)))
+    counts.add_row("duplicates", f"{len(duplicates)}" + (" (removed by data.dedupe)" if data.dedupe else ""))
+    counts.add_row("system prompt", f"data.system_prompt added to {report.system_prompt_added}" if data.system_prompt
+                   else "from the records (or the template's default)")
+    console.print(counts)
+
+    tokenizer = load_tokenizer(resolve_base(config.model.base, config.model.revision))
+    lengths, trained, overlong, think = [], [], [], 0
+    for example, tokens in zip(unique, tokenize_many(tokenizer, unique, data, train)):
+        lengths.append(len(tokens["input_ids"]))
+        trained.append(sum(1 for label in tokens["labels"] if label != IGNORE_INDEX))
+        if lengths[-1] > train.max_seq_length:
+            overlong.append(f"{example.source}: {lengths[-1]} tokens")
+        think += any("<think>" in m["content"] for m in example.messages if m["role"] == "assistant")
+
+    table = Table(title=f"tokens per example ({config.model.base} chat template)")
+    for column in ("", "count", "min", "median", "p95", "max", f"> {train.max_seq_length}"):
+        table.add_column(column, justify="right")
+    for name, values in (("whole example", lengths), ("trained (labels)", trained)):
+        s = length_stats(values, train.max_seq_length)
+        table.add_row(name, *(str(s[k]) for k in ("count", "min", "median", "p95", "max", "over_max")))
+    console.print(table)
+
+    problems = [
+        (f"skipped records (data.on_error: {data.on_error})", report.skipped),
+        ("exact duplicates", duplicates),
+        (f"longer than train.max_seq_length {train.max_seq_length} (data.overlength: {data.overlength})", overlong),
+        ("fields not used for training", [f"{key!r} in {n} records" for key, n in report.ignored_fields.items()]),
+    ]
+    if think:
+        problems.append((f"replies with <think> blocks (data.think: {data.think})",
+                         [f"{think} examples; " + ("stripped from the targets" if data.think == "strip" else "kept")]))
+    found = [(title, lines) for title, lines in problems if lines]
+    if not found:
+        console.print("[green]no problems found[/]")
+    for title, lines in found:
+        console.print(f"[yellow]{title}: {len(lines)}[/]")
+        for line in lines[:SHOWN]:
+            console.print(f"  {line}", highlight=False, markup=False)
+        if len(lines) > SHOWN:
+            console.print(f"  ... and {len(lines) - SHOWN} more")
+
+    first = unique[0]
+    rendered = render(tokenizer, first, data)
+    text = Text(rendered.text)
+    for start, end in rendered.spans:
+        text.stylize("bold black on green", start, end)
+    console.print(Panel(text, title=f"first example: {first.source}", title_align="left"))
+    # Spelled out as well, so the trained part is visible where colour is not (a pipe, a log file).
+    for start, end in rendered.spans:
+        console.print(Text.assemble(("trained: ", "bold"), (repr(rendered.text[start:end]), "green")))

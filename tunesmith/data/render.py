@@ -1,0 +1,181 @@
+"""Render an example with the base model's own chat template and build its labels.
+
+`tokenize(tokenizer, example, data_cfg, train_cfg) -> {"input_ids": [...], "labels": [...]}`:
+labels are -100 everywhere except the assistant turns (`train.loss_on: completion`), or equal to
+input_ids (`all`). Each trained span runs from the first token of the reply through the template's
+end-of-turn token (`<|im_end|>` for ChatML), so the fine-tuned model learns to stop; the role header
+(`<|im_start|>assistant\\n`) stays in the prompt because at inference the template writes it.
+
+How spans are found: the conversation up to turn i rendered with `add_generation_prompt=True` is the
+prompt of turn i; rendered through turn i it ends after that turn's end-of-turn token. Both are prefixes
+of the whole rendering for ordinary templates, which gives exact character spans. Templates that render
+earlier assistant turns differently from the last one (Qwen3 drops past `<think>` blocks) fall back to
+finding the reply's text after the previous span and extending it over the end-of-turn marker.
+The text is then tokenized span by span (no special tokens added: the template writes BOS itself), so
+the prompt ends on the same token boundary as at inference, where the prompt is tokenized alone.
+
+`data.think: strip` removes `<think>...</think>` blocks from assistant turns and renders with
+`enable_thinking=False` (Qwen3-style templates then put an empty think block in the prompt, and the
+served model answers without thinking); `keep` leaves both alone. `tokenize` never truncates: the
+`data.overlength` policy is applied by `fit_length` (and `prepare`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from tunesmith.config import DataConfig, TrainConfig
+from tunesmith.data.validate import Example
+from tunesmith.errors import DataError
+
+IGNORE_INDEX = -100
+THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
+
+
+@dataclass
+class Rendered:
+    text: str
+    spans: list[tuple[int, int]]
+    """Character ranges of `text` that are trained (assistant replies plus their end-of-turn marker)."""
+    think_stripped: int = 0
+
+
+def strip_think(text: str) -> str:
+    return THINK_BLOCK.sub("", text)
+
+
+def template_kwargs(data_cfg: DataConfig) -> dict[str, Any]:
+    # Templates that do not know `enable_thinking` ignore it (Jinja leaves unknown variables alone).
+    return {"enable_thinking": False} if data_cfg.think == "strip" else {}
+
+
+def target_messages(example: Example, data_cfg: DataConfig) -> tuple[list[dict[str, str]], int]:
+    """The messages as trained: with `think: strip`, assistant turns lose their <think> blocks."""
+    if data_cfg.think == "keep":
+        return example.messages, 0
+    stripped = 0
+    messages = []
+    for i, message in enumerate(example.messages):
+        content = message["content"]
+        if message["role"] == "assistant" and "<think>" in content:
+            content = strip_think(content)
+            stripped += 1
+            if not content.strip():
+                raise DataError(f"{example.source}, field 'messages[{i}].content': the reply is only a "
+                                "<think> block, empty once data.think: strip removes it",
+                                "give the answer after </think>, or set data.think: keep")
+        messages.append({"role": message["role"], "content": content})
+    return messages, stripped
+
+
+def render(tokenizer: Any, example: Example, data_cfg: DataConfig) -> Rendered:
+    """The whole conversation as the template writes it, with the trained character spans."""
+    messages, stripped = target_messages(example, data_cfg)
+    kwargs = template_kwargs(data_cfg)
+
+    def chat(turns: list[dict[str, str]], generation: bool) -> str:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation, **kwargs)
+
+    text = chat(messages, False)
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = chat(messages[:i], True)
+        through = (text if i == len(messages) - 1 else chat(messages[: i + 1], False)).rstrip()
+        if through.startswith(prompt) and text.startswith(through) and len(prompt) >= cursor:
+            start, end = len(prompt), len(through)
+        else:
+            start, end = _find_reply(text, message["content"], cursor, _end_marker(tokenizer, kwargs))
+            if start < 0:
+                raise DataError(
+                    f"{example.source}: the chat template renders assistant turn {i} so that its text cannot "
+                    "be found in the whole conversation, so its labels cannot be built",
+                    "use single-turn examples with this model, or a chat template with {% generation %}")
+        spans.append((start, end))
+        cursor = end
+    return Rendered(text, spans, stripped)
+
+
+def tokenize(tokenizer: Any, example: Example, data_cfg: DataConfig, train_cfg: TrainConfig) -> dict[str, list[int]]:
+    """Token ids of the rendered example and labels (-100 outside the trained spans)."""
+    return tokenize_many(tokenizer, [example], data_cfg, train_cfg)[0]
+
+
+def tokenize_many(tokenizer: Any, examples: list[Example], data_cfg: DataConfig,
+                  train_cfg: TrainConfig) -> list[dict[str, list[int]]]:
+    """`tokenize` for many examples: one batched tokenizer call (several times faster than one by one)."""
+    everything = train_cfg.loss_on == "all"
+    pieces: list[str] = []
+    owners: list[tuple[int, bool]] = []  # (example number, trained) per piece
+    for number, example in enumerate(examples):
+        rendered = render(tokenizer, example, data_cfg)
+        position = 0
+        for start, end in rendered.spans:
+            for text, trained in ((rendered.text[position:start], False), (rendered.text[start:end], True)):
+                if text:
+                    pieces.append(text)
+                    owners.append((number, trained))
+            position = end
+        if rendered.text[position:]:
+            pieces.append(rendered.text[position:])
+            owners.append((number, False))
+    encoded = _encode(tokenizer, pieces)
+    result: list[dict[str, list[int]]] = [{"input_ids": [], "labels": []} for _ in examples]
+    for (number, trained), ids in zip(owners, encoded):
+        result[number]["input_ids"].extend(ids)
+        result[number]["labels"].extend(ids if trained or everything else [IGNORE_INDEX] * len(ids))
+    return result
+
+
+def fit_length(tokens: dict[str, list[int]], max_length: int, policy: str) -> dict[str, list[int]] | None:
+    """Apply `data.overlength`: keep as is, cut to `max_length`, or None (drop).
+
+    A truncated example that keeps no trained token is dropped too: it would only add a zero loss.
+    """
+    if len(tokens["input_ids"]) <= max_length:
+        return tokens
+    if policy == "drop":
+        return None
+    cut = {"input_ids": tokens["input_ids"][:max_length], "labels": tokens["labels"][:max_length]}
+    return cut if any(label != IGNORE_INDEX for label in cut["labels"]) else None
+
+
+def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if hasattr(backend, "encode_batch"):
+        # The Rust tokenizer directly: the same ids as tokenizer(texts, add_special_tokens=False) without
+        # building a BatchEncoding, which halves the time `data inspect` spends on 7,799 examples.
+        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+_MARKERS: dict[tuple[int, bool], str] = {}
+
+
+def _end_marker(tokenizer: Any, kwargs: dict[str, Any]) -> str:
+    """What the template writes right after a reply (`<|im_end|>`), learned from a two-turn probe."""
+    key = (id(tokenizer), bool(kwargs))
+    if key not in _MARKERS:
+        probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "PONG-7"}]
+        text = tokenizer.apply_chat_template(probe, tokenize=False, **kwargs)
+        after = text[text.rfind("PONG-7") + len("PONG-7"):]
+        _MARKERS[key] = after.strip().split()[0] if after.strip() else ""
+    return _MARKERS[key]
+
+
+def _find_reply(text: str, content: str, cursor: int, marker: str) -> tuple[int, int]:
+    body = content.strip()
+    start = text.find(body, cursor)
+    if start < 0:
+        return -1, -1
+    end = start + len(body)
+    gap = text[end:]
+    if marker and gap.lstrip(" ").startswith(marker):
+        end += len(gap) - len(gap.lstrip(" ")) + len(marker)
+    return start, end
