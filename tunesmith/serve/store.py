@@ -8,6 +8,7 @@ Every write is atomic; a blob is removed only when no manifest uses it any more.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -16,7 +17,7 @@ import shutil
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -58,6 +59,20 @@ class BlobNotFound(StoreError):
 
 class DigestMismatch(StoreError):
     pass
+
+
+class BlobWriter:
+    def __init__(self, out: BinaryIO | None, created: bool):
+        self.out = out
+        self.created = created
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        if self.out is not None:
+            self.hash.update(chunk)
+            self.out.write(chunk)
+        self.size += len(chunk)
 
 
 class Manifest(BaseModel):
@@ -133,28 +148,32 @@ class Store:
     def has_blob(self, digest: str) -> bool:
         return self.blob_path(digest).is_file()
 
-    def write_blob(self, digest: str, chunks: Iterable[bytes]) -> bool:
-        """Store the bytes as blob `digest`; True if written, False if it was already there.
+    @contextlib.contextmanager
+    def blob_writer(self, digest: str) -> Iterator[BlobWriter]:
+        """Write blob `digest` chunk by chunk; kept only if the bytes hash to `digest` when the block ends.
 
-        The bytes land under a temporary name and are renamed only when their hash matches.
+        `writer.created` is False when the blob was already there (then the chunks are discarded).
         """
         digest = parse_digest(digest)
         target = self.blob_path(digest)
         if target.is_file():
-            for _ in chunks:  # drain the upload so the client sees a clean reply
-                pass
-            return False
-        h = hashlib.sha256()
+            yield BlobWriter(None, created=False)
+            return
         with atomic_path(target) as tmp, open(tmp, "wb") as out:
-            for chunk in chunks:
-                h.update(chunk)
-                out.write(chunk)
+            writer = BlobWriter(out, created=True)
+            yield writer
             out.flush()
-            got = "sha256:" + h.hexdigest()
+            got = "sha256:" + writer.hash.hexdigest()
             if got != digest:
                 raise DigestMismatch(f'digest mismatch, expected "{digest}", got "{got}"',
                                      "the upload was corrupted or the digest is wrong")
-        return True
+
+    def write_blob(self, digest: str, chunks: Iterable[bytes]) -> bool:
+        """Store the bytes as blob `digest`; True if written, False if it was already there."""
+        with self.blob_writer(digest) as writer:
+            for chunk in chunks:
+                writer.write(chunk)
+        return writer.created
 
     def add_file(self, path: str | Path) -> str:
         """Copy a local file into the store; returns its digest."""

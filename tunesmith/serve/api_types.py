@@ -1,0 +1,310 @@
+"""Every request and response of the API, in one module, as Ollama keeps them in `api/types.go`.
+
+Requests ignore unknown fields (Go's encoding/json does) but reject wrong types (strict mode: a string
+is not a bool). Responses are dumped without None fields, as Go's `omitempty` leaves them out.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+
+
+class Response(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True, by_alias=True)
+
+
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    index: int | None = None
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    function: ToolCallFunction
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    role: str
+    # The Python client drops falsy keys, so an empty content arrives as no key at all.
+    content: str = ""
+    thinking: str | None = None
+    images: list[str] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_name: str | None = None
+    tool_call_id: str | None = None
+
+
+Think = bool | Literal["low", "medium", "high", "max"]
+KeepAlive = float | int | str
+Format = Literal["", "json"] | dict[str, Any]
+
+# --------------------------------------------------------------------------- /api/generate, /api/chat
+
+
+class GenerateRequest(Request):
+    model: str = ""
+    prompt: str = ""
+    suffix: str = ""
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    stream: bool | None = None
+    raw: bool = False
+    format: Format | None = None
+    keep_alive: KeepAlive | None = None
+    images: list[str] | None = None
+    options: dict[str, Any] | None = None
+    think: Think | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class ChatRequest(Request):
+    model: str = ""
+    messages: list[Message] = Field(default_factory=list)
+    stream: bool | None = None
+    format: Format | None = None
+    keep_alive: KeepAlive | None = None
+    tools: list[dict[str, Any]] | None = None
+    options: dict[str, Any] | None = None
+    think: Think | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class Metrics(Response):
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_count: int | None = None
+    prompt_eval_duration: int | None = None
+    eval_count: int | None = None
+    eval_duration: int | None = None
+
+
+class GenerateResponse(Metrics):
+    model: str
+    created_at: str
+    response: str = ""  # ollama-python 0.6.0/0.6.1 require it on every chunk
+    thinking: str | None = None
+    done: bool
+    done_reason: str | None = None
+    context: list[int] | None = None
+
+
+class ChatMessageOut(Response):
+    role: str = "assistant"
+    content: str = ""
+    thinking: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class ChatResponse(Metrics):
+    model: str
+    created_at: str
+    message: ChatMessageOut
+    done: bool
+    done_reason: str | None = None
+
+
+# --------------------------------------------------------------------------- model management
+
+
+class CreateRequest(Request):
+    model: str = Field("", validation_alias=AliasChoices("model", "name"))
+    stream: bool | None = None
+    quantize: str | None = Field(None, validation_alias=AliasChoices("quantize", "quantization"))
+    from_: str | None = Field(None, alias="from")
+    files: dict[str, str] | None = None
+    adapters: dict[str, str] | None = None
+    template: str | None = None
+    license: str | list[str] | None = None
+    system: str | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[Message] | None = None
+
+
+class ProgressResponse(Response):
+    status: str
+    digest: str | None = None
+    total: int | None = None
+    completed: int | None = None
+
+
+class ModelRequest(Request):
+    """/api/show and /api/delete: `model`, or the older `name`."""
+
+    model: str = Field("", validation_alias=AliasChoices("model", "name"))
+    verbose: bool = False
+
+
+class CopyRequest(Request):
+    source: str = ""
+    destination: str = ""
+
+
+class PullRequest(Request):
+    model: str = Field("", validation_alias=AliasChoices("model", "name"))
+    insecure: bool = False
+    stream: bool | None = None
+
+
+class ModelDetails(Response):
+    parent_model: str = ""
+    format: str = ""
+    family: str = ""
+    families: list[str] | None = None
+    parameter_size: str = ""
+    quantization_level: str = ""
+
+
+class ListModel(Response):
+    name: str
+    model: str
+    modified_at: str
+    size: int
+    digest: str
+    details: ModelDetails
+
+
+class ListResponse(Response):
+    models: list[ListModel]
+
+
+class ShowResponse(Response):
+    license: str | None = None
+    modelfile: str
+    parameters: str | None = None
+    template: str | None = None
+    system: str | None = None
+    details: ModelDetails
+    messages: list[Message] | None = None
+    model_info: dict[str, Any]  # ollama-python requires the key
+    capabilities: list[str]
+    modified_at: str
+
+
+class ProcessModel(Response):
+    name: str
+    model: str
+    size: int
+    digest: str
+    details: ModelDetails
+    expires_at: str
+    size_vram: int = 0
+    context_length: int
+
+
+class ProcessResponse(Response):
+    models: list[ProcessModel]
+
+
+class VersionResponse(Response):
+    version: str
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+class EmbedRequest(Request):
+    model: str = ""
+    input: str | list[str] = ""
+    truncate: bool = True
+    options: dict[str, Any] | None = None
+    keep_alive: KeepAlive | None = None
+    dimensions: int | None = None
+
+
+class EmbedResponse(Response):
+    model: str
+    embeddings: list[list[float]]
+    total_duration: int | None = None
+    load_duration: int | None = None
+    prompt_eval_count: int | None = None
+
+
+class EmbeddingsRequest(Request):
+    model: str = ""
+    prompt: str = ""
+    options: dict[str, Any] | None = None
+    keep_alive: KeepAlive | None = None
+
+
+class EmbeddingsResponse(Response):
+    embedding: list[float]
+
+
+# --------------------------------------------------------------------------- OpenAI-compatible
+
+
+class OpenAIRequest(BaseModel):
+    # OpenAI clients send many fields Ollama ignores (n, user, logit_bias...); keep lax typing here as
+    # Ollama's openai middleware does (numbers may arrive as ints or floats).
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(OpenAIRequest):
+    include_usage: bool = False
+
+
+class OpenAIMessage(OpenAIRequest):
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+    reasoning: str | None = None
+
+
+class ChatCompletionRequest(OpenAIRequest):
+    model: str = ""
+    messages: list[OpenAIMessage] = Field(default_factory=list)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    reasoning_effort: str | None = None
+
+
+class CompletionRequest(OpenAIRequest):
+    model: str = ""
+    prompt: str = ""
+    suffix: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+
+
+class OpenAIEmbeddingRequest(OpenAIRequest):
+    model: str = ""
+    input: str | list[str] = ""
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None

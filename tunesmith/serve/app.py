@@ -1,0 +1,640 @@
+"""The Ollama-compatible HTTP API (FastAPI): thin handlers over the store and the engine.
+
+Routes, status codes and wire shapes follow Ollama's `server/routes.go` (see
+shared/reference/ollama-api.md); the OpenAI-compatible routes live in `openai_compat.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import PurePosixPath
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tunesmith.config import ServeConfig
+from tunesmith.errors import ConfigError, TunesmithError
+from tunesmith.serve import api_types as t
+from tunesmith.serve import gguf_meta, known_templates, modelfile, options, templates
+from tunesmith.serve.engine import BadRequest, Engine, EngineError
+from tunesmith.serve.generation import (
+    Content,
+    Done,
+    Job,
+    Thinking,
+    ToolCalls,
+    capabilities,
+    chat_messages,
+    grammar_for,
+    resolve_think,
+    run,
+)
+from tunesmith.serve.options import FOREVER, OptionError
+from tunesmith.serve.store import (
+    BlobNotFound,
+    DigestMismatch,
+    InvalidDigest,
+    InvalidName,
+    Manifest,
+    ModelNotFound,
+    Store,
+    StoreError,
+    full_name,
+    parse_digest,
+)
+from tunesmith.serve.templates import TemplateError
+
+log = logging.getLogger("tunesmith.serve")
+
+# The Ollama API level these routes implement (clients compare it, e.g. for `think` support).
+OLLAMA_API_VERSION = "0.13.0"
+MAX_BODY_BYTES = 64 * 1024 * 1024
+"""JSON bodies (prompts, base64 images) above this are refused; blob uploads are not limited."""
+API_KEY_ENV = "TUNESMITH_API_KEY"
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ApiError(Exception):
+    """An error reply: status code and Ollama's one-line message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def ndjson(obj: BaseModel | dict[str, Any]) -> bytes:
+    # ensure_ascii: httpx splits lines on \u2028 and friends, so never send them raw.
+    data = obj.wire() if isinstance(obj, t.Response) else obj
+    return (json.dumps(data, ensure_ascii=True, separators=(",", ":")) + "\n").encode()
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def api_key_for(config: ServeConfig) -> str | None:
+    return config.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+async def read_json(request: Request, model: type[M]) -> M:
+    """The body as `model`; 400 with a one-line reason for an empty body, bad JSON or wrong types."""
+    body = await request.body()
+    if not body.strip():
+        raise ApiError(400, "missing request body")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"invalid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, f"invalid request: expected a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        raise ApiError(400, f"invalid request: {where}: {err['msg']}") from exc
+
+
+class Server:
+    """The state every handler shares: config, store, engine."""
+
+    def __init__(self, config: ServeConfig, store: Store | None = None):
+        self.config = config
+        self.store = store or Store()
+        self.engine = Engine(self.store, config)
+
+    # ------------------------------------------------------------------ helpers
+    def manifest(self, name: str, *, not_found: str | None = None) -> tuple[str, Manifest]:
+        if not name:
+            raise ApiError(400, "model is required")
+        try:
+            full = full_name(name)
+            return full, self.store.read(full)
+        except InvalidName as exc:
+            raise ApiError(400, exc.message) from exc
+        except ModelNotFound as exc:
+            raise ApiError(404, not_found or f"model '{name}' not found") from exc
+
+    def options_for(self, manifest: Manifest, request_options: dict[str, Any] | None) -> options.Options:
+        return options.resolve(self.config.num_ctx, manifest.parameters, request_options)
+
+    def keep_alive(self, value: Any) -> float:
+        return options.keep_alive_seconds(value, self.config.keep_alive)
+
+    async def load_or_unload(self, name: str, manifest: Manifest, keep_alive: float, opts: options.Options) -> str:
+        """An empty prompt loads the model (or unloads it with keep_alive 0), as Ollama does."""
+        if keep_alive == 0:
+            await self.engine.unload(name)
+            return "unload"
+        lease = await self.engine.acquire(name, manifest, opts.num_ctx, context=False)
+        await self.engine.release(lease, keep_alive)
+        return "load"
+
+    def details(self, manifest: Manifest) -> t.ModelDetails:
+        return t.ModelDetails(**manifest.details) if manifest.details else t.ModelDetails(format="gguf")
+
+
+async def watch_disconnect(request: Request, cancel: Any) -> None:
+    """Set `cancel` when the client of a non-streaming request goes away."""
+    while not cancel.is_set():
+        if await request.is_disconnected():
+            cancel.set()
+            return
+        await asyncio.sleep(0.2)
+
+
+async def primed(events: AsyncIterator[Any]) -> tuple[Any, AsyncIterator[Any]]:
+    """Start a generation and wait for its first event, so errors before any output get a real status code."""
+    try:
+        first = await anext(events)
+    except BaseException:
+        await events.aclose()
+        raise
+    return first, events
+
+
+async def collect(request: Request, job: Job, events: AsyncIterator[Any]) -> list[Any]:
+    watcher = asyncio.create_task(watch_disconnect(request, job.cancel))
+    try:
+        return [event async for event in events]
+    finally:
+        watcher.cancel()
+
+
+def stream_response(chunks: AsyncIterator[bytes], media_type: str = "application/x-ndjson") -> StreamingResponse:
+    return StreamingResponse(chunks, media_type=media_type)
+
+
+def final_metrics(stats: Any) -> dict[str, Any]:
+    # Go's omitempty drops zeros; None does the same here.
+    total = stats.load_duration + stats.prompt_eval_duration + stats.eval_duration
+    return {
+        "done_reason": stats.done_reason,
+        "total_duration": total or None,
+        "load_duration": stats.load_duration or None,
+        "prompt_eval_count": stats.prompt_eval_count or None,
+        "prompt_eval_duration": stats.prompt_eval_duration or None,
+        "eval_count": stats.eval_count or None,
+        "eval_duration": stats.eval_duration or None,
+    }
+
+
+def create_app(config: ServeConfig, store: Store | None = None) -> FastAPI:
+    """The API app for `config`. Refuses a non-loopback host without an API key."""
+    api_key = api_key_for(config)
+    if not is_loopback(config.host) and not api_key:
+        raise ConfigError(f"serve.host {config.host} is not a loopback address and no API key is set",
+                          f"pass --api-key or set {API_KEY_ENV} (clients then send Authorization: Bearer)")
+    server = Server(config, store)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await server.engine.start()
+        yield
+        await server.engine.stop()
+
+    app = FastAPI(title="tunesmith", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    _install_guards(app, api_key)
+    _install_errors(app)
+    _ollama_routes(app, server)
+    from tunesmith.serve.openai_compat import install_openai_routes
+
+    install_openai_routes(app, server)
+    return app
+
+
+def _install_guards(app: FastAPI, api_key: str | None) -> None:
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if api_key is not None:
+            header = request.headers.get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+                return error_response(request, 401, "unauthorized: missing or wrong API key")
+        if not request.url.path.startswith("/api/blobs/"):
+            length = request.headers.get("content-length")
+            if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+                return error_response(request, 413, f"request body too large (limit {MAX_BODY_BYTES} bytes)")
+        return await call_next(request)
+
+
+def error_response(request: Request, status: int, message: str) -> JSONResponse:
+    if request.url.path.startswith("/v1/"):
+        kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status)
+    return JSONResponse({"error": message}, status)
+
+
+_STATUS = {ModelNotFound: 404, BlobNotFound: 400, InvalidName: 400, InvalidDigest: 400, DigestMismatch: 400,
+           OptionError: 400, TemplateError: 400, modelfile.ModelfileError: 400, gguf_meta.GGUFError: 400}
+
+
+def _install_errors(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(request, exc.status, exc.message)
+
+    @app.exception_handler(TunesmithError)
+    async def tunesmith_error(request: Request, exc: TunesmithError) -> JSONResponse:
+        status = exc.status_code if isinstance(exc, EngineError) else next(
+            (code for kind, code in _STATUS.items() if isinstance(exc, kind)), 500)
+        return error_response(request, status, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # Unknown routes and methods answer as Ollama's gin router does: plain text.
+        if exc.status_code == 404:
+            return PlainTextResponse("404 page not found", 404)
+        if exc.status_code == 405:
+            return PlainTextResponse("405 method not allowed", 405)
+        return error_response(request, exc.status_code, str(exc.detail))
+
+
+def _safe_file_name(name: str) -> bool:
+    """Go's fs.ValidPath: relative, slash-separated, no `.`/`..`/empty elements, no backslashes."""
+    if not name or "\\" in name or name.startswith("/") or ":" in PurePosixPath(name).parts[0]:
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
+
+
+def _ollama_routes(app: FastAPI, server: Server) -> None:
+    store, engine = server.store, server.engine
+
+    @app.api_route("/", methods=["GET", "HEAD"])
+    async def root() -> Response:
+        return PlainTextResponse("Ollama is running")
+
+    @app.api_route("/api/version", methods=["GET", "HEAD"])
+    async def version() -> dict[str, Any]:
+        return t.VersionResponse(version=OLLAMA_API_VERSION).wire()
+
+    @app.api_route("/api/tags", methods=["GET", "HEAD"])
+    async def tags() -> dict[str, Any]:
+        models = []
+        for name, manifest in store.list():
+            models.append(t.ListModel(
+                name=name, model=name, modified_at=store.modified_at(name).isoformat(), size=manifest.size,
+                digest=hashlib.sha256(store.manifest_path(name).read_bytes()).hexdigest(),
+                details=server.details(manifest)))
+        return t.ListResponse(models=models).wire()
+
+    @app.post("/api/show")
+    async def show(request: Request) -> dict[str, Any]:
+        req = await read_json(request, t.ModelRequest)
+        name, manifest = server.manifest(req.model)
+        path = store.blob_path(manifest.model)
+        meta, _ = await asyncio.to_thread(gguf_meta.read_metadata, path)
+        mf = modelfile.Modelfile(
+            from_=str(path), adapters=[str(store.blob_path(a)) for a in manifest.adapters],
+            template=manifest.template, system=manifest.system, parameters=manifest.parameters,
+            messages=manifest.messages, license=manifest.license)
+        params = "\n".join(f"{k:<30} {json.dumps(v)}" for k, vs in manifest.parameters.items()
+                           for v in (vs if isinstance(vs, list) else [vs]))
+        return t.ShowResponse(
+            license="\n".join(manifest.license) or None,
+            modelfile=f'# Modelfile generated by "ollama show"\n# To build a new Modelfile based on this, replace '
+                      f"FROM with:\n# FROM {name}\n\n" + mf.to_text(),
+            parameters=params or None, template=manifest.template, system=manifest.system,
+            details=server.details(manifest), messages=[t.Message(**m) for m in manifest.messages] or None,
+            model_info=meta, capabilities=capabilities(manifest),
+            modified_at=store.modified_at(name).isoformat()).wire()
+
+    @app.get("/api/ps")
+    async def ps() -> dict[str, Any]:
+        models = []
+        for name, runner in list(engine.runners.items()):
+            expires = runner.expires_at if runner.expires_at != FOREVER else time.time() + 100 * 365 * 86400
+            models.append(t.ProcessModel(
+                name=name, model=name, size=runner.size, digest=runner.digest.removeprefix("sha256:"),
+                details=server.details(runner.manifest), context_length=runner.num_ctx,
+                expires_at=datetime.datetime.fromtimestamp(expires, datetime.UTC).isoformat()))
+        return t.ProcessResponse(models=models).wire()
+
+    @app.post("/api/generate")
+    async def generate(request: Request) -> Response:
+        req = await read_json(request, t.GenerateRequest)
+        name, manifest = server.manifest(req.model)
+        if req.raw and (req.template or req.system or req.context):
+            raise ApiError(400, "raw mode does not support template, system, or context")
+        opts = server.options_for(manifest, req.options)
+        keep_alive = server.keep_alive(req.keep_alive)
+        if not req.prompt and not req.images:
+            reason = await server.load_or_unload(name, manifest, keep_alive, opts)
+            return JSONResponse(t.GenerateResponse(model=req.model, created_at=now_rfc3339(), done=True,
+                                                   done_reason=reason).wire())
+        template = req.template or manifest.template or "{{ .Prompt }}"
+        think, think_set = resolve_think(req.model, manifest, req.think)
+        if req.suffix and "insert" not in capabilities(manifest) and not req.template:
+            raise ApiError(400, f"{req.model} does not support insert")
+        grammar = grammar_for(req.format)
+        if req.raw:
+            prompt = req.prompt
+        else:
+            msgs: list[dict[str, Any]] = []
+            system = req.system if req.system is not None else manifest.system
+            if system:
+                msgs.append({"role": "system", "content": system})
+            if not req.context:
+                msgs.extend(dict(m) for m in manifest.messages)
+            msgs.append({"role": "user", "content": req.prompt})
+            prompt = templates.build_prompt(template, msgs, think=think and grammar is None, is_think_set=think_set,
+                                            prompt=req.prompt if req.suffix else "", suffix=req.suffix)
+        job = Job(name, manifest, prompt, opts, keep_alive, grammar, think=think and grammar is None,
+                  context=req.context)
+
+        def chunk(event: Any) -> t.GenerateResponse:
+            base = {"model": req.model, "created_at": now_rfc3339()}
+            if isinstance(event, Done):
+                context = None if req.raw else event.stats.tokens
+                return t.GenerateResponse(**base, done=True, context=context, **final_metrics(event.stats))
+            if isinstance(event, Thinking):
+                return t.GenerateResponse(**base, thinking=event.text, done=False)
+            text = event.text if isinstance(event, Content) else json.dumps(event.calls)
+            return t.GenerateResponse(**base, response=text, done=False)
+
+        first, events = await primed(run(engine, job))
+        if req.stream is False:
+            rest = await collect(request, job, events)
+            all_events = [first, *rest]
+            final = chunk(all_events[-1])
+            final.response = "".join(chunk(e).response for e in all_events[:-1])
+            final.thinking = "".join(e.text for e in all_events if isinstance(e, Thinking)) or None
+            return JSONResponse(final.wire())
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                yield ndjson(chunk(first))
+                async for event in events:
+                    yield ndjson(chunk(event))
+            except TunesmithError as exc:
+                yield ndjson({"error": exc.message})
+            finally:
+                job.cancel.set()
+                await events.aclose()
+
+        return stream_response(body())
+
+    @app.post("/api/chat")
+    async def chat(request: Request) -> Response:
+        req = await read_json(request, t.ChatRequest)
+        name, manifest = server.manifest(req.model)
+        opts = server.options_for(manifest, req.options)
+        keep_alive = server.keep_alive(req.keep_alive)
+        if not req.messages:
+            reason = await server.load_or_unload(name, manifest, keep_alive, opts)
+            return JSONResponse(t.ChatResponse(model=req.model, created_at=now_rfc3339(), message=t.ChatMessageOut(),
+                                               done=True, done_reason=reason).wire())
+        if req.tools and "tools" not in capabilities(manifest):
+            raise ApiError(400, f"{req.model} does not support tools")
+        think, think_set = resolve_think(req.model, manifest, req.think)
+        grammar = grammar_for(req.format)
+        think = think and grammar is None  # a format grammar applies from the first token
+        msgs = chat_messages(manifest, [m.model_dump(exclude_none=True) for m in req.messages])
+        prompt = templates.build_prompt(manifest.template or "{{ .Prompt }}", msgs, tools=req.tools or None,
+                                        think=think, is_think_set=think_set)
+        job = Job(name, manifest, prompt, opts, keep_alive, grammar, think=think, tools=req.tools or None)
+
+        def chunk(event: Any) -> t.ChatResponse:
+            base = {"model": req.model, "created_at": now_rfc3339()}
+            if isinstance(event, Done):
+                return t.ChatResponse(**base, message=t.ChatMessageOut(), done=True, **final_metrics(event.stats))
+            if isinstance(event, Thinking):
+                message = t.ChatMessageOut(thinking=event.text)
+            elif isinstance(event, ToolCalls):
+                message = t.ChatMessageOut(tool_calls=[t.ToolCall(**c) for c in event.calls])
+            else:
+                message = t.ChatMessageOut(content=event.text)
+            return t.ChatResponse(**base, message=message, done=False)
+
+        first, events = await primed(run(engine, job))
+        if req.stream is False:
+            all_events = [first, *await collect(request, job, events)]
+            final = chunk(all_events[-1])
+            final.message.content = "".join(e.text for e in all_events if isinstance(e, Content))
+            final.message.thinking = "".join(e.text for e in all_events if isinstance(e, Thinking)) or None
+            calls = [t.ToolCall(**c) for e in all_events if isinstance(e, ToolCalls) for c in e.calls]
+            final.message.tool_calls = calls or None
+            return JSONResponse(final.wire())
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                yield ndjson(chunk(first))
+                async for event in events:
+                    yield ndjson(chunk(event))
+            except TunesmithError as exc:
+                yield ndjson({"error": exc.message})
+            finally:
+                job.cancel.set()
+                await events.aclose()
+
+        return stream_response(body())
+
+    @app.post("/api/create")
+    async def create(request: Request) -> Response:
+        req = await read_json(request, t.CreateRequest)
+        if not req.model:
+            raise ApiError(400, "model is required")
+        name = full_name(req.model)
+        if req.quantize:
+            raise ApiError(400, "quantize is not supported here; quantize with `tunesmith export`")
+        statuses: list[str] = []
+        if req.files:
+            manifest = _manifest_from_files(store, req.files, statuses)
+        elif req.from_:
+            _, base = server.manifest(req.from_, not_found=f"model '{req.from_}' not found; tunesmith has no "
+                                                           "registry to pull from")
+            manifest = base.model_copy(deep=True)
+        else:
+            raise ApiError(400, "neither 'from' or 'files' was specified")
+        for label, digests in (("adapter", req.adapters or {}),):
+            for file_name, digest in digests.items():
+                if not _safe_file_name(file_name):
+                    raise ApiError(400, "file path must be relative")
+                digest = parse_digest(digest)
+                if not store.has_blob(digest):
+                    raise ApiError(400, f"{label} blob {digest} not found; upload it to /api/blobs first")
+                if not gguf_meta.is_gguf(store.blob_path(digest)):
+                    raise ApiError(400, f"{label} {file_name} is not GGUF; convert it with `tunesmith export`")
+                manifest.adapters = [digest]  # llama.cpp applies one LoRA here, as Ollama supports one
+        if req.template is not None:
+            templates.parse(req.template)  # refuse a template that will not render, now
+            manifest.template = req.template
+        if req.system is not None:
+            manifest.system = req.system
+        if req.license is not None:
+            manifest.license = [req.license] if isinstance(req.license, str) else list(req.license)
+        if req.messages is not None:
+            manifest.messages = [m.model_dump(exclude_none=True) for m in req.messages]
+        if req.parameters:
+            for key in req.parameters:
+                if key not in options.Options.__dataclass_fields__ and key not in modelfile.DEPRECATED_OPTIONS:
+                    raise ApiError(400, f"unknown parameter '{key}'")
+            options.resolve(server.config.num_ctx, req.parameters)  # type check
+            manifest.parameters = {**manifest.parameters, **{k: v for k, v in req.parameters.items()
+                                                            if k not in modelfile.DEPRECATED_OPTIONS}}
+        statuses.append("writing manifest")
+        store.write(name, manifest)
+        statuses.append("success")
+        if req.stream is False:
+            return JSONResponse({"status": "success"})
+
+        async def body() -> AsyncIterator[bytes]:
+            for status in statuses:
+                yield ndjson(t.ProgressResponse(status=status))
+
+        return stream_response(body())
+
+    @app.head("/api/blobs/{digest}")
+    async def head_blob(digest: str) -> Response:
+        try:
+            exists = store.has_blob(digest)
+        except InvalidDigest as exc:
+            raise ApiError(400, exc.message) from exc
+        if not exists:
+            raise ApiError(404, f'blob "{digest}" not found')
+        return Response(status_code=200)
+
+    @app.post("/api/blobs/{digest}")
+    async def post_blob(digest: str, request: Request) -> Response:
+        parse_digest(digest)
+        with store.blob_writer(digest) as writer:
+            async for chunk in request.stream():
+                writer.write(chunk)
+        return Response(status_code=201 if writer.created else 200)
+
+    @app.post("/api/copy")
+    async def copy(request: Request) -> Response:
+        req = await read_json(request, t.CopyRequest)
+        if not req.source or not req.destination:
+            raise ApiError(400, "source and destination are required")
+        source, _ = server.manifest(req.source, not_found=f'model "{req.source}" not found')
+        store.copy(source, full_name(req.destination))
+        return Response(status_code=200)
+
+    @app.delete("/api/delete")
+    async def delete(request: Request) -> Response:
+        req = await read_json(request, t.ModelRequest)
+        name, _ = server.manifest(req.model)
+        await engine.unload(name)
+        store.delete(name)
+        return Response(status_code=200)
+
+    @app.post("/api/embed")
+    async def embed(request: Request) -> dict[str, Any]:
+        req = await read_json(request, t.EmbedRequest)
+        name, manifest = server.manifest(req.model)
+        inputs = [req.input] if isinstance(req.input, str) else list(req.input)
+        inputs = [text for text in inputs if text]
+        if not inputs:
+            return t.EmbedResponse(model=req.model, embeddings=[]).wire()
+        if req.dimensions is not None and req.dimensions < 1:
+            raise ApiError(400, "dimensions must be positive")
+        vectors, count, load, total = await _embed(server, name, manifest, req.options, req.keep_alive, inputs,
+                                                   req.truncate)
+        if req.dimensions:
+            from tunesmith.serve.engine import normalize
+
+            vectors = [normalize(v[:req.dimensions]) for v in vectors]
+        return t.EmbedResponse(model=req.model, embeddings=vectors, total_duration=total,
+                               load_duration=load or None, prompt_eval_count=count).wire()
+
+    @app.post("/api/embeddings")
+    async def embeddings(request: Request) -> dict[str, Any]:
+        req = await read_json(request, t.EmbeddingsRequest)
+        name, manifest = server.manifest(req.model)
+        if not req.prompt:
+            return t.EmbeddingsResponse(embedding=[]).wire()
+        vectors, *_ = await _embed(server, name, manifest, req.options, req.keep_alive, [req.prompt], True)
+        return t.EmbeddingsResponse(embedding=vectors[0]).wire()
+
+    @app.post("/api/pull")
+    async def pull(request: Request) -> Response:
+        req = await read_json(request, t.PullRequest)
+        if req.model:
+            with contextlib.suppress(StoreError):
+                store.read(full_name(req.model))
+                # Already here: nothing to pull, which is what Ollama reports for an up-to-date model.
+                return JSONResponse({"status": "success"})
+        raise ApiError(400, f"cannot pull {req.model!r}: tunesmith has no registry; "
+                            "create the model with `tunesmith create` or `tunesmith deploy`")
+
+    @app.post("/api/push")
+    async def push(request: Request) -> Response:
+        req = await read_json(request, t.PullRequest)
+        raise ApiError(400, f"cannot push {req.model!r}: tunesmith has no registry; "
+                            "use `tunesmith deploy --to URL` to send a model to an Ollama server")
+
+
+def _manifest_from_files(store: Store, files: dict[str, str], statuses: list[str]) -> Manifest:
+    """The manifest of a new model from uploaded blobs: exactly one GGUF model file."""
+    ggufs: list[str] = []
+    for file_name, digest in files.items():
+        if not _safe_file_name(file_name):
+            raise ApiError(400, "file path must be relative")
+        digest = parse_digest(digest)
+        if not store.has_blob(digest):
+            raise ApiError(400, f"blob {digest} not found; upload it to /api/blobs first")
+        if file_name.endswith(".safetensors"):
+            raise ApiError(400, "safetensors models are not supported here; export to GGUF with `tunesmith export`")
+        if file_name.endswith(".gguf") or gguf_meta.is_gguf(store.blob_path(digest)):
+            ggufs.append(digest)
+            statuses.append(f"using existing layer {digest}")
+    if len(ggufs) != 1:
+        raise ApiError(400, f"expected one GGUF model file, got {len(ggufs)}")
+    statuses.insert(0, "parsing GGUF")
+    path = store.blob_path(ggufs[0])
+    meta, _ = gguf_meta.read_metadata(path)
+    manifest = Manifest(model=ggufs[0], details=gguf_meta.details(path))
+    known = known_templates.detect(meta.get("tokenizer.chat_template"))
+    if known is not None:
+        manifest.template, manifest.parameters = known
+    return manifest
+
+
+async def _embed(server: Server, name: str, manifest: Manifest, request_options: dict[str, Any] | None,
+                 keep_alive_value: Any, inputs: list[str], truncate: bool) -> tuple[list[list[float]], int, int, int]:
+    started = time.perf_counter_ns()
+    opts = server.options_for(manifest, request_options)
+    keep_alive = server.keep_alive(keep_alive_value)
+    lease = await server.engine.acquire(name, manifest, opts.num_ctx, context=False)
+    try:
+        vectors, count = await server.engine.embed(lease, inputs, truncate)
+    finally:
+        await server.engine.release(lease, keep_alive)
+    return vectors, count, lease.load_duration, time.perf_counter_ns() - started
+
+
+def serve(config: ServeConfig) -> None:
+    """Run the API with uvicorn until interrupted."""
+    import uvicorn
+
+    app = create_app(config)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5)
+
+
+__all__ = ["BadRequest", "create_app", "serve"]

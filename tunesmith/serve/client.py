@@ -1,0 +1,351 @@
+"""Client side of `tunesmith create/run/list/show/ps/cp/rm/deploy`: talks to any server speaking Ollama's API.
+
+`create` works as Ollama's CLI does: hash the local files, upload them to `/api/blobs/<digest>`, then
+`/api/create` with `files={name: digest}`; so it works against a real Ollama too.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from tunesmith.errors import TunesmithError
+from tunesmith.serve import modelfile
+from tunesmith.serve.store import file_digest
+
+DEFAULT_PORT = 11434
+HOST_ENV = "TUNESMITH_HOST"
+API_KEY_ENV = "TUNESMITH_API_KEY"
+
+
+class ClientError(TunesmithError):
+    """The server could not be reached or refused the request."""
+
+
+def host_url(host: str | None = None) -> str:
+    """The base URL for `host` (or $TUNESMITH_HOST), parsed like OLLAMA_HOST: `host`, `host:port`, `:port`, URL."""
+    value = (host or os.environ.get(HOST_ENV) or "").strip()
+    if not value:
+        return f"http://127.0.0.1:{DEFAULT_PORT}"
+    had_scheme = "://" in value
+    if not had_scheme:
+        value = "http://" + value
+    parts = urlsplit(value)
+    hostname = parts.hostname or "127.0.0.1"
+    if hostname == "0.0.0.0":
+        hostname = "127.0.0.1"  # a server bound to all interfaces answers on loopback
+    if ":" in hostname:
+        hostname = f"[{hostname}]"
+    # As OLLAMA_HOST: no scheme means port 11434; an explicit scheme means its usual port.
+    port = parts.port or (DEFAULT_PORT if not had_scheme else {"http": 80, "https": 443}.get(parts.scheme, 80))
+    return f"{parts.scheme}://{hostname}:{port}{parts.path.rstrip('/')}"
+
+
+def _client(host: str | None, api_key: str | None = None, timeout: float | None = 600) -> httpx.Client:
+    key = api_key or os.environ.get(API_KEY_ENV)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.Client(base_url=host_url(host), headers=headers, timeout=timeout)
+
+
+def _check(response: httpx.Response) -> httpx.Response:
+    if response.status_code >= 400:
+        response.read()
+        try:
+            message = response.json().get("error", response.text)
+            if isinstance(message, dict):
+                message = message.get("message", str(message))
+        except (json.JSONDecodeError, AttributeError):
+            message = response.text
+        raise ClientError(f"{response.request.method} {response.request.url.path}: {message} "
+                          f"(HTTP {response.status_code})")
+    return response
+
+
+def _request(host: str | None, method: str, path: str, api_key: str | None = None, **kwargs: Any) -> httpx.Response:
+    try:
+        with _client(host, api_key) as client:
+            return _check(client.request(method, path, **kwargs))
+    except httpx.TransportError as exc:
+        raise ClientError(f"could not reach the server at {host_url(host)}: {exc}",
+                          "start it with `tunesmith serve` or set TUNESMITH_HOST") from exc
+
+
+def _stream_lines(host: str | None, path: str, body: dict[str, Any], api_key: str | None = None) -> Iterator[dict]:
+    try:
+        with _client(host, api_key, timeout=None) as client, client.stream("POST", path, json=body) as response:
+            _check(response)
+            for line in response.iter_lines():
+                if not line.strip():
+                    continue
+                data = json.loads(line)
+                if data.get("error"):
+                    raise ClientError(f"{path}: {data['error']}")
+                yield data
+    except httpx.TransportError as exc:
+        raise ClientError(f"could not reach the server at {host_url(host)}: {exc}",
+                          "start it with `tunesmith serve` or set TUNESMITH_HOST") from exc
+
+
+def heartbeat(host: str | None = None, api_key: str | None = None) -> bool:
+    """True when a server answers `HEAD /` at `host`."""
+    try:
+        with _client(host, api_key, timeout=2) as client:
+            return client.head("/").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------- create / deploy
+
+def upload_blob(host: str | None, path: str | Path, api_key: str | None = None) -> str:
+    """Upload a local file to `/api/blobs/<digest>` (the server verifies it); returns the digest."""
+    digest = file_digest(path)
+
+    def chunks() -> Iterator[bytes]:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                yield chunk
+
+    _request(host, "POST", f"/api/blobs/{digest}", api_key, content=chunks())
+    return digest
+
+
+def create_model(host: str | None, name: str, gguf: str | Path, *, adapter: str | Path | None = None,
+                 template: str | None = None, system: str | None = None, parameters: dict[str, Any] | None = None,
+                 messages: list[dict[str, str]] | None = None, license: list[str] | None = None,
+                 progress: Callable[[str], None] | None = None, api_key: str | None = None) -> None:
+    """Upload a GGUF (and LoRA adapter) and create `name` on the server. `tunesmith deploy` calls this."""
+    body: dict[str, Any] = {"model": name, "files": {Path(gguf).name: upload_blob(host, gguf, api_key)}}
+    if adapter is not None:
+        body["adapters"] = {Path(adapter).name: upload_blob(host, adapter, api_key)}
+    for key, value in (("template", template), ("system", system), ("parameters", parameters),
+                       ("messages", messages), ("license", license)):
+        if value:
+            body[key] = value
+    for status in _stream_lines(host, "/api/create", {**body, "stream": True}, api_key):
+        if progress is not None and status.get("status"):
+            progress(status["status"])
+
+
+def create_from_modelfile(host: str | None, name: str, path: str | Path, *,
+                          progress: Callable[[str], None] | None = None, api_key: str | None = None) -> None:
+    """`tunesmith create NAME -f Modelfile`: FROM/ADAPTER paths are relative to the Modelfile."""
+    path = Path(path)
+    try:
+        mf = modelfile.parse(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ClientError(f"{path}: Modelfile not found", "pass -f PATH to an existing Modelfile") from None
+    for warning in mf.warnings:
+        if progress is not None:
+            progress(f"warning: {warning}")
+
+    def local(value: str) -> Path | None:
+        candidate = Path(value).expanduser()
+        candidate = candidate if candidate.is_absolute() else path.parent / candidate
+        if candidate.is_dir():
+            ggufs = sorted(candidate.glob("*.gguf"))
+            if len(ggufs) != 1:
+                raise ClientError(f"{candidate}: expected one .gguf file in the directory, found {len(ggufs)}")
+            return ggufs[0]
+        return candidate if candidate.is_file() else None
+
+    options: dict[str, Any] = {"template": mf.template, "system": mf.system, "parameters": mf.parameters or None,
+                               "messages": mf.messages or None, "license": mf.license or None}
+    gguf = local(mf.from_)
+    adapter = local(mf.adapters[0]) if mf.adapters else None
+    if mf.adapters and adapter is None:
+        raise ClientError(f"ADAPTER {mf.adapters[0]}: file not found")
+    if gguf is not None:
+        create_model(host, name, gguf, adapter=adapter, progress=progress, api_key=api_key, **options)
+        return
+    # FROM names an existing model on the server.
+    body: dict[str, Any] = {"model": name, "from": mf.from_, "stream": True,
+                            **{k: v for k, v in options.items() if v}}
+    if adapter is not None:
+        body["adapters"] = {adapter.name: upload_blob(host, adapter, api_key)}
+    for status in _stream_lines(host, "/api/create", body, api_key):
+        if progress is not None and status.get("status"):
+            progress(status["status"])
+
+
+# ---------------------------------------------------------------------------------------- management
+
+def list_models(host: str | None = None, api_key: str | None = None) -> list[dict[str, Any]]:
+    return _request(host, "GET", "/api/tags", api_key).json()["models"]
+
+
+def show(host: str | None, name: str, api_key: str | None = None) -> dict[str, Any]:
+    return _request(host, "POST", "/api/show", api_key, json={"model": name}).json()
+
+
+def ps(host: str | None = None, api_key: str | None = None) -> list[dict[str, Any]]:
+    return _request(host, "GET", "/api/ps", api_key).json()["models"]
+
+
+def copy(host: str | None, source: str, destination: str, api_key: str | None = None) -> None:
+    _request(host, "POST", "/api/copy", api_key, json={"source": source, "destination": destination})
+
+
+def delete(host: str | None, name: str, api_key: str | None = None) -> None:
+    _request(host, "DELETE", "/api/delete", api_key, json={"model": name})
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _ago(iso: str) -> str:
+    when = datetime.datetime.fromisoformat(iso)
+    seconds = (datetime.datetime.now(datetime.UTC) - when).total_seconds()
+    for unit, span in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= span:
+            return f"{int(seconds // span)} {unit} ago"
+    return "just now"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("    ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def list_table(host: str | None = None, api_key: str | None = None) -> str:
+    """`tunesmith list` output, as `ollama list` prints it."""
+    rows = [["NAME", "ID", "SIZE", "MODIFIED"]]
+    for m in list_models(host, api_key):
+        rows.append([m["name"], m["digest"][:12], _size(m["size"]), _ago(m["modified_at"])])
+    return _table(rows)
+
+
+def ps_table(host: str | None = None, api_key: str | None = None) -> str:
+    """`tunesmith ps` output, as `ollama ps` prints it."""
+    rows = [["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]]
+    for m in ps(host, api_key):
+        rows.append([m["name"], m["digest"][:12], _size(m["size"]), "100% CPU", str(m.get("context_length", "")),
+                     m["expires_at"]])
+    return _table(rows)
+
+
+def show_text(host: str | None, name: str, *, modelfile_only: bool = False, api_key: str | None = None) -> str:
+    """`tunesmith show NAME` (or `--modelfile`)."""
+    info = show(host, name, api_key)
+    if modelfile_only:
+        return info["modelfile"]
+    d = info.get("details", {})
+    meta = info.get("model_info") or {}
+    arch = d.get("family", "")
+    lines = ["  Model",
+             f"    architecture        {arch}",
+             f"    parameters          {d.get('parameter_size', '')}",
+             f"    context length      {meta.get(f'{arch}.context_length', '')}",
+             f"    embedding length    {meta.get(f'{arch}.embedding_length', '')}",
+             f"    quantization        {d.get('quantization_level', '')}",
+             "", "  Capabilities", *[f"    {c}" for c in info.get("capabilities", [])]]
+    if info.get("parameters"):
+        lines += ["", "  Parameters", *[f"    {p}" for p in info["parameters"].splitlines()]]
+    if info.get("system"):
+        lines += ["", "  System", f"    {info['system']}"]
+    if info.get("license"):
+        lines += ["", "  License", f"    {info['license'].splitlines()[0]}"]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- run
+
+def chat_stream(host: str | None, name: str, messages: list[dict[str, Any]], *,
+                options: dict[str, Any] | None = None, api_key: str | None = None) -> Iterator[dict[str, Any]]:
+    """Streamed /api/chat chunks."""
+    body: dict[str, Any] = {"model": name, "messages": messages, "stream": True}
+    if options:
+        body["options"] = options
+    yield from _stream_lines(host, "/api/chat", body, api_key)
+
+
+def start_local_server(host: str | None = None, *, wait: float = 60) -> subprocess.Popen[bytes]:
+    """Start `python -m tunesmith.serve` in the background at `host` and wait until it answers."""
+    parts = urlsplit(host_url(host))
+    if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise ClientError(f"no server answers at {host_url(host)}", "start it there with `tunesmith serve`")
+    proc = subprocess.Popen([sys.executable, "-m", "tunesmith.serve", "--host", parts.hostname or "127.0.0.1",
+                             "--port", str(parts.port or DEFAULT_PORT)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if heartbeat(host):
+            return proc
+        if proc.poll() is not None:
+            raise ClientError(f"the local server exited with code {proc.returncode}", "run `tunesmith serve` to see why")
+        time.sleep(0.2)
+    proc.terminate()
+    raise ClientError("the local server did not start in time")
+
+
+def run(host: str | None, name: str, prompt: str | None = None, *, stdin: IO[str] | None = None,
+        stdout: IO[str] | None = None, options: dict[str, Any] | None = None, api_key: str | None = None) -> None:
+    """`tunesmith run NAME [PROMPT]`: one answer for PROMPT, else an interactive chat until /bye or EOF.
+
+    Multi-line input goes between triple quotes, as in `ollama run`.
+    """
+    stdin = stdin or sys.stdin
+    stdout = stdout or sys.stdout
+    interactive = stdin.isatty() and prompt is None
+    messages: list[dict[str, Any]] = []
+
+    def answer(text: str) -> None:
+        messages.append({"role": "user", "content": text})
+        reply = []
+        for chunk in chat_stream(host, name, messages, options=options, api_key=api_key):
+            piece = chunk.get("message", {}).get("content", "")
+            reply.append(piece)
+            stdout.write(piece)
+            stdout.flush()
+        stdout.write("\n\n" if interactive else "\n")
+        stdout.flush()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+    if prompt is not None:
+        answer(prompt)
+        return
+    if not interactive:
+        # Piped input is one prompt, as `echo hi | ollama run NAME` does.
+        text = stdin.read().strip()
+        if text:
+            answer(text)
+        return
+    while True:
+        stdout.write(">>> ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line:
+            return
+        text = line.rstrip("\n")
+        if text.strip() in ("/bye", "/exit"):
+            return
+        if text.startswith('"""'):
+            parts = [text[3:]]
+            while not parts[-1].endswith('"""'):
+                stdout.write("... ")
+                stdout.flush()
+                more = stdin.readline()
+                if not more:
+                    break
+                parts.append(more.rstrip("\n"))
+            text = "\n".join(parts).removesuffix('"""')
+        if text.strip() == "/clear":
+            messages.clear()
+            continue
+        if text.strip():
+            answer(text)

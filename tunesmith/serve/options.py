@@ -1,0 +1,111 @@
+"""Ollama's `options` (and Modelfile PARAMETERs) turned into llama.cpp sampling settings, and `keep_alive`."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from tunesmith.errors import TunesmithError
+from tunesmith.serve.modelfile import BOOL_OPTIONS, DEPRECATED_OPTIONS, FLOAT_OPTIONS, INT_OPTIONS
+
+log = logging.getLogger("tunesmith.serve")
+
+
+class OptionError(TunesmithError):
+    """An option has the wrong type, or keep_alive does not parse."""
+
+
+@dataclass
+class Options:
+    """Ollama's defaults (api.DefaultOptions), except num_ctx which comes from serve.num_ctx."""
+
+    num_ctx: int = 2048
+    num_predict: int = -1
+    num_keep: int = 4
+    num_thread: int = 0
+    num_batch: int = 512
+    seed: int = -1
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.9
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repeat_last_n: int = 64
+    repeat_penalty: float = 1.1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+
+
+def _typed(name: str, value: Any) -> Any:
+    if name in INT_OPTIONS:
+        # JSON numbers may arrive as 4096.0 from Python clients; Go accepts whole floats for ints.
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+            raise OptionError(f'option "{name}" must be of type integer')
+        return int(value)
+    if name in FLOAT_OPTIONS:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise OptionError(f'option "{name}" must be of type float')
+        return float(value)
+    if name in BOOL_OPTIONS:
+        if not isinstance(value, bool):
+            raise OptionError(f'option "{name}" must be of type boolean')
+        return value
+    if name == "stop":
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise OptionError('option "stop" must be of type array of strings')
+        return list(value)
+    return value
+
+
+def resolve(num_ctx: int, *layers: dict[str, Any] | None) -> Options:
+    """Defaults, then each layer in order (the model's PARAMETERs, then the request's options).
+
+    Unknown keys are logged and ignored, as Ollama does; wrong types are errors.
+    """
+    opts = Options(num_ctx=num_ctx)
+    known = set(Options.__dataclass_fields__)
+    for layer in layers:
+        for name, value in (layer or {}).items():
+            if name not in known:
+                if name not in DEPRECATED_OPTIONS:
+                    log.info("invalid option provided: %s", name)
+                continue
+            if value is None:
+                continue
+            setattr(opts, name, _typed(name, value))
+    if opts.num_ctx < 1:
+        raise OptionError('option "num_ctx" must be positive')
+    return opts
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+FOREVER = float("inf")
+
+
+def keep_alive_seconds(value: Any, default: Any = "5m") -> float:
+    """`keep_alive` as seconds: a number is seconds, a string a Go duration; negative means forever."""
+    if value is None:
+        value = default
+    if isinstance(value, bool):
+        raise OptionError(f"invalid keep_alive {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        text = text.lstrip("+-")
+        if text == "0":
+            return 0.0
+        parts = _DURATION_RE.findall(text)
+        if not parts or "".join(n + u for n, u in parts) != text:
+            raise OptionError(f'time: invalid duration "{value}"', 'use a number of seconds or a duration like "5m"')
+        seconds = sign * sum(float(n) * _UNITS[u] for n, u in parts)
+    else:
+        raise OptionError(f"invalid keep_alive {value!r}")
+    return FOREVER if seconds < 0 else seconds
