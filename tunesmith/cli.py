@@ -7,8 +7,10 @@ Every user error is a `TunesmithError`; `main` turns it into one line on stderr 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -50,6 +52,13 @@ def _later(command: str, issue: int, what: str) -> None:
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s")
+    if not debug:
+        # Deprecation chatter from the libraries says nothing the user can act on.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*gradient checkpointing.*")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @app.command()
@@ -69,8 +78,9 @@ def data_inspect(
     set_: SetOpt = None,
 ) -> None:
     """Validate a data file and show its shape, counts, token lengths and one rendered example."""
-    _config(config, set_)
-    _later("data inspect", 3, "data loading and validation")
+    from tunesmith.data.inspect import inspect_file
+
+    inspect_file(file, _config(config, set_), console)
 
 
 @app.command()
@@ -80,15 +90,24 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
 ) -> None:
     """Fine-tune the base model with LoRA on the training data."""
-    _config(config, set_)
-    _later("train", 4, "training")
+    from tunesmith.train.loop import train as run_training
+
+    result = run_training(_config(config, set_), console, resume=resume)
+    console.print(f"adapter saved to {result.adapter_dir} ({result.steps} steps, {result.seconds:.0f} s, "
+                  f"train loss {result.train_loss}, eval loss {result.eval_loss})")
 
 
 @app.command()
 def generate(prompt: str, run: RunOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Answer one prompt with the fine-tuned model (base + adapter), streaming."""
-    _config(config, set_)
-    _later("generate", 4, "training")
+    from tunesmith import inference
+
+    run_dir = run or _config(config, set_).run_dir
+    settings = inference.run_config(run_dir)
+    model, tokenizer = inference.load(settings, run_dir / "adapter")
+    for piece in inference.stream(model, tokenizer, inference.messages_for(prompt, settings), settings):
+        console.out(piece, end="", highlight=False)
+    console.out("")
 
 
 @app.command("eval")

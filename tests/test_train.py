@@ -1,0 +1,124 @@
+"""`tunesmith train` on tiny models: it learns, resumes exactly after SIGKILL, and refuses bad settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, run_cli
+
+
+def _dataset(path: Path, n: int = 48) -> Path:
+    with path.open("w", encoding="utf-8") as handle:
+        for i in range(n):
+            handle.write(json.dumps({"input": f"colour of item {i}?", "output": ["red", "green", "blue"][i % 3]}) + "\n")
+    return path
+
+
+def _config(tmp: Path, model: Path, name: str, **train) -> Path:
+    config = {
+        "name": name,
+        "runs_dir": str(tmp / "runs"),
+        "model": {"base": str(model)},
+        "data": {"train_file": str(_dataset(tmp / "train.jsonl")), "eval_fraction": 0.125},
+        "train": {"max_steps": 12, "batch_size": 4, "save_steps": 3, "log_steps": 1, "eval_steps": 6,
+                  "learning_rate": 5e-3, **train},
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _adapter(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(record["step"], record["loss"]) for record in lines if "loss" in record]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_qwen3):
+    import torch
+
+    straight = _config(tmp_path, tiny_qwen3, "straight")
+    done = run_cli("train", "--config", str(straight))
+    assert done.returncode == 0, done.stderr
+
+    killed = _config(tmp_path, tiny_qwen3, "killed")
+    run = tmp_path / "runs" / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "train", "--config", str(killed)],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "step-00000006").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (run / "adapter").exists(), "killed too late: the run had already finished"
+
+    resumed = run_cli("train", "--config", str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step-" in resumed.stdout
+
+    a, b = _adapter(tmp_path / "runs" / "straight"), _adapter(run)
+    assert a.keys() == b.keys() and len(a) == 2 * 7 * 2  # A and B for 7 projections in 2 layers
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    reference = _losses(tmp_path / "runs" / "straight")
+    assert [step for step, _ in _losses(run)] == [step for step, _ in reference] == list(range(1, 13))
+    assert [loss for _, loss in _losses(run)] == pytest.approx([loss for _, loss in reference], rel=1e-4)
+
+
+def test_training_lowers_the_loss_and_writes_its_outputs(tmp_path, tiny_qwen3):
+    from peft import PeftModel
+
+    from tunesmith.models import load_model
+
+    config = _config(tmp_path, tiny_qwen3, "learn", max_steps=30, learning_rate=2e-2, save_steps=30)
+    done = run_cli("train", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "runs" / "learn"
+    losses = [loss for _, loss in _losses(run)]
+    assert losses[-1] < 0.92 * losses[0], losses  # a random 64-wide model over a 49k vocabulary learns slowly
+    assert "{'loss': " in done.stdout and "'grad_norm': " in done.stdout and "'epoch': " in done.stdout
+    record = json.loads((run / "run.json").read_text())
+    assert record["final"]["steps"] == 30 and record["config"]["lora"]["r"] == 16
+    assert {"torch", "transformers", "peft"} <= record["versions"].keys()
+    assert len(record["dataset_sha256"]) == 64 and record["device"] == "cpu"
+    assert any("eval_loss" in line for line in (run / "metrics.jsonl").read_text().splitlines())
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    PeftModel.from_pretrained(load_model(tiny_qwen3), run / "adapter")  # loadable the standard way
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({"lora": {"target_modules": ["q_proj", "qkv_proj"]}}, "no module named qkv_proj"),
+        ({"train": {"method": "qlora"}}, "qlora needs a CUDA GPU"),
+        ({"train": {"max_seq_length": 8}}, "train.max_seq_length"),
+        ({"data": {"train_file": "missing.jsonl"}}, "missing.jsonl"),
+    ],
+    ids=["target-module", "qlora-on-cpu", "seq-too-short", "no-data"],
+)
+def test_wrong_inputs_are_one_line_and_exit_2(tmp_path, tiny_qwen3, settings, expected):
+    path = _config(tmp_path, tiny_qwen3, "bad")
+    config = yaml.safe_load(path.read_text())
+    for section, values in settings.items():
+        config.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(config))
+    done = run_cli("train", "--config", str(path))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert expected in done.stderr and "Traceback" not in done.stderr
+    if "target_modules" in str(settings):
+        assert "q_proj" in done.stderr and "down_proj" in done.stderr  # names what the model has

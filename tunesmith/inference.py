@@ -1,0 +1,91 @@
+"""Answers from Hugging Face models: the base, or base + a run's LoRA adapter, through the chat template.
+
+Used by `tunesmith generate` (the article's quick inference test) and by evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from tunesmith.config import Config
+from tunesmith.errors import ConfigError, ModelError
+
+
+def run_config(run_dir: Path) -> Config:
+    """The resolved config a run was trained with (from its run.json)."""
+    record = run_dir / "run.json"
+    if not record.is_file():
+        raise ConfigError(f"{run_dir}: not a tunesmith run (no run.json)", "pass --run runs/<name> of a trained run")
+    return Config.model_validate(json.loads(record.read_text(encoding="utf-8"))["config"])
+
+
+def load(config: Config, adapter: Path | None) -> tuple[Any, Any]:
+    """(model, tokenizer) for the run's base model, with the adapter applied when one is given."""
+    from tunesmith.models import load_model, load_tokenizer, resolve_base
+
+    base = resolve_base(config.model.base, config.model.revision)
+    model = load_model(base, trust_remote_code=config.model.trust_remote_code)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (adapter / "adapter_config.json").is_file():
+            raise ModelError(f"{adapter}: no trained adapter here", "run `tunesmith train` first")
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    return model, load_tokenizer(base)
+
+
+def messages_for(prompt: str, config: Config) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": config.data.system_prompt}] if config.data.system_prompt else []
+    return messages + [{"role": "user", "content": prompt}]
+
+
+def prompt_ids(tokenizer: Any, messages: list[dict[str, str]], config: Config) -> list[int]:
+    kwargs = {"enable_thinking": False} if config.data.think == "strip" else {}
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def stream(model: Any, tokenizer: Any, messages: list[dict[str, str]], config: Config,
+           max_new_tokens: int = 256) -> Iterator[str]:
+    """Greedy answer, yielded piece by piece as it is generated."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    ids = torch.tensor([prompt_ids(tokenizer, messages, config)])
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                  do_sample=False, streamer=streamer, pad_token_id=tokenizer.pad_token_id)
+    worker = threading.Thread(target=model.generate, kwargs=kwargs, daemon=True)
+    worker.start()
+    yield from streamer
+    worker.join()
+
+
+def generate_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], config: Config,
+                   max_new_tokens: int, batch_size: int = 16) -> list[str]:
+    """Greedy answers for many prompts, left-padded in batches of similar length."""
+    import torch
+
+    encoded = [prompt_ids(tokenizer, messages, config) for messages in conversations]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    answers: list[str] = [""] * len(encoded)
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad)
+        for row, i in enumerate(chunk):
+            answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+    return answers

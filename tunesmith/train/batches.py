@@ -1,0 +1,44 @@
+"""Batches without padding waste: examples of similar length go together, in a seeded, resumable order.
+
+The order of an epoch is a pure function of (seed, epoch), so a resumed run sees exactly the batches an
+uninterrupted run would have seen from the same step on: no data is skipped or repeated.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+# Sort inside windows of this many batches: long enough to group lengths tightly, short enough that the
+# epoch stays well shuffled (the same idea as transformers' group_by_length "megabatches").
+WINDOW_BATCHES = 50
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Indices of each batch of one epoch: shuffled, then length-grouped within windows, then shuffled."""
+    rng = random.Random(seed * 1_000_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * WINDOW_BATCHES
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i], reverse=True)
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
+    """Right-pad to the longest example of the batch; padding is masked out and never trained on."""
+    import torch
+
+    width = max(len(example["input_ids"]) for example in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        input_ids[row, :n] = torch.tensor(example["input_ids"])
+        labels[row, :n] = torch.tensor(example["labels"])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -1,0 +1,315 @@
+"""`tunesmith train`: LoRA supervised fine-tuning, read top to bottom as setup → loop → save.
+
+The loop is plain PyTorch over transformers + peft (no Trainer), because it has to resume bit-exactly from
+a SIGKILL and to skip work the Trainer does not let us skip:
+- length-grouped batches (batches.py), so padding costs almost nothing;
+- logits and cross-entropy only at trained positions (`completion_loss`): with completion-only loss most
+  positions are prompt, and the LM head is a large share of a small model's compute;
+- the loss is the mean over every trained token of the accumulated batches, as if they were one batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from tunesmith.atomic import atomic_path, write_json
+from tunesmith.config import Config
+from tunesmith.errors import DataError, ModelError
+from tunesmith.train import batches, checkpoint
+from tunesmith.train.checkpoint import TrainState
+from tunesmith.train.metrics import MetricsLog, TrainProgress, article_line
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    adapter_dir: Path
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    seconds: float
+    tokens_per_second: float
+
+
+def pick_device(wanted: str) -> str:
+    import torch
+
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ModelError("train.device: cuda asked for, but torch sees no CUDA GPU", "use train.device: auto or cpu")
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return wanted
+
+
+def train(config: Config, console: Console, resume: bool = False) -> TrainResult:
+    import torch
+
+    from tunesmith.data import prepare
+    from tunesmith.models import load_model, load_tokenizer, resolve_base
+    from tunesmith.train.lora import apply_lora
+
+    cfg = config.train
+    run_dir = config.run_dir
+    device = pick_device(cfg.device)
+    if cfg.method == "qlora" and device != "cuda":
+        raise ModelError("train.method: qlora needs a CUDA GPU (bitsandbytes 4-bit weights)",
+                         "on CPU use train.method: lora, which trains the same adapter on full-precision weights")
+    torch.manual_seed(cfg.seed)
+    if device == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    # --- setup: data, model, adapter, optimizer
+    base = resolve_base(config.model.base, config.model.revision)
+    tokenizer = load_tokenizer(base)
+    data = prepare(config, tokenizer)
+    if not data.train:
+        raise DataError(f"{config.data.train_file}: no training examples left after validation",
+                        "check `tunesmith data inspect` for what was dropped")
+    model = load_model(base, dtype=_dtype(config, device), trust_remote_code=config.model.trust_remote_code)
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if cfg.method in ("lora", "qlora"):
+        model = apply_lora(model, config.lora, cfg.seed)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(trainable, config, device, console)
+
+    lengths = [len(example["input_ids"]) for example in data.train]
+    micro_per_epoch = len(batches.epoch_batches(lengths, cfg.batch_size, cfg.seed, 0))
+    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    scheduler = _scheduler(optimizer, config, total_steps)
+
+    checkpoints = run_dir / "checkpoints"
+    state = TrainState()
+    latest = checkpoint.newest(checkpoints) if resume else None
+    if latest is not None:
+        state = checkpoint.load(latest, model, optimizer, scheduler)
+        console.print(f"resuming from {latest.name} (step {state.step} of {total_steps})")
+    elif checkpoints.exists():
+        _clear_previous(run_dir)
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    write_json(run_dir / "run.json", _run_record(config, device, data, started_at, None))
+
+    # --- loop
+    metrics = MetricsLog(run_dir, state.step)
+    pad_id = tokenizer.pad_token_id
+    plan_cache: dict[int, list[list[int]]] = {}
+    window_loss, window_steps, last_eval = 0.0, 0, None
+    t0, tokens_at_start, seen_inputs = time.perf_counter(), state.tokens, 0
+    model.train()
+    with TrainProgress(console, total_steps, state.step) as progress:
+        while state.step < total_steps:
+            group = []
+            for k in range(cfg.grad_accum):
+                micro = state.step * cfg.grad_accum + k
+                epoch, index = divmod(micro, micro_per_epoch)
+                if epoch not in plan_cache:
+                    plan_cache = {epoch: batches.epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)}
+                group.append(batches.collate([data.train[i] for i in plan_cache[epoch][index]], pad_id))
+            target_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
+            loss_value = 0.0
+            for batch in group:
+                batch = {key: value.to(device) for key, value in batch.items()}
+                with _autocast(device, config):
+                    loss_sum, _ = completion_loss(model, batch)
+                loss = loss_sum / max(1, target_tokens)
+                loss.backward()
+                loss_value += loss.item()
+                seen_inputs += int(batch["attention_mask"].sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0).item()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens += target_tokens
+            window_loss, window_steps = window_loss + loss_value, window_steps + 1
+
+            elapsed = time.perf_counter() - t0
+            tokens_per_second = seen_inputs / elapsed if elapsed else 0.0
+            progress.update(state.step, loss_value, scheduler.get_last_lr()[0], tokens_per_second)
+            if state.step % cfg.log_steps == 0 or state.step == total_steps:
+                record = {
+                    "step": state.step,
+                    "loss": round(window_loss / window_steps, 4),
+                    "grad_norm": grad_norm,
+                    "learning_rate": scheduler.get_last_lr()[0],
+                    "epoch": round(state.step / steps_per_epoch, 2),
+                    "tokens_per_second": round(tokens_per_second, 1),
+                    "trained_tokens": state.tokens,
+                }
+                metrics.write(record)
+                progress.print(article_line(record))
+                window_loss, window_steps = 0.0, 0
+            if data.eval and (state.step % cfg.eval_steps == 0 or state.step == total_steps):
+                last_eval = evaluate_loss(model, data.eval, cfg.batch_size, pad_id, device, config)
+                metrics.write({"step": state.step, "eval_loss": round(last_eval, 4)})
+                progress.print(f"{{'eval_loss': {last_eval:.4f}, 'step': {state.step}}}")
+            if state.step % cfg.save_steps == 0 or state.step == total_steps:
+                state.elapsed += time.perf_counter() - t0
+                t0, seen_inputs = time.perf_counter(), 0
+                checkpoint.save(checkpoints, model, optimizer, scheduler, state)
+    metrics.close()
+
+    # --- save
+    adapter_dir = run_dir / "adapter"
+    with atomic_path(adapter_dir, directory=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    seconds = state.elapsed
+    final = {
+        "steps": state.step,
+        "train_loss": _last(run_dir / "metrics.jsonl", "loss"),
+        "eval_loss": last_eval if last_eval is not None else _last(run_dir / "metrics.jsonl", "eval_loss"),
+        "train_seconds": round(seconds, 1),
+        "trained_tokens": state.tokens,
+        "trained_tokens_per_second": round((state.tokens - tokens_at_start) / max(seconds, 1e-9), 1),
+    }
+    write_json(run_dir / "run.json", _run_record(config, device, data, started_at, final))
+    return TrainResult(run_dir, adapter_dir, state.step, final["train_loss"], final["eval_loss"], seconds,
+                       final["trained_tokens_per_second"])
+
+
+def completion_loss(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
+    """Summed cross-entropy over trained positions and their count.
+
+    The decoder runs on every position, but the LM head only on positions whose next token is trained:
+    for goDrive that is ~20% of positions, and the 49k-wide head is ~20% of SmolLM2's forward cost.
+    """
+    import torch.nn.functional as F
+
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(causal, causal.base_model_prefix)
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    logits = causal.get_output_embeddings()(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep.sum()
+
+
+def evaluate_loss(model: Any, examples: list[dict[str, list[int]]], batch_size: int, pad_id: int, device: str,
+                  config: Config) -> float:
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            batch = batches.collate([examples[i] for i in order[start:start + batch_size]], pad_id)
+            batch = {key: value.to(device) for key, value in batch.items()}
+            with _autocast(device, config):
+                loss_sum, n = completion_loss(model, batch)
+            total, count = total + loss_sum.item(), count + int(n)
+    model.train()
+    return total / max(1, count)
+
+
+def _dtype(config: Config, device: str):
+    import torch
+
+    if config.model.dtype != "auto":
+        return getattr(torch, config.model.dtype)
+    # On GPU the frozen base is kept in bf16 (half the memory); on CPU fp32 is the fast, exact choice.
+    if device == "cuda" and config.train.bf16 is not False and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _autocast(device: str, config: Config):
+    import contextlib
+
+    import torch
+
+    if device == "cuda" and config.train.bf16 is not False and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _optimizer(params: list[Any], config: Config, device: str, console: Console):
+    import torch
+
+    cfg = config.train
+    wanted = cfg.optimizer
+    if wanted == "auto":
+        wanted = "adamw_8bit" if device == "cuda" else "adamw"
+    if wanted == "adamw_8bit":
+        if device != "cuda":
+            console.print("train.optimizer: adamw_8bit needs a CUDA GPU (bitsandbytes); using AdamW on CPU")
+        else:
+            try:
+                import bitsandbytes as bnb
+
+                return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+            except ImportError:
+                console.print("bitsandbytes is not installed: using AdamW instead of 8-bit AdamW")
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def _scheduler(optimizer: Any, config: Config, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = math.ceil(config.train.warmup_ratio * total_steps)
+    name = {"constant": "constant_with_warmup"}.get(config.train.lr_scheduler, config.train.lr_scheduler)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def _clear_previous(run_dir: Path) -> None:
+    import shutil
+
+    for name in ("checkpoints", "adapter", "tb"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def _last(path: Path, key: str) -> float | None:
+    value = None
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            if key in record:
+                value = record[key]
+    return value
+
+
+def _file_hash(paths: list[str | None]) -> str:
+    digest = hashlib.sha256()
+    for name in paths:
+        if name and Path(name).is_file():
+            with open(name, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def _run_record(config: Config, device: str, data: Any, started_at: str, final: dict | None) -> dict:
+    versions = {}
+    for package in ("tunesmith", "torch", "transformers", "peft", "trl", "accelerate", "llama-cpp-python"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "config": config.model_dump(mode="json"),
+        "versions": versions,
+        "device": device,
+        "dataset_sha256": _file_hash([config.data.train_file, config.data.eval_file]),
+        "examples": {"train": len(data.train), "eval": len(data.eval)},
+        "started_at": started_at,
+        "ended_at": datetime.now(UTC).isoformat(timespec="seconds") if final else None,
+        "final": final,
+    }

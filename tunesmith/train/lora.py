@@ -1,0 +1,46 @@
+"""Put LoRA adapters on a model (peft), with the article's defaults and errors that name what the model has."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tunesmith.config import LoraConfig
+from tunesmith.errors import ModelError
+
+
+def linear_module_names(model: Any) -> list[str]:
+    """The distinct leaf names of the model's Linear layers (what `target_modules` can name)."""
+    import torch
+
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    names.discard("lm_head")
+    return sorted(names)
+
+
+def apply_lora(model: Any, lora: LoraConfig, seed: int) -> Any:
+    """Wrap `model` in a peft LoRA model; only the adapter weights train."""
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    if lora.target_modules != "all-linear":
+        available = linear_module_names(model)
+        missing = [name for name in lora.target_modules if name not in available]
+        if missing:
+            raise ModelError(
+                f"lora.target_modules: the model has no module named {', '.join(missing)}",
+                f"its linear modules are: {', '.join(available)} (or use all-linear)",
+            )
+    # The adapter's A matrices are initialized from the torch RNG: seeding here is what the article's
+    # random_state=3407 does, so two runs with one seed start from identical adapters.
+    torch.manual_seed(seed)
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias=lora.bias,
+        target_modules=lora.target_modules,
+        use_rslora=lora.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)

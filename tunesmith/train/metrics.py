@@ -1,0 +1,91 @@
+"""Where training numbers go: metrics.jsonl, TensorBoard, the article-shaped log line and a progress bar."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to metrics.jsonl and mirrors it to TensorBoard."""
+
+    def __init__(self, run_dir: Path, resume_step: int):
+        self.path = run_dir / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(resume_step)
+        self._file = self.path.open("a", encoding="utf-8")
+        self._tb = _tensorboard(run_dir / "tb", resume_step)
+
+    def _truncate_after(self, step: int) -> None:
+        # Lines logged after the checkpoint we resume from are about to be recomputed: drop them so the
+        # curve has each step once.
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()  # the UI and `tail -f` watch this file while training runs
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, int | float):
+                    self._tb.add_scalar(f"{'eval' if key.startswith('eval') else 'train'}/{key}", value,
+                                        record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _tensorboard(directory: Path, resume_step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a pinned dependency; without it, metrics.jsonl still has everything
+        return None
+    return SummaryWriter(str(directory), purge_step=resume_step + 1 if resume_step else None)
+
+
+def article_line(record: dict[str, Any]) -> str:
+    """The line the reference article shows: {'loss': 0.1143, 'grad_norm': 0.53, 'learning_rate': ..., 'epoch': 4.56}"""
+    shown = {key: record[key] for key in ("loss", "grad_norm", "learning_rate", "epoch") if key in record}
+    return str(shown)
+
+
+class TrainProgress:
+    """A rich progress bar with step, loss, learning rate, tokens/s and ETA."""
+
+    def __init__(self, console: Console, total: int, start: int):
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("lr {task.fields[lr]}"),
+            TextColumn("{task.fields[tps]} tok/s"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-")
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> TrainProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, step: int, loss: float, lr: float, tokens_per_second: float) -> None:
+        self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                             tps=f"{tokens_per_second:,.0f}")
+
+    def print(self, text: str) -> None:
+        self.progress.console.print(text, highlight=False, soft_wrap=True)
