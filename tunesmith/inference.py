@@ -58,8 +58,8 @@ def stream(model: Any, tokenizer: Any, messages: list[dict[str, str]], config: C
 
     ids = torch.tensor([prompt_ids(tokenizer, messages, config)])
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    kwargs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                  do_sample=False, streamer=streamer, pad_token_id=tokenizer.pad_token_id)
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": max_new_tokens,
+                  "do_sample": False, "streamer": streamer, "pad_token_id": tokenizer.pad_token_id}
     worker = threading.Thread(target=model.generate, kwargs=kwargs, daemon=True)
     worker.start()
     yield from streamer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -76,7 +76,7 @@ class TrainProgress:
         self.task = self.progress.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-")
         self.started = time.perf_counter()
 
-    def __enter__(self) -> TrainProgress:
+    def __enter__(self) -> Self:
         self.progress.start()
         return self
 
