@@ -48,7 +48,7 @@ def detect_kind(path: Path) -> str:
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unknown file type {path.suffix!r}", f"use {_SUPPORTED}")
-    if kind == "json" and _first_char(path) == "{":
+    if kind == "json" and _first_char(path) == "{" and _first_line_is_object(path):
         kind = "jsonl"  # as `datasets` does: a .json file of one object per line
     elif kind == "jsonl" and _first_char(path) == "[":
         kind = "json"
@@ -70,6 +70,15 @@ def _first_char(path: Path) -> str:
     with path.open("rb") as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf").lstrip()
     return head[:1].decode("ascii", errors="replace")
+
+
+def _first_line_is_object(path: Path) -> bool:
+    with path.open("rb") as f:
+        line = f.readline(1 << 20).lstrip(b"\xef\xbb\xbf")
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:  # a pretty-printed object spans lines: a JSON document, not JSON Lines
+        return False
 
 
 def _read_jsonl(path: Path) -> Iterator[RawRecord]:

@@ -10,7 +10,8 @@ How spans are found: the conversation up to turn i rendered with `add_generation
 prompt of turn i; rendered through turn i it ends after that turn's end-of-turn token. Both are prefixes
 of the whole rendering for ordinary templates, which gives exact character spans. Templates that render
 earlier assistant turns differently from the last one (Qwen3 drops past `<think>` blocks) fall back to
-finding the reply's text after the previous span and extending it over the end-of-turn marker.
+finding the reply's text (without its <think> block if the template dropped it) after the previous span
+and extending it over the end-of-turn marker.
 The text is then tokenized span by span (no special tokens added: the template writes BOS itself), so
 the prompt ends on the same token boundary as at inference, where the prompt is tokenized alone.
 
@@ -170,9 +171,13 @@ def _end_marker(tokenizer: Any, kwargs: dict[str, Any]) -> str:
 
 
 def _find_reply(text: str, content: str, cursor: int, marker: str) -> tuple[int, int]:
-    body = content.strip()
-    start = text.find(body, cursor)
-    if start < 0:
+    # Templates like Qwen3's drop <think> blocks from earlier turns: then the reply as rendered is the
+    # text after </think>, and that (what the model sees at inference) is what gets trained.
+    for body in (content.strip(), strip_think(content).strip(), content.split("</think>")[-1].strip()):
+        start = text.find(body, cursor) if body else -1
+        if start >= 0:
+            break
+    else:
         return -1, -1
     end = start + len(body)
     gap = text[end:]
