@@ -1,0 +1,107 @@
+"""The goDrive example: the rule table, the committed dataset, the held-out test file and the scorer."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+
+from examples.godrive import generate as godrive
+from tunesmith.config import load_config
+from tunesmith.data import LoadReport, load_examples
+
+HERE = Path(godrive.__file__).resolve().parent
+ISSUE_LINE = ("<特征>场地类型:科目二; 当前项目:非项目区域; 车辆类型:手动挡; 挡位:1挡; 手刹:放下; 发动机:打火; "
+              "安全带:系上; 车门:关闭; 离合:未踩; 刹车:未踩; 油门:未踩; 速度:适中; 时间特征:夜晚</特征>")
+CALM = godrive.parse_features(ISSUE_LINE) | {"时间特征": "白天"}  # no rule fires
+
+
+def read(name: str) -> list[dict]:
+    return [json.loads(line) for line in (HERE / name).read_text(encoding="utf-8").splitlines()]
+
+
+def test_the_issue_example_and_a_calm_state():
+    assert godrive.expected(ISSUE_LINE) == "请开启近光灯。"
+    assert godrive.expected(CALM) == godrive.ALL_GOOD
+
+
+@pytest.mark.parametrize("change, rule", [
+    ({"安全带": "未系"}, "seatbelt"),
+    ({"车门": "未关"}, "door"),
+    ({"手刹": "拉起"}, "handbrake"),
+    ({"发动机": "熄火", "速度": "静止", "挡位": "空挡"}, "engine"),
+    ({"速度": "静止", "挡位": "3挡"}, "gear_start"),
+    ({"挡位": "空挡"}, "neutral_coast"),
+    ({"车辆类型": "自动挡", "挡位": "N挡", "离合": "无"}, "neutral_coast"),
+    ({"离合": "踩下"}, "clutch_ride"),
+    ({"场地类型": "科目三", "当前项目": "掉头"}, "item:掉头"),
+    ({"当前项目": "坡道定点停车与起步"}, "item:坡道定点停车与起步"),
+    ({"速度": "过快"}, "speeding"),
+    ({"时间特征": "夜晚"}, "night"),
+    ({"时间特征": "傍晚"}, "dusk"),
+])
+def test_each_rule_alone_gives_its_one_wording(change, rule):
+    wording = {r.id: r.wording for r in godrive.RULES}[rule]
+    assert godrive.fired_rules(CALM | change) == [rule]
+    assert godrive.expected(CALM | change) == wording
+
+
+def test_rules_combine_in_priority_order_and_at_most_three():
+    state = CALM | {"时间特征": "夜晚", "安全带": "未系", "当前项目": "倒车入库", "速度": "过快"}
+    assert godrive.expected(state) == "请系好安全带。倒车入库看后视镜。请减速慢行。"
+    assert godrive.fired_rules(state) == ["seatbelt", "item:倒车入库", "speeding", "night"]
+    assert godrive.split_instructions(godrive.expected(state)) == ["请系好安全带。", "倒车入库看后视镜。", "请减速慢行。"]
+
+
+def test_bad_feature_lines_are_refused():
+    with pytest.raises(ValueError, match="not a goDrive feature line"):
+        godrive.expected("场地类型:科目二")
+    with pytest.raises(ValueError, match="lacks 时间特征"):
+        godrive.expected(ISSUE_LINE.replace("; 时间特征:夜晚", ""))
+
+
+def test_committed_files_are_what_the_generator_writes():
+    train, test = godrive.generate()
+    assert read("train.jsonl") == train
+    assert read("test.jsonl") == test
+
+
+def test_dataset_sizes_answers_and_held_out_combinations():
+    train, test = read("train.jsonl"), read("test.jsonl")
+    assert (len(train), len(test)) == (7799, 300)
+    inputs = {r["input"] for r in train}
+    assert len(inputs) == len(train)
+    assert not inputs & {r["input"] for r in test}  # no test state occurs in training
+    assert all(r["output"] == godrive.expected(r["input"]) for r in train + test)
+    seen = {rule for r in train for rule in godrive.fired_rules(r["input"])[:3]}
+    assert seen == {r.id for r in godrive.RULES}  # every rule is taught
+
+
+def test_the_example_config_loads_the_dataset(tmp_path):
+    cfg = load_config(HERE / "config.yaml")
+    assert cfg.name == "goDrive" and cfg.model.base == "builtin:smollm2-135m"
+    report = LoadReport(cfg.data.train_file)
+    examples = load_examples(cfg.data.train_file, cfg.data, report)
+    assert (len(examples), report.shape, report.system_prompt_added) == (7799, "input_output", 7799)
+    assert [m["role"] for m in examples[0].messages] == ["system", "user", "assistant"]
+    test_report = LoadReport(cfg.data.test_file)
+    assert len(load_examples(cfg.data.test_file, cfg.data, test_report)) == 300
+    assert test_report.ignored_fields == {"rules": 300}
+
+
+def test_score_exact_match_and_per_rule():
+    module, _, name = load_config(HERE / "config.yaml").eval.scorer.partition(":")
+    score = getattr(importlib.import_module(module), name)
+    reference = "请系好安全带。倒车入库看后视镜。请减速慢行。"
+    assert score(reference, reference) == {
+        "exact_match": 1.0, "rule_precision": 1.0, "rule_recall": 1.0, "rule_f1": 1.0,
+        "rule:seatbelt": 1.0, "rule:item:倒车入库": 1.0, "rule:speeding": 1.0}
+    partial = score("请系好安全带。请开启近光灯。", reference)
+    assert partial["exact_match"] == 0.0
+    assert partial["rule:seatbelt"] == 1.0 and partial["rule:speeding"] == 0.0 and partial["rule:night"] == 0.0
+    assert (partial["rule_precision"], partial["rule_recall"]) == (0.5, 1 / 3)
+    assert score("请开启近光灯。", ISSUE_LINE)["exact_match"] == 1.0  # a feature line as the reference
+    assert score("请开启近光灯。\n", {"input": ISSUE_LINE, "output": "请开启近光灯。"})["exact_match"] == 1.0
+    assert score("胡说八道", reference)["rule_f1"] == 0.0
