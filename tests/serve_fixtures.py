@@ -43,7 +43,7 @@ class LiveServer:
         self.thread.join(timeout=30)
 
     @property
-    def engine(self):  # noqa: ANN201 - the app's Engine, for tests that look inside
+    def engine(self):
         return self.app.state.server.engine
 
 
