@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -177,8 +178,6 @@ def test_tunesmith_client_create_run_list(live, tmp_path, smollm2_gguf):
     assert "brief:latest" in ts_client.list_table(live.url)
     shown = ts_client.show_text(live.url, "brief")
     assert "num_predict" in shown and "Apache 2.0" in shown
-    import io
-
     out = io.StringIO()
     ts_client.run(live.url, "brief", QUESTION, stdout=out)
     assert "Paris" in out.getvalue()
@@ -354,3 +353,40 @@ def test_concurrent_requests_are_queued_not_lost(live):
 
 def test_curl_is_installed():
     assert shutil.which("curl"), "the article's curl command needs curl"
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_interactive_run_keeps_the_conversation_and_reads_multiline(live):
+    out = _Tty()
+    stdin = _Tty(f'{QUESTION}\n"""What is\nthe capital of France?"""\n/bye\nnever read\n')
+    ts_client.run(live.url, "smol", stdin=stdin, stdout=out, options=SHORT)
+    text = out.getvalue()
+    assert text.count(">>> ") == 3 and "... " in text
+    assert text.count("Paris") >= 1
+
+
+THINKING_TEMPLATE = """{{- range .Messages }}<|im_start|>{{ .Role }}
+{{ .Content }}<|im_end|>
+{{ end }}<|im_start|>assistant
+{{ if .Think }}<think>
+{{ end }}"""
+
+
+def test_think_splits_thinking_from_content(live, oc):
+    smol = live.store.read(MODEL)
+    live.store.write("thinker", smol.model_copy(update={"template": THINKING_TEMPLATE}))
+    assert "thinking" in oc.show("thinker").capabilities
+    messages = [{"role": "user", "content": QUESTION}]
+    plain = oc.chat(model="thinker", messages=messages, think=False, stream=False, options=SHORT)
+    assert "Paris" in plain.message.content and not plain.message.thinking
+    # The template opens <think>, so what the model writes before any </think> is reasoning, not answer.
+    thought = oc.chat(model="thinker", messages=messages, think=True, stream=False, options=SHORT)
+    assert thought.message.thinking and "Paris" in thought.message.thinking
+    streamed = list(oc.chat(model="thinker", messages=messages, stream=True, options=SHORT))  # think defaults on
+    assert "".join(c.message.thinking or "" for c in streamed) == thought.message.thinking
+    gen = oc.generate(model="thinker", prompt=QUESTION, think=True, stream=False, options=SHORT)
+    assert gen.thinking and not gen.response

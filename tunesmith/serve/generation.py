@@ -124,7 +124,9 @@ async def run(engine: Engine, job: Job) -> AsyncIterator[Event]:
             # Older clients carry the conversation as tokens; Ollama detokenizes and prepends them.
             prefix = lease.llama.detokenize(job.context, special=True).decode("utf-8", errors="replace")
             prompt = prefix + prompt
-        parser = thinking.ThinkingParser() if job.think else None
+        # A template may open the thinking block itself (`...assistant\n<think>\n`); then output starts inside it.
+        opened = prompt.rstrip().endswith(thinking.OPEN)
+        parser = thinking.ThinkingParser(started=opened) if job.think else None
         holding = bool(job.tools)
         held = ""
         async for item in engine.stream(lease, prompt, job.opts, job.grammar, job.cancel):
