@@ -187,9 +187,24 @@ def worker_fast(a, low_memory: bool) -> dict:
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     out = measured(lengths, dt, len(packed) - warm, float(loss))
+    if a.profile:
+        profile(lambda: step(packed[warm]), 3)
     out.update(seq_len=seq_len, warmup_s=round(warm_s, 1),
                fill=round(sum(b.num_tokens for b in packed) / (len(packed) * seq_len), 3))
     return out
+
+
+def profile(fn, steps: int) -> None:
+    """Print where the GPU time of `steps` calls goes (to stderr, i.e. the worker log)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+    print(table, file=sys.stderr)
 
 
 def worker_equiv(a) -> dict:
@@ -223,10 +238,10 @@ def worker_equiv(a) -> dict:
     loss_r.backward()
     grads_f = fast.adapter_state_dict(grads=True)
     grads_r = {k.replace(".default", ""): p.grad.float().cpu() for k, p in ref.named_parameters() if p.requires_grad}
-    cos = [float(torch.nn.functional.cosine_similarity(grads_f[k].flatten(), grads_r[k].flatten(), dim=0))
-           for k in grads_f]
-    flat_f = torch.cat([grads_f[k].flatten() for k in grads_f])
-    flat_r = torch.cat([grads_r[k].flatten() for k in grads_f])
+    cos = [float(torch.nn.functional.cosine_similarity(grads_f[k].double().flatten(),
+                                                       grads_r[k].double().flatten(), dim=0)) for k in grads_f]
+    flat_f = torch.cat([grads_f[k].double().flatten() for k in grads_f])
+    flat_r = torch.cat([grads_r[k].double().flatten() for k in grads_f])
     result = {"loss_fast": round(float(loss_f), 5), "loss_ref": round(float(loss_r), 5),
               "loss_rel_diff": float(abs(loss_f - loss_r) / loss_r),
               "grad_cos_all": float(torch.nn.functional.cosine_similarity(flat_f, flat_r, dim=0)),
@@ -255,6 +270,16 @@ def worker_equiv(a) -> dict:
 
 
 # Driver -----------------------------------------------------------------------------------------------
+UNSLOTH_SITE = os.environ.get("UNSLOTH_SITE")
+"""A folder holding Unsloth and its dependencies (../shared/bench/unsloth_site.sh unpacked), if not installed."""
+
+
+def unsloth_available() -> bool:
+    if UNSLOTH_SITE:
+        return os.path.isdir(os.path.join(UNSLOTH_SITE, "unsloth"))
+    return importlib.util.find_spec("unsloth") is not None
+
+
 def versions() -> dict:
     import peft
     import torch
@@ -271,15 +296,18 @@ def run_worker(stack: str, a) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--model", a.model,
            "--steps", str(a.steps), "--warm", str(a.warm), "--seq-len", seq_len or str(a.seq_len),
            "--low-seq-len", seq_len or str(a.low_seq_len), "--docs-batches", str(a.docs_batches),
-           "--curve-steps", str(a.curve_steps)]
+           "--curve-steps", str(a.curve_steps)] + (["--profile"] if a.profile else [])
+    env = dict(os.environ)
+    if name == "unsloth" and UNSLOTH_SITE:  # Unsloth's packages only where it runs: they shadow others
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [UNSLOTH_SITE, env.get("PYTHONPATH")]))
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=a.timeout)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=a.timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {a.timeout} s"}
-    if a.log_dir:
-        with open(os.path.join(a.log_dir, f"{stack}.log"), "w") as f:
-            f.write(proc.stdout + proc.stderr)
+    if a.log:
+        with open(a.log, "a") as f:
+            f.write(f"==== {stack}\n{proc.stdout}{proc.stderr}")
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     if proc.returncode or not lines:
         tail = [x for x in proc.stderr.strip().splitlines() if x.strip()][-3:]
@@ -308,13 +336,14 @@ def main() -> None:
     ap.add_argument("--model", default=os.path.join(tempfile.gettempdir(), "qwen3-0.6b-random"))
     ap.add_argument("--steps", type=int, default=30, help="padded batches per padded stack")
     ap.add_argument("--warm", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=8192)
-    ap.add_argument("--low-seq-len", type=int, default=8192)
-    ap.add_argument("--docs-batches", type=int, default=80, help="16-sequence batches packed for the fast path")
+    ap.add_argument("--seq-len", type=int, default=4096, help="fast path buffer (tunesmith's DEFAULT_SEQ_LEN)")
+    ap.add_argument("--low-seq-len", type=int, default=8192, help="low_memory buffer (LOW_MEMORY_SEQ_LEN)")
+    ap.add_argument("--docs-batches", type=int, default=60, help="16-sequence batches packed for the fast path")
     ap.add_argument("--curve-steps", type=int, default=20)
     ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--profile", action="store_true", help="profile 3 fast-path steps into the log")
     ap.add_argument("--record", help="append the results as markdown to this file")
-    ap.add_argument("--log-dir", help="write each worker's full output here")
+    ap.add_argument("--log", help="append each worker's full output to this file")
     ap.add_argument("--json", help="write all results as JSON here")
     a = ap.parse_args()
     if a.worker:
@@ -327,7 +356,7 @@ def main() -> None:
     print(json.dumps(info), flush=True)
     results = {}
     for stack in a.stacks.split(","):
-        if stack == "unsloth" and importlib.util.find_spec("unsloth") is None:
+        if stack == "unsloth" and not unsloth_available():
             results[stack] = {"error": "not importable"}
             continue
         results[stack] = run_worker(stack, a)

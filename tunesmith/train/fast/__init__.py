@@ -3,7 +3,7 @@
     fast = prepare_fast_model(hf_model, config.lora, low_memory=config.train.low_memory)
     optimizer = make_optimizer(fast, lr=config.train.learning_rate)
     step = make_train_step(fast, optimizer, max_grad_norm=1.0)
-    for batch in pack(examples, seq_len=8192):   # examples: [(input_ids, labels), ...]
+    for batch in pack(examples, DEFAULT_SEQ_LEN):   # examples: [(input_ids, labels), ...]
         loss = step(batch)
     save_adapter(fast.adapter_state_dict(), config.lora, "runs/x/adapter", base_model=...)
 
@@ -20,9 +20,10 @@ from tunesmith.train.fast.model import FastCausalLM, FastPathUnsupported, check_
 from tunesmith.train.fast.packing import IGNORE_INDEX, PackedBatch, pack
 from tunesmith.train.fast.step import make_optimizer, make_train_step
 
-DEFAULT_SEQ_LEN = 8192
-"""Tokens per packed buffer in the normal mode (measured on H100: see bench/RESULTS.md)."""
+DEFAULT_SEQ_LEN = 4096
+"""Tokens per packed buffer: the largest that keeps Qwen3-0.6B under 8 GiB (bench/RESULTS.md)."""
 LOW_MEMORY_SEQ_LEN = 8192
+"""With activation checkpointing a buffer costs far less memory, and larger buffers run faster."""
 
 
 def prepare_fast_model(model: nn.Module, lora_cfg: LoraConfig, low_memory: bool = False,

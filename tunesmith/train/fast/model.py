@@ -171,18 +171,22 @@ class FastCausalLM(nn.Module):
         self._mask_key: tuple | None = None
 
     # Forward ----------------------------------------------------------------------------------------
-    def forward(self, batch: PackedBatch, normalizer: int | None = None) -> torch.Tensor:
+    def forward(self, batch: PackedBatch, normalizer: int | torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy over the batch's targets (or their sum over `normalizer`)."""
-        inner = self.model.model
-        h = inner.embed_tokens(batch.input_ids)
-        cos, sin = (t[0] for t in inner.rotary_emb(h, batch.position_ids[None]))
         mask = self.document_block_mask(batch.doc_ids)
+        loss = self.summed_loss(batch.input_ids, batch.position_ids, batch.targets, mask)
+        return loss / (normalizer if normalizer is not None else max(batch.num_targets, 1))
+
+    def summed_loss(self, input_ids: torch.Tensor, position_ids: torch.Tensor, targets: torch.Tensor,
+                    mask: BlockMask | torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of one packed buffer; every shape static, no host sync (graph-capturable)."""
+        inner = self.model.model
+        h = inner.embed_tokens(input_ids)
+        cos, sin = (t[0] for t in inner.rotary_emb(h, position_ids[None]))
         for layer in self.layers:
             h = layer(h, cos, sin, mask)
         h = inner.norm(h)
-        loss = ChunkedLinearCrossEntropy.apply(h, self.model.lm_head.weight, batch.targets,
-                                               self.ce_chunk, self.ce_fn)
-        return loss / (normalizer or max(batch.num_targets, 1))
+        return ChunkedLinearCrossEntropy.apply(h, self.model.lm_head.weight, targets, self.ce_chunk, self.ce_fn)
 
     def document_block_mask(self, doc_ids: torch.Tensor) -> BlockMask | torch.Tensor:
         if doc_ids.device.type != "cuda":
@@ -234,7 +238,7 @@ def compile_layers(layers: list[FastDecoderLayer], ce_fn: Callable) -> None:
     gate into a few kernels and cuts per-operator dispatch. All layers share one compiled graph
     (parameters are graph inputs), so compile time is one layer's."""
     for layer in layers:
-        layer.compile(fullgraph=True, dynamic=False)
+        layer.compile(dynamic=False)
 
 
 def flatten_lora_weights(fast: FastCausalLM) -> nn.Parameter:
