@@ -95,12 +95,15 @@ def test_score_exact_match_and_per_rule():
     module, _, name = load_config(HERE / "config.yaml").eval.scorer.partition(":")
     score = getattr(importlib.import_module(module), name)
     reference = "请系好安全带。倒车入库看后视镜。请减速慢行。"
-    assert score(reference, reference) == {
-        "exact_match": 1.0, "rule_precision": 1.0, "rule_recall": 1.0, "rule_f1": 1.0,
-        "rule:seatbelt": 1.0, "rule:item:倒车入库": 1.0, "rule:speeding": 1.0}
+    perfect = score(reference, reference)
+    rule_keys = {f"rule:{r.id}" for r in godrive.RULES} | {"rule:all_good"}
+    assert set(perfect) == {"exact_match", "rule_precision", "rule_recall", "rule_f1"} | rule_keys
+    assert all(value == 1.0 for value in perfect.values())
     partial = score("请系好安全带。请开启近光灯。", reference)
+    assert set(partial) == set(perfect)  # the same keys for every answer, so an evaluator can average them
     assert partial["exact_match"] == 0.0
     assert partial["rule:seatbelt"] == 1.0 and partial["rule:speeding"] == 0.0 and partial["rule:night"] == 0.0
+    assert partial["rule:door"] == 1.0  # neither mentions the door
     assert (partial["rule_precision"], partial["rule_recall"]) == (0.5, 1 / 3)
     assert score("请开启近光灯。", ISSUE_LINE)["exact_match"] == 1.0  # a feature line as the reference
     assert score("请开启近光灯。\n", {"input": ISSUE_LINE, "output": "请开启近光灯。"})["exact_match"] == 1.0

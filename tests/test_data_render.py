@@ -12,7 +12,7 @@ import pytest
 
 from tunesmith.config import DataConfig, TrainConfig
 from tunesmith.data import IGNORE_INDEX, Example, Source, fit_length, render, tokenize, tokenize_many
-from tunesmith.errors import DataError
+from tunesmith.errors import DataError, ModelError
 from tunesmith.models import load_tokenizer, resolve_base
 
 QWEN3_STYLE = (
@@ -155,3 +155,18 @@ def test_fit_length_truncates_drops_and_never_keeps_an_untrained_example():
     assert fit_length(tokens, 5, "drop") is None
     assert fit_length(tokens, 4, "truncate") == {"input_ids": [1, 2, 3, 4], "labels": [-100, -100, -100, 4]}
     assert fit_length(tokens, 3, "truncate") is None
+
+
+def test_a_template_that_refuses_the_conversation_names_the_example(chatml):
+    strict = copy.copy(chatml)
+    strict.chat_template = ("{%- for m in messages -%}{%- if m.role == 'system' -%}"
+                            "{{ raise_exception('System role not supported') }}{%- endif -%}"
+                            "{{ m.role + ': ' + m.content + '\\n' }}{%- endfor -%}")
+    with pytest.raises(DataError) as caught:
+        tokenize(strict, example(("system", "s"), ("user", "q"), ("assistant", "a")), DataConfig(), TRAIN)
+    assert caught.value.message.startswith("mem.jsonl, line 1 (record 0): the model's chat template refused")
+    assert "System role not supported" in caught.value.message
+    bare = copy.copy(chatml)
+    bare.chat_template = None
+    with pytest.raises(ModelError, match="has no chat template"):
+        tokenize(bare, example(("user", "q"), ("assistant", "a")), DataConfig(), TRAIN)

@@ -145,9 +145,10 @@ def score(prediction: str, reference: str | dict[str, Any]) -> dict[str, float]:
     """Exact match plus per-rule scores for one answer.
 
     `reference` is the expected answer, a feature line (its `expected` answer is used), or a record with
-    "output" (or "input"). Returned keys: exact_match (0/1), rule_precision, rule_recall, rule_f1 over the
-    instructions, and "rule:<id>" = 1.0 when the answer and the reference agree on that rule, for every
-    rule in either; averaging each key over the examples that have it gives per-rule accuracy.
+    "output" (or "input"). Returned keys, the same for every answer so they can be averaged: exact_match
+    (0/1); rule_precision, rule_recall, rule_f1 over the instructions; and for every rule (and all_good)
+    "rule:<id>" = 1.0 when answer and reference agree on it (both give its instruction, or neither does),
+    so its mean over a test file is that rule's accuracy.
     """
     if isinstance(reference, dict):
         reference = reference.get("output") or expected(reference["input"])
@@ -164,7 +165,7 @@ def score(prediction: str, reference: str | dict[str, Any]) -> dict[str, float]:
         "rule_recall": recall,
         "rule_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
     }
-    for rule_id in (set(predicted) | set(wanted)) - {"unknown"}:
+    for rule_id in WORDING_TO_RULE.values():
         result[f"rule:{rule_id}"] = float((rule_id in predicted) == (rule_id in wanted))
     return result
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from tunesmith.config import DataConfig, TrainConfig
 from tunesmith.data.validate import Example
-from tunesmith.errors import DataError
+from tunesmith.errors import DataError, ModelError
 
 IGNORE_INDEX = -100
 THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
@@ -77,7 +77,7 @@ def render(tokenizer: Any, example: Example, data_cfg: DataConfig) -> Rendered:
     kwargs = template_kwargs(data_cfg)
 
     def chat(turns: list[dict[str, str]], generation: bool) -> str:
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation, **kwargs)
+        return _apply_template(tokenizer, turns, generation, kwargs, example)
 
     text = chat(messages, False)
     spans: list[tuple[int, int]] = []
@@ -156,12 +156,25 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-_MARKERS: dict[tuple[int, bool], str] = {}
+def _apply_template(tokenizer: Any, turns: list[dict[str, str]], generation: bool, kwargs: dict[str, Any],
+                    example: Example) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ModelError("the base model's tokenizer has no chat template, so examples cannot be rendered as chats",
+                         "use an instruct/chat model, or one whose tokenizer_config.json has a chat_template")
+    try:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation, **kwargs)
+    except Exception as exc:  # jinja2 TemplateError, or raise_exception() inside the template
+        raise DataError(f"{example.source}: the model's chat template refused this conversation: {exc}",
+                        "some templates reject a system turn or a role order; adjust the data for this model"
+                        ) from exc
+
+
+_MARKERS: dict[tuple[str, bool], str] = {}
 
 
 def _end_marker(tokenizer: Any, kwargs: dict[str, Any]) -> str:
     """What the template writes right after a reply (`<|im_end|>`), learned from a two-turn probe."""
-    key = (id(tokenizer), bool(kwargs))
+    key = (repr(tokenizer.chat_template), bool(kwargs))  # the template, not id(): ids are reused after GC
     if key not in _MARKERS:
         probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "PONG-7"}]
         text = tokenizer.apply_chat_template(probe, tokenize=False, **kwargs)
