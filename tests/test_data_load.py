@@ -268,3 +268,17 @@ def test_validate_file_streams_and_returns_the_report(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [PAIR] * 3)
     report = validate_file(path, DataConfig())
     assert (report.records, report.loaded, report.shape, report.reader) == (3, 3, "input_output", "jsonl")
+
+
+def test_byte_order_marks_and_a_jsonl_file_holding_an_array(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_bytes(bom + json.dumps(PAIR).encode() + b"\n")
+    assert load_examples(jsonl, DataConfig())[0].messages == EXPECTED
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_bytes(bom + b"input,output\n2+2?,4\n")
+    assert load_examples(csv_path, DataConfig())[0].messages == EXPECTED
+    array = tmp_path / "a.jsonl"
+    array.write_text(json.dumps([PAIR]), encoding="utf-8")
+    report = LoadReport(str(array))
+    assert load_examples(array, DataConfig(), report)[0].messages == EXPECTED and report.reader == "json"

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from tunesmith.cli import main
 from tunesmith.config import Config, DataConfig, TrainConfig
-from tunesmith.data import IGNORE_INDEX, prepare
+from tunesmith.data import IGNORE_INDEX, prepare, summary_lines
 from tunesmith.data.inspect import inspect_file
 from tunesmith.errors import DataError
 from tunesmith.models import load_tokenizer, resolve_base
@@ -56,6 +56,9 @@ def test_prepare_reports_skips_and_duplicates_and_writes_its_files_atomically(tm
     written = [json.loads(line) for line in (out / "eval.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [w["messages"] for w in written] == [e.messages for e in prepared.eval_examples]
     assert written[0]["messages"][0] == {"role": "system", "content": "系统"}
+    lines = summary_lines(stats)
+    assert lines[0] == f"{train}: 43 records (input_output), 1 skipped, 2 duplicates removed"
+    assert lines[1] == "split: 36 train / 4 eval (eval_fraction 0.1, seed 1)"
     first = prepared.train[0]
     trained = [t for t, label in zip(first["input_ids"], first["labels"]) if label != IGNORE_INDEX]
     assert tokenizer.decode(trained) == f"{prepared.train_examples[0].messages[-1]['content']}<|im_end|>"
