@@ -390,3 +390,60 @@ def test_think_splits_thinking_from_content(live, oc):
     assert "".join(c.message.thinking or "" for c in streamed) == thought.message.thinking
     gen = oc.generate(model="thinker", prompt=QUESTION, think=True, stream=False, options=SHORT)
     assert gen.thinking and not gen.response
+
+
+def test_generate_context_carries_the_conversation(oc):
+    first = oc.generate(model="smol", prompt=QUESTION, stream=False, options=SHORT)
+    follow = oc.generate(model="smol", prompt="And of Italy?", context=first.context, stream=False, options=SHORT)
+    # The old conversation was read again before the new prompt (the reply itself may be empty).
+    assert follow.done and follow.prompt_eval_count > len(first.context)
+
+
+def test_tool_calls_come_back_as_objects(live, oc):
+    from tests.test_serve_templates import QWEN3
+
+    smol = live.store.read(MODEL)
+    live.store.write("tooly", smol.model_copy(update={"template": QWEN3}))
+    assert "tools" in oc.show("tooly").capabilities
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}}}
+    # The tiny model does not call tools by itself; a JSON-schema format makes it write a call.
+    call_schema = {"type": "object", "required": ["name", "arguments"], "properties": {
+        "name": {"const": "get_weather"},
+        "arguments": {"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}}}
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = oc.chat(model="tooly", messages=messages, tools=[weather], format=call_schema, stream=False,
+                options={"num_predict": 40})
+    assert r.message.tool_calls, r.message.content
+    call = r.message.tool_calls[0].function
+    assert call.name == "get_weather" and isinstance(call.arguments["city"], str)
+    streamed = [c for c in oc.chat(model="tooly", messages=messages, tools=[weather], format=call_schema,
+                                   stream=True, options={"num_predict": 40}) if c.message.tool_calls]
+    assert streamed and streamed[0].message.tool_calls[0].function.name == "get_weather"
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused")
+    o = client.chat.completions.create(
+        model="tooly", messages=messages, tools=[weather], max_tokens=40,
+        response_format={"type": "json_schema", "json_schema": {"name": "call", "schema": call_schema}})
+    assert o.choices[0].finish_reason == "tool_calls"
+    assert json.loads(o.choices[0].message.tool_calls[0].function.arguments)["city"]
+
+
+def test_parallel_contexts_serve_two_streams_at_once(tmp_path, smollm2_gguf):
+    store = Store(tmp_path)
+    add_smol(store, smollm2_gguf)
+    server = start_server(store, parallel=2)
+    body = {"model": "smol", "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "raw": True,
+            "options": {"num_predict": 2000}}
+    try:
+        with httpx.stream("POST", server.url + "/api/generate", json=body, timeout=60) as a:
+            lines_a = a.iter_lines()
+            assert not json.loads(next(lines_a))["done"]
+            # With one context this second stream would wait for the first 2000 tokens.
+            with httpx.stream("POST", server.url + "/api/generate", json=body, timeout=60) as b:
+                lines_b = b.iter_lines()
+                assert not json.loads(next(lines_b))["done"]
+                assert server.engine.pending == 2
+        assert _wait(lambda: server.engine.pending == 0, timeout=10)
+    finally:
+        server.stop()
