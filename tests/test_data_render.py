@@ -161,7 +161,7 @@ def test_a_template_that_refuses_the_conversation_names_the_example(chatml):
     strict = copy.copy(chatml)
     strict.chat_template = ("{%- for m in messages -%}{%- if m.role == 'system' -%}"
                             "{{ raise_exception('System role not supported') }}{%- endif -%}"
-                            "{{ m.role + ': ' + m.content + '\\n' }}{%- endfor -%}")
+                            "{{ m.role + ': ' + m.content + '<|im_end|>' }}{%- endfor -%}")
     with pytest.raises(DataError) as caught:
         tokenize(strict, example(("system", "s"), ("user", "q"), ("assistant", "a")), DataConfig(), TRAIN)
     assert caught.value.message.startswith("mem.jsonl, line 1 (record 0): the model's chat template refused")
@@ -170,3 +170,10 @@ def test_a_template_that_refuses_the_conversation_names_the_example(chatml):
     bare.chat_template = None
     with pytest.raises(ModelError, match="has no chat template"):
         tokenize(bare, example(("user", "q"), ("assistant", "a")), DataConfig(), TRAIN)
+
+
+def test_a_template_that_never_ends_a_turn_is_refused(chatml):
+    endless = copy.copy(chatml)
+    endless.chat_template = "{%- for m in messages -%}{{ m.role + ': ' + m.content }}{%- endfor -%}"
+    with pytest.raises(ModelError, match="writes nothing after an assistant reply"):
+        tokenize(endless, example(("user", "q"), ("assistant", "a")), DataConfig(), TRAIN)

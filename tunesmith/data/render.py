@@ -79,6 +79,11 @@ def render(tokenizer: Any, example: Example, data_cfg: DataConfig) -> Rendered:
     def chat(turns: list[dict[str, str]], generation: bool) -> str:
         return _apply_template(tokenizer, turns, generation, kwargs, example)
 
+    if not _end_marker(tokenizer, kwargs):
+        raise ModelError("the chat template writes nothing after an assistant reply, so a fine-tuned model "
+                         "could not learn where to stop",
+                         "use a template that ends assistant turns with an end-of-turn token, such as the "
+                         "instruct model's own")
     text = chat(messages, False)
     spans: list[tuple[int, int]] = []
     cursor = 0
@@ -157,14 +162,15 @@ def _encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 
 
 def _apply_template(tokenizer: Any, turns: list[dict[str, str]], generation: bool, kwargs: dict[str, Any],
-                    example: Example) -> str:
+                    example: Example | None) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ModelError("the base model's tokenizer has no chat template, so examples cannot be rendered as chats",
                          "use an instruct/chat model, or one whose tokenizer_config.json has a chat_template")
     try:
         return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation, **kwargs)
     except Exception as exc:  # jinja2 TemplateError, or raise_exception() inside the template
-        raise DataError(f"{example.source}: the model's chat template refused this conversation: {exc}",
+        where = example.source if example else "a two-turn probe conversation"
+        raise DataError(f"{where}: the model's chat template refused this conversation: {exc}",
                         "some templates reject a system turn or a role order; adjust the data for this model"
                         ) from exc
 
@@ -177,7 +183,7 @@ def _end_marker(tokenizer: Any, kwargs: dict[str, Any]) -> str:
     key = (repr(tokenizer.chat_template), bool(kwargs))  # the template, not id(): ids are reused after GC
     if key not in _MARKERS:
         probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "PONG-7"}]
-        text = tokenizer.apply_chat_template(probe, tokenize=False, **kwargs)
+        text = _apply_template(tokenizer, probe, False, kwargs, None)
         after = text[text.rfind("PONG-7") + len("PONG-7"):]
         _MARKERS[key] = after.strip().split()[0] if after.strip() else ""
     return _MARKERS[key]
