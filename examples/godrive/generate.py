@@ -27,6 +27,11 @@ answers can be scored by exact match and per rule.
 | 10 time  | dusk          | 时间特征:傍晚                                      | 请打开示廓灯。        |
 The other features (刹车, 油门, 缓慢 speed, the exact forward gear) make the state realistic and are
 distractors: the model has to learn which features matter.
+
+In train.jsonl (share of answers giving each instruction): night 27%, dusk 20%, speeding 17%, seatbelt 15%,
+door 13%, engine 12%, handbrake 11%, each item 7-8%, clutch_ride 8%, gear_start 8%, neutral_coast 6%,
+状态良好 3%; 10% of states fire more than three rules, so the cut to three matters. Answers are 12-56
+tokens with the SmolLM2 tokenizer (median 33, `<|im_end|>` included).
 """
 
 from __future__ import annotations
