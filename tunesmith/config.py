@@ -40,17 +40,26 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     train_file: str | None = None
+    """JSON (array), JSON Lines, CSV/TSV, Parquet, or a folder saved by `datasets`."""
     eval_file: str | None = None
+    """Examples for the eval loss during training; when unset, `eval_fraction` of train_file is held out."""
     test_file: str | None = None
     format: Literal["auto", "input_output", "alpaca", "chat", "sharegpt", "prompt_completion"] = "auto"
+    """The record shape; `auto` detects it from the keys (see tunesmith/data/shapes.py)."""
     fields: dict[str, str] = Field(default_factory=dict)
     """Rename fields of your records to the shape's names, e.g. {"input": "question"}."""
     system_prompt: str | None = None
+    """The system turn for records that have none."""
     on_error: Literal["stop", "skip"] = "stop"
+    """`stop` at the first bad record, or `skip` bad records (each one is reported)."""
     think: Literal["strip", "keep"] = "strip"
+    """`strip` removes <think>...</think> from the replies and renders with enable_thinking=False."""
     eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    """Share of train_file held out for evaluation, drawn with train.seed."""
     dedupe: bool = True
+    """Remove exact duplicate conversations (each is reported)."""
     overlength: Literal["truncate", "drop"] = "drop"
+    """What happens to examples longer than train.max_seq_length (always reported)."""
 
 
 class LoraConfig(Section):
