@@ -447,3 +447,37 @@ def test_parallel_contexts_serve_two_streams_at_once(tmp_path, smollm2_gguf):
         assert _wait(lambda: server.engine.pending == 0, timeout=10)
     finally:
         server.stop()
+
+
+def test_keep_alive_expiry_unloads(oc):
+    oc.generate(model="smol", prompt="Hi", keep_alive="1s", options={"num_predict": 2})
+    assert [m.model for m in oc.ps().models] == [MODEL]
+    assert _wait(lambda: oc.ps().models == [], timeout=10)
+
+
+def test_chunked_body_over_the_limit_is_refused(live):
+    from tunesmith.serve.app import MAX_BODY_BYTES
+
+    def chunks():
+        block = b" " * (1 << 20)
+        for _ in range(MAX_BODY_BYTES // len(block) + 2):
+            yield block
+
+    r = httpx.post(live.url + "/api/generate", content=chunks(), timeout=60)
+    assert r.status_code == 413 and "too large" in r.json()["error"]
+
+
+def test_ensure_server_starts_a_local_one(tmp_path, smollm2_gguf, monkeypatch):
+    from tests.serve_fixtures import free_port
+
+    add_smol(Store(tmp_path / "models"), smollm2_gguf)
+    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path))
+    host = f"127.0.0.1:{free_port()}"
+    proc = ts_client.ensure_server(host)
+    try:
+        assert proc is not None and ts_client.heartbeat(host)
+        assert ts_client.ensure_server(host) is None  # one answers now: nothing more is started
+        assert [m["name"] for m in ts_client.list_models(host)] == [MODEL]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -102,7 +102,15 @@ def api_key_for(config: ServeConfig) -> str | None:
 
 async def read_json(request: Request, model: type[M]) -> M:
     """The body as `model`; 400 with a one-line reason for an empty body, bad JSON or wrong types."""
-    body = await request.body()
+    # Counted as it arrives: a chunked body has no Content-Length for the guard to check.
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body too large (limit {MAX_BODY_BYTES} bytes)")
+        parts.append(part)
+    body = b"".join(parts)
     if not body.strip():
         raise ApiError(400, "missing request body")
     try:
@@ -343,7 +351,9 @@ def _ollama_routes(app: FastAPI, server: Server) -> None:
             raise ApiError(400, "raw mode does not support template, system, or context")
         opts = server.options_for(manifest, req.options)
         keep_alive = server.keep_alive(req.keep_alive)
-        if not req.prompt and not req.images:
+        if req.images:
+            raise ApiError(400, f"{req.model} does not support images")
+        if not req.prompt:
             reason = await server.load_or_unload(name, manifest, keep_alive, opts)
             return JSONResponse(t.GenerateResponse(model=req.model, created_at=now_rfc3339(), done=True,
                                                    done_reason=reason).wire())

@@ -293,6 +293,13 @@ def start_local_server(host: str | None = None, *, wait: float = 60) -> subproce
     raise ClientError("the local server did not start in time")
 
 
+def ensure_server(host: str | None = None) -> subprocess.Popen[bytes] | None:
+    """A server at `host`: None if one answers already, else the local one just started (`tunesmith run`)."""
+    if heartbeat(host):
+        return None
+    return start_local_server(host)
+
+
 def run(host: str | None, name: str, prompt: str | None = None, *, stdin: IO[str] | None = None,
         stdout: IO[str] | None = None, options: dict[str, Any] | None = None, api_key: str | None = None) -> None:
     """`tunesmith run NAME [PROMPT]`: one answer for PROMPT, else an interactive chat until /bye or EOF.
