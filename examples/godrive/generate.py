@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunesmith.atomic import write_text
+
 FEATURES = ["场地类型", "当前项目", "车辆类型", "挡位", "手刹", "发动机", "安全带", "车门", "离合", "刹车", "油门",
             "速度", "时间特征"]
 ITEMS = {
@@ -239,9 +241,7 @@ def generate(train_size: int = TRAIN_SIZE, test_size: int = TEST_SIZE, seed: int
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def main(out: Path = HERE) -> None:
