@@ -232,8 +232,10 @@ def test_record_errors_name_file_line_field_and_problem(tmp_path, record, field,
 
 def test_explicit_format_reports_the_missing_field(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a"}])
-    message = error(path, DataConfig(format="input_output"))
-    assert message.startswith(f"{path}, line 1 (record 0), field 'input': missing field")
+    with pytest.raises(DataError) as caught:
+        load_examples(path, DataConfig(format="input_output"))
+    assert caught.value.message.startswith(f"{path}, line 1 (record 0), field 'input': missing field")
+    assert "the record looks like prompt_completion" in caught.value.hint
 
 
 def test_mixed_shapes_name_the_first_record_of_each(tmp_path):

@@ -82,8 +82,7 @@ def iter_examples(path: str | Path, data_cfg: DataConfig, report: LoadReport | N
             messages = shapes.to_messages(shape, record, data_cfg.fields)
         except RecordError as exc:
             if data_cfg.on_error == "stop":
-                raise exc.to_data_error(raw.source, "fix the record, or set data.on_error: skip to leave "
-                                                    "bad records out (each is reported)") from None
+                raise exc.to_data_error(raw.source, _hint(raw.value, data_cfg)) from None
             line = exc.describe(raw.source)
             log.warning("skipped: %s", line)
             report.skipped.append(line)
@@ -102,6 +101,13 @@ def iter_examples(path: str | Path, data_cfg: DataConfig, report: LoadReport | N
     if report.loaded == 0:
         raise DataError(f"{path}: none of its {report.records} records is valid",
                         f"first problem: {report.skipped[0]}" if report.skipped else None)
+
+
+def _hint(record: dict[str, Any] | None, data_cfg: DataConfig) -> str:
+    looks_like = shapes.detect_shape(shapes.rename(record, data_cfg.fields)) if record is not None else None
+    if data_cfg.format != "auto" and looks_like not in (None, data_cfg.format):
+        return f"data.format is {data_cfg.format}, but the record looks like {looks_like}: set data.format: auto"
+    return "fix the record, or set data.on_error: skip to leave bad records out (each is reported)"
 
 
 def load_examples(path: str | Path, data_cfg: DataConfig, report: LoadReport | None = None) -> list[Example]:
