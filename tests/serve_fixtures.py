@@ -68,3 +68,26 @@ def add_smol(store: Store, gguf: Path, name: str = MODEL) -> None:
     digest = store.add_file(gguf)
     store.write(name, Manifest(model=digest, template=CHATML, details=gguf_meta.details(gguf),
                                parameters={"stop": ["<|im_start|>", "<|im_end|>"], "temperature": 0.0}))
+
+
+def write_lora(path: Path, scale: float, rank: int = 8, layers: int = 30, width: int = 576) -> Path:
+    """A LoRA adapter GGUF for SmolLM2's attention queries, as convert_lora_to_gguf.py lays one out.
+
+    Random A/B scaled by `scale`: 0 leaves the model as it is, 0.5 scrambles its answers.
+    """
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(rank))
+    rng = np.random.default_rng(0)
+    for i in range(layers):
+        writer.add_tensor(f"blk.{i}.attn_q.weight.lora_a", (rng.standard_normal((rank, width)) * scale).astype("f4"))
+        writer.add_tensor(f"blk.{i}.attn_q.weight.lora_b", (rng.standard_normal((width, rank)) * scale).astype("f4"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -481,3 +481,25 @@ def test_ensure_server_starts_a_local_one(tmp_path, smollm2_gguf, monkeypatch):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_lora_adapter_from_a_modelfile_changes_the_answers(live, tmp_path, smollm2_gguf):
+    from tests.serve_fixtures import write_lora
+
+    (tmp_path / "model.gguf").symlink_to(smollm2_gguf)
+    write_lora(tmp_path / "noop.gguf", 0.0)
+    write_lora(tmp_path / "scramble.gguf", 0.5)
+    for name, adapter in (("noop", "noop.gguf"), ("scramble", "scramble.gguf")):
+        (tmp_path / "Modelfile").write_text(f"FROM ./model.gguf\nADAPTER ./{adapter}\nPARAMETER temperature 0\n")
+        ts_client.create_from_modelfile(live.url, name, tmp_path / "Modelfile")
+    oc = ollama.Client(host=live.url)
+    assert "ADAPTER " in oc.show("noop").modelfile
+    ask = {"messages": [{"role": "user", "content": QUESTION}], "stream": False, "options": SHORT}
+    assert "Paris" in oc.chat(model="noop", **ask).message.content
+    assert "Paris" not in oc.chat(model="scramble", **ask).message.content
+    # A full model is not an adapter.
+    with pytest.raises(ollama.ResponseError, match="not a LoRA adapter"):
+        oc.create(model="bad", files={"m.gguf": file_digest(smollm2_gguf)},
+                  adapters={"a.gguf": file_digest(smollm2_gguf)})
+    for name in ("noop", "scramble"):
+        oc.delete(name)

@@ -490,6 +490,9 @@ def _ollama_routes(app: FastAPI, server: Server) -> None:
                     raise ApiError(400, f"{label} blob {digest} not found; upload it to /api/blobs first")
                 if not gguf_meta.is_gguf(store.blob_path(digest)):
                     raise ApiError(400, f"{label} {file_name} is not GGUF; convert it with `tunesmith export`")
+                meta, _ = gguf_meta.read_metadata(store.blob_path(digest))
+                if meta.get("general.type") != "adapter":
+                    raise ApiError(400, f"{label} {file_name} is a GGUF model, not a LoRA adapter")
                 manifest.adapters = [digest]  # llama.cpp applies one LoRA here, as Ollama supports one
         if req.template is not None:
             templates.parse(req.template)  # refuse a template that will not render, now
