@@ -85,3 +85,16 @@ def test_host_url_parses_like_ollama_host(value, url, monkeypatch):
 def test_host_url_reads_tunesmith_host(monkeypatch):
     monkeypatch.setenv(client.HOST_ENV, "127.0.0.1:5555")
     assert client.host_url() == "http://127.0.0.1:5555"
+
+
+def test_serve_config_from_tunesmith_host(monkeypatch):
+    from tunesmith.config import ServeConfig
+    from tunesmith.serve.app import apply_env
+
+    monkeypatch.setenv("TUNESMITH_HOST", "0.0.0.0:8080")
+    monkeypatch.setenv("TUNESMITH_API_KEY", "k")
+    config = apply_env(ServeConfig())
+    assert (config.host, config.port, config.api_key) == ("0.0.0.0", 8080, "k")
+    monkeypatch.setenv("TUNESMITH_HOST", ":9000")
+    assert apply_env(ServeConfig(api_key="mine")).model_dump(include={"host", "port", "api_key"}) == {
+        "host": "127.0.0.1", "port": 9000, "api_key": "mine"}

@@ -199,7 +199,7 @@ def stream_response(chunks: AsyncIterator[bytes], media_type: str = "application
 
 def final_metrics(stats: Any) -> dict[str, Any]:
     # Go's omitempty drops zeros; None does the same here.
-    total = stats.load_duration + stats.prompt_eval_duration + stats.eval_duration
+    total = stats.total_duration or stats.load_duration + stats.prompt_eval_duration + stats.eval_duration
     return {
         "done_reason": stats.done_reason,
         "total_duration": total or None,
@@ -640,6 +640,23 @@ async def _embed(server: Server, name: str, manifest: Manifest, request_options:
     finally:
         await server.engine.release(lease, keep_alive)
     return vectors, count, lease.load_duration, time.perf_counter_ns() - started
+
+
+def apply_env(config: ServeConfig) -> ServeConfig:
+    """`config` with TUNESMITH_HOST (`host`, `host:port`, `:port`, as OLLAMA_HOST) and TUNESMITH_API_KEY applied."""
+    from urllib.parse import urlsplit
+
+    update: dict[str, Any] = {}
+    value = os.environ.get("TUNESMITH_HOST", "").strip()
+    if value:
+        parts = urlsplit(value if "://" in value else "http://" + value)
+        if parts.hostname:
+            update["host"] = parts.hostname
+        if parts.port:
+            update["port"] = parts.port
+    if os.environ.get(API_KEY_ENV) and not config.api_key:
+        update["api_key"] = os.environ[API_KEY_ENV]
+    return config.model_copy(update=update) if update else config
 
 
 def serve(config: ServeConfig) -> None:

@@ -111,6 +111,8 @@ class Stats:
     prompt_eval_duration: int = 0
     eval_count: int = 0
     eval_duration: int = 0
+    total_duration: int = 0
+    """From the request's arrival (queueing included) to its end, set by the caller."""
     tokens: list[int] = field(default_factory=list)
     """Prompt and generated tokens: generate's `context`."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,6 +108,7 @@ class Job:
     tools: list[dict[str, Any]] | None = None
     context: list[int] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
+    started: int = field(default_factory=time.perf_counter_ns)
 
 
 def tool_names(tool_list: list[dict[str, Any]] | None) -> set[str] | None:
@@ -141,6 +143,7 @@ async def run(engine: Engine, job: Job) -> AsyncIterator[Event]:
                 if held:
                     calls = tools.parse_tool_calls(held, tool_names(job.tools))
                     yield ToolCalls(calls) if calls else Content(held)
+                item.total_duration = time.perf_counter_ns() - job.started
                 yield Done(item)
                 return
             thought, text = parser.add(item) if parser is not None else ("", item)
