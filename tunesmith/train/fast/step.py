@@ -66,7 +66,9 @@ class CudaGraphStep:
     Buys: the CPU launches ~3,000 kernels per step no more (two replays instead), which is what bounds
     a compiled step at 4,096 tokens; the GPU runs back to back. Needs static shapes (every buffer the
     same seq_len) and no host syncs, which the packed model has. Inputs are copied into fixed buffers;
-    the document mask is rebuilt eagerly and copied into the captured mask's tensors.
+    the document mask is rebuilt eagerly and copied into the captured mask's tensors. Keep no loss with
+    its autograd graph alive across steps (detach it): that pins autograd nodes to the default stream
+    and capture fails (the step then warns and stays eager, which is correct but slower).
     """
 
     def __init__(self, model: FastCausalLM, optimizer: torch.optim.Optimizer, max_grad_norm: float | None,
@@ -99,6 +101,10 @@ class CudaGraphStep:
         self.graphs[1].replay()
         return total
 
+    @property
+    def graphed(self) -> bool:
+        return self.graphs is not None
+
     def _eager(self, batches: list[PackedBatch]) -> torch.Tensor:
         # Eager steps run on the side stream the graphs are captured on (lazy cuBLAS/optimizer init).
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -129,9 +135,10 @@ class CudaGraphStep:
             micro, update = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
             with torch.cuda.graph(micro, stream=self.stream):
                 s = self.static
-                self.loss = model.summed_loss(s.input_ids, s.position_ids, s.targets, self.mask) / self.normalizer
-                self.loss.backward()
+                loss = model.summed_loss(s.input_ids, s.position_ids, s.targets, self.mask) / self.normalizer
+                loss.backward()
                 model.grads_to_master(accumulate=True)
+                self.loss = loss.detach()  # holding the autograd graph would pin its AccumulateGrad nodes
             with torch.cuda.graph(update, pool=micro.pool(), stream=self.stream):
                 if self.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.master_parameters(), self.max_grad_norm, foreach=True)
