@@ -51,6 +51,10 @@ $(STAMP): pyproject.toml Makefile
 	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) wheel --no-deps $(SDIST) -w $(WHEELS)
 	$(PIP) install -q --find-links $(WHEELS) -e ".[test]"
 	$(PY) -m tunesmith.export.llama_cpp install $(SDIST)
+	@# Headless Chromium (Debian's, never a browser download) and a CJK font for the report and UI tests.
+	command -v chromium >/dev/null && fc-list | grep -qi "wenquanyi\|noto sans cjk" || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium fonts-wqy-microhei) || echo "warning: could not install chromium (not root?): browser tests will be skipped"
 	touch $(STAMP)
 
 clean:

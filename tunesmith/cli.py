@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 
 from tunesmith.config import Config, load_config
-from tunesmith.errors import NotBuiltYet, TunesmithError
+from tunesmith.errors import ConfigError, NotBuiltYet, TunesmithError
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -111,10 +111,28 @@ def generate(prompt: str, run: RunOpt = None, config: ConfigOpt = None, set_: Se
 
 
 @app.command("eval")
-def eval_(run: RunOpt = None, file: Path | None = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Score base vs fine-tuned vs each GGUF on held-out examples."""
-    _config(config, set_)
-    _later("eval", 7, "pipeline, evaluation and report")
+def eval_(
+    run: RunOpt = None,
+    file: Annotated[Path | None, typer.Option("--file", help="Held-out examples (default: eval.file).")] = None,
+    models: Annotated[str, typer.Option(help="Comma-separated: base, finetuned, gguf (every exported GGUF).")] = (
+        "base,finetuned,gguf"),
+    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N examples.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Score base vs fine-tuned vs each GGUF on held-out examples; writes runs/<name>/eval.jsonl."""
+    from tunesmith import inference
+    from tunesmith.evaluate.run import evaluate, print_summary
+
+    run_dir = run or _config(config, set_).run_dir
+    settings = inference.run_config(run_dir)
+    names: list[str] = []
+    for name in models.split(","):
+        if name == "gguf":
+            names += sorted(str(p) for p in (run_dir / "gguf").glob("*.gguf") if ".lora." not in p.name.lower())
+        elif name.strip():
+            names.append(name.strip())
+    print_summary(evaluate(settings, run_dir, file, names, console, limit=limit), console)
 
 
 @app.command()
@@ -208,18 +226,24 @@ def pipeline(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     force: Annotated[list[str] | None, typer.Option("--force", help="Redo this stage even if complete.")] = None,
+    deploy: Annotated[str | None, typer.Option("--deploy", help="Create the model on this Ollama server instead.")] = None,
+    no_serve: Annotated[bool, typer.Option("--no-serve", help="Stop after the test request.")] = False,
 ) -> None:
     """All of it: data check, train, evaluate, export, create, serve, one request."""
     from tunesmith.pipeline import run_pipeline
 
-    run_pipeline(_config(config, set_), console, force=set(force or []))
+    run_pipeline(_config(config, set_), console, force=set(force or []), serve=not no_serve, deploy=deploy)
 
 
 @app.command()
 def report(run: RunOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Rebuild runs/<name>/report.html."""
-    _config(config, set_)
-    _later("report", 7, "pipeline, evaluation and report")
+    from tunesmith.evaluate.report import build_report
+
+    run_dir = run or _config(config, set_).run_dir
+    if not (run_dir / "run.json").is_file():
+        raise ConfigError(f"{run_dir}: not a tunesmith run (no run.json)", "pass --run runs/<name> of a trained run")
+    console.print(f"report: {build_report(run_dir)}")
 
 
 def main(argv: list[str] | None = None) -> int:

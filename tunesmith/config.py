@@ -271,3 +271,13 @@ def _resolve_paths(config: Config, base: Path) -> None:
     base_model = config.model.base
     if not base_model.startswith("builtin:") and (base / base_model).is_dir():
         config.model.base = str(base / base_model)
+    # A task scorer named as a module (examples.godrive.generate:score) is found from the config's folder
+    # or one of its parents and pinned to its file, so the run's saved config works from anywhere.
+    if config.eval.scorer and ":" in config.eval.scorer:
+        module, _, function = config.eval.scorer.rpartition(":")
+        relative = Path(module) if module.endswith(".py") else Path(*module.split(".")).with_suffix(".py")
+        if not relative.is_absolute():
+            for folder in [base, *base.parents]:
+                if (folder / relative).is_file():
+                    config.eval.scorer = f"{folder / relative}:{function}"
+                    break

@@ -1,56 +1,208 @@
 """`tunesmith pipeline`: the reference article's nine steps in order, from one config.
 
-Each stage is skipped when its outputs are complete, so a re-run after a crash resumes where it stopped.
-Stages whose issue has not landed yet are reported and the pipeline stops there (exit 0: nothing failed).
+data check → train → evaluate (base vs fine-tuned) → export (GGUF + fidelity check) → evaluate the
+GGUFs → create the model in the store → start the server → one request through the Ollama API.
+
+A stage whose outputs are complete is skipped on re-run (every output is written atomically, so
+"exists" means "complete"); `--force STAGE` redoes one. Training always resumes from its newest
+checkpoint, so a pipeline killed mid-training continues where it stopped.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from rich.console import Console
 
+from tunesmith.atomic import write_json
 from tunesmith.config import Config
-from tunesmith.errors import NotBuiltYet
+from tunesmith.errors import TunesmithError
 
 
-def _stage_model(config: Config, console: Console) -> None:
+@dataclass
+class Context:
+    config: Config
+    console: Console
+    serve: bool = True
+    deploy: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.config.run_dir
+
+
+class StageFailed(TunesmithError):
+    """A stage failed: the message names it; earlier outputs are left as they are."""
+
+
+def _data(ctx: Context) -> None:
+    from tunesmith.data import prepare, summary_lines
     from tunesmith.models import load_tokenizer, resolve_base
 
-    path = resolve_base(config.model.base, config.model.revision)
-    tokenizer = load_tokenizer(path)
-    console.print(f"  base model {config.model.base} → {path} (vocab {len(tokenizer)})")
+    tokenizer = load_tokenizer(resolve_base(ctx.config.model.base, ctx.config.model.revision))
+    prepared = prepare(ctx.config, tokenizer)
+    for line in summary_lines(prepared.stats):
+        ctx.console.print(f"  {line}", highlight=False)
 
 
-def _not_built(issue: int, what: str) -> Callable[[Config, Console], None]:
-    def stage(config: Config, console: Console) -> None:
-        raise NotBuiltYet(f"{what} arrives with issue #{issue}")
+def _train(ctx: Context) -> None:
+    from tunesmith.train.loop import train
 
-    return stage
-
-
-STAGES: list[tuple[str, Callable[[Config, Console], None]]] = [
-    ("model", _stage_model),
-    ("data", _not_built(3, "data check")),
-    ("train", _not_built(4, "training")),
-    ("eval", _not_built(7, "evaluation")),
-    ("export", _not_built(5, "GGUF export and fidelity check")),
-    ("create", _not_built(6, "model store")),
-    ("serve", _not_built(6, "Ollama-compatible server")),
-]
+    result = train(ctx.config, ctx.console, resume=True)
+    ctx.console.print(f"  adapter: {result.adapter_dir} ({result.steps} steps, {result.seconds:.0f} s)")
 
 
-def run_pipeline(config: Config, console: Console, force: set[str] | None = None) -> None:
-    console.print(f"[bold]tunesmith pipeline[/] {config.name}: base {config.model.base}")
-    for name, stage in STAGES:
-        started = time.perf_counter()
-        console.print(f"[bold cyan]▶ {name}[/]")
+def _eval(ctx: Context) -> None:
+    from tunesmith.evaluate.run import evaluate, print_summary
+
+    results = evaluate(ctx.config, ctx.run_dir, None, ["base", "finetuned"], ctx.console)
+    print_summary(results, ctx.console)
+
+
+def _export(ctx: Context) -> None:
+    from tunesmith.export import export_run
+
+    export_run(ctx.run_dir, None, ctx.console)
+
+
+def _eval_gguf(ctx: Context) -> None:
+    from tunesmith.evaluate.run import evaluate, print_summary
+
+    results = evaluate(ctx.config, ctx.run_dir, None, _ggufs(ctx.run_dir), ctx.console, keep_existing=True)
+    print_summary(results, ctx.console)
+
+
+def _ggufs(run_dir: Path) -> list[str]:
+    """The exported model files (not the LoRA-only GGUF, which needs its base to answer)."""
+    return sorted(str(path) for path in (run_dir / "gguf").glob("*.gguf") if ".lora." not in path.name.lower())
+
+
+def _gguf_evaluated(run_dir: Path) -> bool:
+    from tunesmith.evaluate.run import evaluated_models
+
+    ggufs = _ggufs(run_dir)
+    return bool(ggufs) and set(ggufs) <= evaluated_models(run_dir)
+
+
+def _create(ctx: Context) -> None:
+    from tunesmith.serve import client
+
+    host = ctx.deploy or _host(ctx.config)
+    server = None if ctx.deploy else client.ensure_server(host)
+    try:
+        client.create_from_modelfile(host, ctx.config.name, ctx.run_dir / "Modelfile")
+    finally:
+        if server is not None:
+            server.terminate()
+    ctx.console.print(f"  created {ctx.config.name} on {host}")
+
+
+def _serve(ctx: Context) -> None:
+    from tunesmith.serve import client
+
+    host = ctx.deploy or _host(ctx.config)
+    server = None if ctx.deploy else client.ensure_server(host)
+    prompt = _sample_prompt(ctx)
+    reply = _ask(host, ctx.config.name, prompt)
+    ctx.console.print(f"  prompt: {prompt}", highlight=False)
+    ctx.console.print(f"  answer: {reply}", highlight=False)
+    body = json.dumps({"model": ctx.config.name, "prompt": prompt, "stream": False}, ensure_ascii=False)
+    ctx.console.print(f"\ntry it:\n  curl {host}/api/generate -d '{body}'", highlight=False, soft_wrap=True)
+    if server is not None and ctx.serve:
+        ctx.console.print(f"\nserving on {host} (Ctrl-C to stop)")
         try:
-            stage(config, console)
-        except NotBuiltYet as missing:
-            console.print(f"[yellow]■ stopped before {name}:[/] {missing.message}")
-            remaining = [n for n, _ in STAGES[STAGES.index((name, stage)):]]
-            console.print(f"  not built yet: {', '.join(remaining)}")
-            return
-        console.print(f"[green]✓ {name}[/] ({time.perf_counter() - started:.1f} s)")
+            server.wait()
+        except KeyboardInterrupt:
+            pass
+    if server is not None:
+        server.terminate()
+
+
+def _ask(host: str, model: str, prompt: str) -> str:
+    """The article's request: POST /api/generate with stream false."""
+    import httpx
+
+    response = httpx.post(f"{host}/api/generate", json={"model": model, "prompt": prompt, "stream": False},
+                          timeout=300)
+    if response.status_code != 200:
+        raise TunesmithError(f"{host}/api/generate answered {response.status_code}: {response.text[:200]}")
+    return response.json()["response"]
+
+
+def _host(config: Config) -> str:
+    return f"http://{config.serve.host}:{config.serve.port}"
+
+
+def _sample_prompt(ctx: Context) -> str:
+    from tunesmith.evaluate.run import load_cases
+
+    file = ctx.config.eval.file or ctx.config.data.test_file or ctx.config.data.train_file
+    return load_cases(file, ctx.config, 1)[0].messages[-1]["content"]
+
+
+def _exist(*names: str) -> Callable[[Path], bool]:
+    return lambda run_dir: all((run_dir / name).exists() for name in names)
+
+
+def _never(run_dir: Path) -> bool:
+    return False
+
+
+# name, function, "is it complete?" (outputs are written atomically, so existing means complete)
+STAGES: list[tuple[str, Callable[[Context], None], Callable[[Path], bool]]] = [
+    ("data", _data, _never),  # seconds, and it re-validates the data file, which may have changed
+    ("train", _train, _exist("adapter/adapter_model.safetensors")),
+    ("eval", _eval, _exist("eval.jsonl")),
+    ("export", _export, _exist("Modelfile", "fidelity.json")),
+    ("eval-gguf", _eval_gguf, _gguf_evaluated),
+    ("create", _create, _never),
+    ("serve", _serve, _never),
+]
+# What --force STAGE removes before redoing it.
+_OUTPUTS = {"train": ["adapter", "checkpoints", "metrics.jsonl", "tb"], "eval": ["eval.jsonl"],
+            "export": ["merged", "gguf", "Modelfile", "fidelity.json"]}
+
+
+def run_pipeline(config: Config, console: Console, force: set[str] | None = None, serve: bool = True,
+                 deploy: str | None = None) -> dict[str, float]:
+    force = force or set()
+    unknown = force - {name for name, _, _ in STAGES}
+    if unknown:
+        raise TunesmithError(f"--force: unknown stage {', '.join(sorted(unknown))}",
+                             f"stages: {', '.join(name for name, _, _ in STAGES)}")
+    ctx = Context(config, console, serve=serve, deploy=deploy)
+    console.print(f"[bold]tunesmith pipeline[/] {config.name}: base {config.model.base}, run folder {ctx.run_dir}")
+    for name, stage, complete in STAGES:
+        if name not in force and complete(ctx.run_dir):
+            console.print(f"[dim]✓ {name}: complete, skipped (--force {name} to redo)[/]")
+            continue
+        if name in force:
+            for output in _OUTPUTS.get(name, []):
+                path = ctx.run_dir / output
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        console.print(f"[bold cyan]▶ {name}[/]")
+        started = time.perf_counter()
+        try:
+            stage(ctx)
+        except TunesmithError as error:
+            raise StageFailed(f"stage {name} failed: {error.message}", error.hint) from error
+        ctx.timings[name] = round(time.perf_counter() - started, 1)
+        console.print(f"[green]✓ {name}[/] ({ctx.timings[name]:.0f} s)")
+        _record_timings(ctx)
+        if name in ("eval", "eval-gguf", "export"):
+            from tunesmith.evaluate.report import build_report
+
+            console.print(f"  report: {build_report(ctx.run_dir)}")
+    return ctx.timings
+
+
+def _record_timings(ctx: Context) -> None:
+    path = ctx.run_dir / "timings.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    write_json(path, {**previous, **ctx.timings})

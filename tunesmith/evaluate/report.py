@@ -1,0 +1,173 @@
+"""`runs/<name>/report.html`: one self-contained page showing whether the fine-tune worked.
+
+Loss curves (matplotlib, embedded as PNG), the training metrics, the eval summary for base / fine-tuned /
+each quantization, examples where base and fine-tuned differ, export sizes and fidelity, stage timings.
+Nothing is fetched when the page opens: it works offline and can be mailed as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from tunesmith.atomic import write_text
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
+h1 { margin-bottom: 0.2rem; } h2 { margin-top: 2rem; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: 0.5rem 0; } td, th { border: 1px solid #ccc; padding: 4px 8px; }
+th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.muted { color: #777; } .bad { color: #b00; } .good { color: #070; }
+img.plot { max-width: 100%; border: 1px solid #eee; }
+"""
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def loss_plot_png(metrics: list[dict[str, Any]]) -> bytes | None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display here, and none needed
+    import matplotlib.pyplot as plt
+
+    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
+    if not train and not evals:
+        return None
+    figure, axes = plt.subplots(figsize=(8, 3.6), dpi=100)
+    if train:
+        axes.plot(*zip(*train), label="train loss", color="#1f77b4")
+    if evals:
+        axes.plot(*zip(*evals), "o-", label="eval loss", color="#d62728")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _table(headers: list[str], rows: list[list[Any]], table_id: str) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = []
+    for row in rows:
+        cells = []
+        for value in row:
+            if isinstance(value, float):
+                cells.append(f'<td class="num">{value:.3f}</td>')
+            elif isinstance(value, int):
+                cells.append(f'<td class="num">{value}</td>')
+            else:
+                cells.append(f"<td>{html.escape(str(value))}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def _label(model: str) -> str:
+    return Path(model).name if model.endswith(".gguf") else model
+
+
+def build_report(run_dir: Path) -> Path:
+    run = _read_json(run_dir / "run.json") or {}
+    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    rows = _read_jsonl(run_dir / "eval.jsonl")
+    fidelity = _read_json(run_dir / "fidelity.json")
+    timings = _read_json(run_dir / "timings.json") or {}
+    name = (run.get("config") or {}).get("name", run_dir.name)
+    parts = [f"<h1>tunesmith run: {html.escape(name)}</h1>"]
+    config = run.get("config") or {}
+    final = run.get("final") or {}
+    parts.append(f'<p class="muted">base {html.escape(str(config.get("model", {}).get("base", "?")))} · '
+                 f'device {html.escape(str(run.get("device", "?")))} · started {run.get("started_at", "?")} · '
+                 f'ended {run.get("ended_at", "?")}</p>')
+
+    parts.append("<h2>Loss</h2>")
+    png = loss_plot_png(metrics)
+    if png:
+        data = base64.b64encode(png).decode()
+        parts.append(f'<img class="plot" id="loss-plot" alt="loss curves" src="data:image/png;base64,{data}">')
+    else:
+        parts.append('<p class="muted">no metrics.jsonl yet</p>')
+
+    parts.append("<h2>Training</h2>")
+    summary = [["steps", final.get("steps")], ["train loss", final.get("train_loss")],
+               ["eval loss", final.get("eval_loss")], ["train seconds", final.get("train_seconds")],
+               ["trained tokens", final.get("trained_tokens")],
+               ["trained tokens/s", final.get("trained_tokens_per_second")],
+               ["examples (train / eval)", f'{run.get("examples", {}).get("train")} / {run.get("examples", {}).get("eval")}'],
+               ["LoRA", f'r={config.get("lora", {}).get("r")} alpha={config.get("lora", {}).get("alpha")}'],
+               ["learning rate", config.get("train", {}).get("learning_rate")]]
+    parts.append(_table(["metric", "value"], [[k, "–" if v is None else v] for k, v in summary], "metrics-table"))
+
+    parts.append("<h2>Evaluation</h2>")
+    parts.append(_eval_section(rows))
+
+    parts.append("<h2>Export</h2>")
+    parts.append(_export_section(run_dir, fidelity))
+
+    parts.append("<h2>Timings</h2>")
+    if timings:
+        parts.append(_table(["stage", "seconds"], [[k, float(v)] for k, v in timings.items()], "timings-table"))
+    else:
+        parts.append('<p class="muted">no stage timings (run through `tunesmith pipeline`)</p>')
+
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: {html.escape(name)}</title>"
+            f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
+    target = run_dir / "report.html"
+    write_text(target, page)
+    return target
+
+
+def _eval_section(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return '<p class="muted">not evaluated yet (`tunesmith eval`)</p>'
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        by_model.setdefault(row["model"], []).append(row)
+    # The headline scores first, then the task scorer's per-rule ones.
+    keys = list(dict.fromkeys(key for model_rows in by_model.values() for key in model_rows[0]["scores"]))
+    headline = [key for key in keys if ":" not in key]
+    table_rows = []
+    for model, model_rows in by_model.items():
+        means = [sum(r["scores"].get(key, 0.0) for r in model_rows) / len(model_rows) for key in headline]
+        table_rows.append([_label(model), len(model_rows), *means])
+    out = [_table(["model", "n", *headline], table_rows, "eval-table")]
+    base = {r["index"]: r for r in by_model.get("base", [])}
+    tuned = {r["index"]: r for r in by_model.get("finetuned", [])}
+    differ = [(base[i], tuned[i]) for i in sorted(base.keys() & tuned.keys()) if base[i]["answer"] != tuned[i]["answer"]]
+    if differ:
+        out.append(f"<h3>Where base and fine-tuned differ ({len(differ)} of {len(tuned)}; first 10)</h3>")
+        sample = [[b["prompt"], b["reference"], b["answer"], t["answer"],
+                   "✓" if t["scores"].get("exact_match") else "✗"] for b, t in differ[:10]]
+        out.append(_table(["prompt", "reference", "base", "fine-tuned", "exact"], sample, "differ-table"))
+    return "".join(out)
+
+
+def _export_section(run_dir: Path, fidelity: Any) -> str:
+    files = sorted((run_dir / "gguf").glob("*.gguf")) if (run_dir / "gguf").exists() else []
+    if not files:
+        return '<p class="muted">not exported yet (`tunesmith export`)</p>'
+    rows = [[path.name, f"{path.stat().st_size / 2**20:.1f} MiB"] for path in files]
+    out = [_table(["file", "size"], rows, "export-table")]
+    if isinstance(fidelity, dict) and fidelity.get("results"):
+        keys = [k for k in fidelity["results"][0] if k not in ("quantization", "path")]
+        fid_rows = [[r.get("quantization", r.get("path", "?")), *[r.get(k) for k in keys]] for r in fidelity["results"]]
+        out.append(_table(["quantization", *keys], fid_rows, "fidelity-table"))
+    elif fidelity is not None:
+        out.append(f"<pre>{html.escape(json.dumps(fidelity, indent=2, ensure_ascii=False)[:4000])}</pre>")
+    return "".join(out)

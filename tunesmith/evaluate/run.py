@@ -1,0 +1,160 @@
+"""`tunesmith eval`: generate answers for held-out examples with every model of a run and score them.
+
+Models: `base` (the base checkpoint, no adapter), `finetuned` (base + the run's adapter), and each GGUF in
+`runs/<name>/gguf/` (through llama.cpp). Prompts are rendered by the tokenizer's own chat template, the one
+used in training, so all models see identical prompts; greedy decoding, so results are reproducible.
+Writes `runs/<name>/eval.jsonl` (one line per example and model) and returns the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from tunesmith import inference
+from tunesmith.atomic import atomic_path
+from tunesmith.config import Config
+from tunesmith.errors import ConfigError
+from tunesmith.evaluate.scorers import load_scorer, score_all
+
+
+@dataclass
+class Case:
+    messages: list[dict[str, str]]
+    reference: str
+    source: str
+
+
+@dataclass
+class ModelScores:
+    model: str
+    n: int
+    means: dict[str, float]
+    seconds: float
+    answers: list[str] = field(repr=False, default_factory=list)
+
+
+def load_cases(path: str | Path, config: Config, limit: int | None) -> list[Case]:
+    from tunesmith.data import load_examples
+
+    cases = []
+    for example in load_examples(path, config.data):
+        messages = list(example.messages)
+        if not messages or messages[-1]["role"] != "assistant":
+            continue
+        cases.append(Case(messages[:-1], messages[-1]["content"], str(getattr(example, "source", ""))))
+        if limit and len(cases) >= limit:
+            break
+    return cases
+
+
+def evaluated_models(run_dir: Path) -> set[str]:
+    return {row["model"] for row in _rows(run_dir)}
+
+
+def _rows(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "eval.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def summarize(run_dir: Path) -> list[ModelScores]:
+    """Per-model means of everything in eval.jsonl (for the report), in the order models were added."""
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for row in _rows(run_dir):
+        by_model.setdefault(row["model"], []).append(row)
+    results = []
+    for model, rows in by_model.items():
+        keys = rows[0]["scores"].keys()
+        means = {key: sum(row["scores"][key] for row in rows) / len(rows) for key in keys}
+        results.append(ModelScores(model, len(rows), means, rows[0].get("seconds", 0.0),
+                                   [row["answer"] for row in rows]))
+    return results
+
+
+def evaluate(config: Config, run_dir: Path, file: str | Path | None, models: list[str], console: Console,
+             limit: int | None = None, keep_existing: bool = False) -> list[ModelScores]:
+    file = file or config.eval.file or config.data.test_file
+    if not file:
+        raise ConfigError("nothing to evaluate on: set eval.file (or data.test_file) or pass --file")
+    cases = load_cases(file, config, limit or config.eval.limit)
+    task = load_scorer(config.eval.scorer) if config.eval.scorer else None
+    results = []
+    rows: list[dict[str, Any]] = [row for row in _rows(run_dir) if row["model"] not in models] if keep_existing else []
+    for name in models:
+        started = time.perf_counter()
+        console.print(f"eval: {name} on {len(cases)} examples from {file}")
+        answers = _answers(name, config, run_dir, cases)
+        seconds = time.perf_counter() - started
+        per_case = [score_all(answer, case.reference, config.eval.expect, task) for answer, case in zip(answers, cases)]
+        keys = per_case[0].keys() if per_case else []
+        means = {key: sum(scores[key] for scores in per_case) / len(per_case) for key in keys}
+        results.append(ModelScores(name, len(cases), means, seconds, answers))
+        for index, (case, answer, scores) in enumerate(zip(cases, answers, per_case)):
+            rows.append({"index": index, "model": name, "prompt": case.messages[-1]["content"],
+                         "reference": case.reference, "answer": answer, "scores": scores,
+                         "seconds": round(seconds, 1)})
+    with atomic_path(run_dir / "eval.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return results
+
+
+def _answers(name: str, config: Config, run_dir: Path, cases: list[Case]) -> list[str]:
+    conversations = [case.messages for case in cases]
+    max_new = config.eval.max_new_tokens
+    if name in ("base", "finetuned"):
+        model, tokenizer = inference.load(config, run_dir / "adapter" if name == "finetuned" else None)
+        if name == "finetuned":
+            model = model.merge_and_unload()  # same answers, no per-layer adapter overhead while generating
+        return inference.generate_batch(model, tokenizer, conversations, config, max_new)
+    return _gguf_answers(Path(name), config, conversations, max_new)
+
+
+def _gguf_answers(gguf: Path, config: Config, conversations: list[list[dict[str, str]]], max_new: int) -> list[str]:
+    from llama_cpp import Llama
+
+    from tunesmith.models import load_tokenizer, resolve_base
+
+    tokenizer = load_tokenizer(resolve_base(config.model.base, config.model.revision))
+    llm = Llama(model_path=str(gguf), n_ctx=2048, n_batch=512, verbose=False, seed=0)
+    answers = []
+    for messages in conversations:
+        ids = inference.prompt_ids(tokenizer, messages, config)
+        out = []
+        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            if llm.token_eos() == token or token in _stop_ids(tokenizer) or len(out) >= max_new:
+                break
+            out.append(token)
+        answers.append(tokenizer.decode(out, skip_special_tokens=True).strip())
+    return answers
+
+
+def _stop_ids(tokenizer: Any) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "</s>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return ids
+
+
+def print_summary(results: list[ModelScores], console: Console) -> None:
+    keys = list(dict.fromkeys(key for result in results for key in result.means))
+    table = Table(title="evaluation")
+    table.add_column("model")
+    table.add_column("n", justify="right")
+    for key in keys:
+        table.add_column(key, justify="right")
+    table.add_column("seconds", justify="right")
+    for result in results:
+        label = Path(result.model).name if result.model.endswith(".gguf") else result.model
+        table.add_row(label, str(result.n), *[f"{result.means.get(key, float('nan')):.3f}" for key in keys],
+                      f"{result.seconds:.0f}")
+    console.print(table)
