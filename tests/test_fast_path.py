@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from tunesmith.config import PROJECTIONS, LoraConfig
 from tunesmith.train.fast import (
@@ -30,12 +30,15 @@ from tunesmith.train.fast.model import dense_document_mask, document_mask_mod
 LENGTHS = [5, 17, 9, 30, 12, 3]
 
 
-def tiny_qwen3(seed: int = 0) -> Qwen3ForCausalLM:
+def tiny_qwen3(seed: int = 0, arch: str = "qwen3"):
+    """A tiny random Qwen3 (per-head q/k norms), or Llama (SmolLM2's architecture, none)."""
     torch.manual_seed(seed)
-    cfg = Qwen3Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=16, intermediate_size=128, vocab_size=256, tie_word_embeddings=True,
-                      max_position_embeddings=256)
-    return Qwen3ForCausalLM(cfg).float()
+    shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "head_dim": 16, "intermediate_size": 128, "vocab_size": 256, "tie_word_embeddings": True,
+             "max_position_embeddings": 256}
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(**shape)).float()
+    return Qwen3ForCausalLM(Qwen3Config(**shape)).float()
 
 
 def examples(lengths=LENGTHS, seed: int = 1) -> list[tuple[list[int], list[int]]]:
@@ -58,10 +61,10 @@ def padded(exs):
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def pair(low_memory: bool = False, seed: int = 0):
+def pair(low_memory: bool = False, seed: int = 0, arch: str = "qwen3"):
     """A fast model and a peft reference with identical weights, LoRA B nonzero so every LoRA weight
     gets a gradient."""
-    base = tiny_qwen3(seed)
+    base = tiny_qwen3(seed, arch)
     ref = get_peft_model(copy.deepcopy(base), PeftLoraConfig(r=16, lora_alpha=16, target_modules=PROJECTIONS))
     fast = prepare_fast_model(base, LoraConfig(), low_memory=low_memory)
     g = torch.Generator().manual_seed(2)
@@ -119,9 +122,9 @@ def test_flex_block_mask_is_the_dense_document_mask():
     assert torch.allclose(out, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("low_memory", [False, True])
-def test_packed_loss_and_lora_grads_match_peft(low_memory):
-    fast, ref = pair(low_memory)
+@pytest.mark.parametrize(("arch", "low_memory"), [("qwen3", False), ("qwen3", True), ("llama", False)])
+def test_packed_loss_and_lora_grads_match_peft(arch, low_memory):
+    fast, ref = pair(low_memory, arch=arch)
     exs = examples()
     batches = pack(exs, 96)
     assert len(batches) == 1
@@ -130,7 +133,7 @@ def test_packed_loss_and_lora_grads_match_peft(low_memory):
     fast.grads_to_master()
     out = ref(**padded(exs))
     out.loss.backward()
-    assert abs(float(loss) - float(out.loss)) < 1e-5 * float(out.loss)
+    assert abs(loss.item() - out.loss.item()) < 1e-5 * out.loss.item()
     assert_close_grads(fast.adapter_state_dict(grads=True), ref_grads(ref))
 
 

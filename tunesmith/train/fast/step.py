@@ -32,7 +32,9 @@ def make_train_step(model: FastCausalLM, optimizer: torch.optim.Optimizer, max_g
     several (gradient accumulation, every target token weighted the same).
 
     On CUDA with a capturable optimizer (make_optimizer's), the step is captured as CUDA graphs after
-    a few eager steps; `cuda_graphs=False` keeps it eager.
+    a few eager steps; `cuda_graphs=False` keeps it eager. The graphs hold the optimizer's state tensors:
+    load a checkpoint (`optimizer.load_state_dict`, `model.load_adapter_state_dict`) before the first
+    step. Learning-rate schedulers work (they fill the lr tensor in place).
     """
     capturable = bool(optimizer.defaults.get("capturable"))
     if cuda_graphs is None:
@@ -64,7 +66,8 @@ class CudaGraphStep:
     """The same step, replayed as two CUDA graphs: forward + backward of one buffer, then the update.
 
     Buys: the CPU launches ~3,000 kernels per step no more (two replays instead), which is what bounds
-    a compiled step at 4,096 tokens; the GPU runs back to back. Needs static shapes (every buffer the
+    a compiled step at 4,096 tokens; the GPU runs back to back. Measured (H200): 4,096-token buffers
+    51.4k -> 99.7k tokens/s (79 -> 41 ms/step); 8,192: 96.7k -> 106k. Needs static shapes (every buffer the
     same seq_len) and no host syncs, which the packed model has. Inputs are copied into fixed buffers;
     the document mask is rebuilt eagerly and copied into the captured mask's tensors. Keep no loss with
     its autograd graph alive across steps (detach it): that pins autograd nodes to the default stream
