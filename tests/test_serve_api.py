@@ -503,3 +503,12 @@ def test_lora_adapter_from_a_modelfile_changes_the_answers(live, tmp_path, smoll
                   adapters={"a.gguf": file_digest(smollm2_gguf)})
     for name in ("noop", "scramble"):
         oc.delete(name)
+
+
+def test_num_ctx_option_reloads_with_that_context(oc):
+    oc.generate(model="smol", prompt="Hi", options={"num_predict": 2, "num_ctx": 1024})
+    assert {m.model: m.context_length for m in oc.ps().models}[MODEL] == 1024
+    too_long = " ".join(["word"] * 1200)
+    with pytest.raises(ollama.ResponseError) as error:
+        oc.generate(model="smol", prompt=too_long, options={"num_predict": 2, "num_ctx": 1024})
+    assert error.value.status_code == 400 and "context length" in error.value.error

@@ -286,3 +286,23 @@ def test_go_template_semantics(template, values, expected):
 def test_bad_templates_raise_template_error(template):
     with pytest.raises(TemplateError):
         render(template, {"L": [1]})
+
+
+def test_chatml_go_template_matches_smollm2_hf_chat_template(smollm2_gguf):
+    """The Go template the server picks for SmolLM2 renders what the GGUF's own Jinja template renders."""
+    import jinja2
+
+    from tunesmith.serve import gguf_meta, known_templates
+
+    meta, _ = gguf_meta.read_metadata(smollm2_gguf)
+    hf = jinja2.Environment().from_string(meta["tokenizer.chat_template"])
+    go_template, _ = known_templates.detect(meta["tokenizer.chat_template"])
+    conversations = [
+        CONVERSATION,
+        [{"role": "system", "content": "Give driving instructions."}, {"role": "user", "content": "Turn?"}],
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+         {"role": "user", "content": "multi\nline <b>text</b> & \"quotes\""}],
+    ]
+    for messages in conversations:
+        expected = hf.render(messages=messages, add_generation_prompt=True)
+        assert build_prompt(go_template, messages) == expected
