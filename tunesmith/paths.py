@@ -11,8 +11,10 @@ def home() -> Path:
 
 
 def models_dir() -> Path:
-    """The model store (blobs + manifests), laid out like Ollama's `~/.ollama/models`."""
-    return home() / "models"
+    """The model store (blobs + manifests), laid out like Ollama's `~/.ollama/models`.
+
+    `TUNESMITH_MODELS` moves it alone, as `OLLAMA_MODELS` does for Ollama."""
+    return Path(os.environ.get("TUNESMITH_MODELS") or home() / "models")
 
 
 def base_dir() -> Path:
