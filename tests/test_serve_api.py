@@ -512,3 +512,23 @@ def test_num_ctx_option_reloads_with_that_context(oc):
     with pytest.raises(ollama.ResponseError) as error:
         oc.generate(model="smol", prompt=too_long, options={"num_predict": 2, "num_ctx": 1024})
     assert error.value.status_code == 400 and "context length" in error.value.error
+
+
+def test_client_that_leaves_while_queued_is_skipped(tmp_path, smollm2_gguf):
+    store = Store(tmp_path)
+    add_smol(store, smollm2_gguf)
+    server = start_server(store, max_queue=4)
+    body = json.dumps({"model": "smol", "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "raw": True,
+                       "options": {"num_predict": 2000}}).encode()
+    try:
+        with httpx.stream("POST", server.url + "/api/generate", content=body, timeout=60) as running:
+            lines = running.iter_lines()
+            next(lines)
+            with socket.create_connection(("127.0.0.1", server.port)) as queued:
+                queued.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+                assert _wait(lambda: server.engine.pending == 2, timeout=10)
+            # The queued client hung up; now the running one does too. Neither generates its 2000 tokens.
+        assert _wait(lambda: server.engine.pending == 0, timeout=15)
+    finally:
+        server.stop()

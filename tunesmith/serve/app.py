@@ -159,7 +159,7 @@ class Server:
             await self.engine.unload(name)
             return "unload"
         lease = await self.engine.acquire(name, manifest, opts.num_ctx, context=False)
-        await self.engine.release(lease, keep_alive)
+        self.engine.release(lease, keep_alive)
         return "load"
 
     def details(self, manifest: Manifest) -> t.ModelDetails:
@@ -175,13 +175,19 @@ async def watch_disconnect(request: Request, cancel: Any) -> None:
         await asyncio.sleep(0.2)
 
 
-async def primed(events: AsyncIterator[Any]) -> tuple[Any, AsyncIterator[Any]]:
-    """Start a generation and wait for its first event, so errors before any output get a real status code."""
+async def primed(request: Request, job: Job, events: AsyncIterator[Any]) -> tuple[Any, AsyncIterator[Any]]:
+    """Start a generation and wait for its first event, so errors before any output get a real status code.
+
+    A client that leaves while its request waits in the queue is noticed here, and its turn is skipped.
+    """
+    watcher = asyncio.create_task(watch_disconnect(request, job.cancel))
     try:
         first = await anext(events)
     except BaseException:
         await events.aclose()
         raise
+    finally:
+        watcher.cancel()
     return first, events
 
 
@@ -387,7 +393,7 @@ def _ollama_routes(app: FastAPI, server: Server) -> None:
             text = event.text if isinstance(event, Content) else json.dumps(event.calls)
             return t.GenerateResponse(**base, response=text, done=False)
 
-        first, events = await primed(run(engine, job))
+        first, events = await primed(request, job, run(engine, job))
         if req.stream is False:
             rest = await collect(request, job, events)
             all_events = [first, *rest]
@@ -441,7 +447,7 @@ def _ollama_routes(app: FastAPI, server: Server) -> None:
                 message = t.ChatMessageOut(content=event.text)
             return t.ChatResponse(**base, message=message, done=False)
 
-        first, events = await primed(run(engine, job))
+        first, events = await primed(request, job, run(engine, job))
         if req.stream is False:
             all_events = [first, *await collect(request, job, events)]
             final = chunk(all_events[-1])
@@ -638,7 +644,7 @@ async def _embed(server: Server, name: str, manifest: Manifest, request_options:
     try:
         vectors, count = await server.engine.embed(lease, inputs, truncate)
     finally:
-        await server.engine.release(lease, keep_alive)
+        server.engine.release(lease, keep_alive)
     return vectors, count, lease.load_duration, time.perf_counter_ns() - started
 
 

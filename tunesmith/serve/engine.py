@@ -136,7 +136,7 @@ class Runner:
     expires_at: float = FOREVER
     """Wall-clock seconds (time.time) when this model unloads; FOREVER while in use."""
     embedder: Any = None
-    embed_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    embed_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def digest(self) -> str:
@@ -148,6 +148,8 @@ class Lease:
     runner: Runner
     llama: Any
     load_duration: int
+    worker: asyncio.Future[None] | None = None
+    """The thread generating with `llama`, while there is one."""
 
 
 class Engine:
@@ -160,6 +162,9 @@ class Engine:
         self.pending = 0
         self._cond: asyncio.Condition | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._cancels: set[threading.Event] = set()
+        """The cancel flags of running generations, so shutdown can stop them."""
 
     @property
     def cond(self) -> asyncio.Condition:
@@ -176,6 +181,12 @@ class Engine:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
+        # Stop running generations and wait for their threads before freeing the models under them.
+        for cancel in list(self._cancels):
+            cancel.set()
+        deadline = time.monotonic() + 30
+        while any(r.active for r in self.runners.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         async with self.cond:
             for runner in list(self.runners.values()):
                 await self._unload(runner)
@@ -223,22 +234,37 @@ class Engine:
         try:
             llama = await runner.free.get() if context else None
         except BaseException:
-            await self._done(runner, None, None)
+            self._finish(runner, None, None)
             raise
         return Lease(runner, llama, load_duration)
 
-    async def release(self, lease: Lease, keep_alive: float) -> None:
-        await self._done(lease.runner, lease.llama, keep_alive)
+    def release(self, lease: Lease, keep_alive: float) -> None:
+        """Give the lease back once its worker thread (if any) has stopped using the llama context.
 
-    async def _done(self, runner: Runner, llama: Any, keep_alive: float | None) -> None:
+        Synchronous on purpose: it runs in `finally` blocks of cancelled tasks, where anyio cancels every
+        await again, so awaiting the worker there would return early and hand out a context still in use.
+        """
+        worker = lease.worker
+        if worker is not None and not worker.done():
+            worker.add_done_callback(lambda _: self._finish(lease.runner, lease.llama, keep_alive))
+        else:
+            self._finish(lease.runner, lease.llama, keep_alive)
+
+    def _finish(self, runner: Runner, llama: Any, keep_alive: float | None) -> None:
+        # No await in here: the bookkeeping is atomic on the event loop.
         if llama is not None:
             runner.free.put_nowait(llama)
+        self.pending -= 1
+        runner.active -= 1
+        runner.last_used = time.monotonic()
+        if keep_alive is not None:
+            runner.expires_at = time.time() + keep_alive if keep_alive != FOREVER else FOREVER
+        task = asyncio.get_running_loop().create_task(self._after_release(runner))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _after_release(self, runner: Runner) -> None:
         async with self.cond:
-            self.pending -= 1
-            runner.active -= 1
-            runner.last_used = time.monotonic()
-            if keep_alive is not None:
-                runner.expires_at = time.time() + keep_alive if keep_alive != FOREVER else FOREVER
             if runner.active == 0 and runner.expires_at <= time.time() and self.runners.get(runner.name) is runner:
                 await self._unload(runner)
             self.cond.notify_all()
@@ -299,6 +325,9 @@ class Engine:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         worker = loop.run_in_executor(None, _generate, lease.llama, prompt, opts, grammar, cancel, emit)
+        lease.worker = worker
+        self._cancels.add(cancel)
+        worker.add_done_callback(lambda _: self._cancels.discard(cancel))
         try:
             while True:
                 item = await queue.get()
@@ -310,20 +339,27 @@ class Engine:
                     return
                 yield item
         finally:
-            # The client left (or the consumer failed): stop the worker before its context is reused.
+            # The client left (or the consumer failed): stop the worker; `release` waits for it to end.
             cancel.set()
-            await asyncio.shield(worker)
 
     async def embed(self, lease: Lease, inputs: list[str], truncate: bool) -> tuple[list[list[float]], int]:
         """One L2-normalised vector per input, and the number of tokens read."""
         runner = lease.runner
-        async with runner.embed_lock:
-            if runner.embedder is None:
-                path = self.store.blob_path(runner.manifest.model)
-                lora = self.store.blob_path(runner.manifest.adapters[0]) if runner.manifest.adapters else None
-                runner.embedder = await asyncio.to_thread(
-                    open_llama, path, n_ctx=runner.num_ctx, lora_path=lora, embedding=True)
-            return await asyncio.to_thread(_embed, runner.embedder, inputs, truncate)
+        store = self.store
+
+        def work() -> tuple[list[list[float]], int]:
+            # A thread lock, not an asyncio one: it must hold until the thread is done, even if the request
+            # is cancelled meanwhile.
+            with runner.embed_lock:
+                if runner.embedder is None:
+                    lora = store.blob_path(runner.manifest.adapters[0]) if runner.manifest.adapters else None
+                    runner.embedder = open_llama(store.blob_path(runner.manifest.model), n_ctx=runner.num_ctx,
+                                                 lora_path=lora, embedding=True)
+                return _embed(runner.embedder, inputs, truncate)
+
+        worker = asyncio.get_running_loop().run_in_executor(None, work)
+        lease.worker = worker  # release waits for the thread, and so does unloading
+        return await asyncio.shield(worker)
 
 
 def _embed(llama: Any, inputs: list[str], truncate: bool) -> tuple[list[list[float]], int]:
@@ -362,6 +398,9 @@ def _generate(llama: Any, prompt: str, opts: Options, grammar: Any, cancel: thre
     """Worker thread: tokenize, evaluate, sample until a stop, emitting text pieces and then Stats."""
     try:
         started = time.perf_counter_ns()
+        if cancel.is_set():  # the client left while this request waited for a context
+            emit(Stats(done_reason="cancel"))
+            return
         tokens = llama.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
         n_ctx = llama.n_ctx()
         if len(tokens) >= n_ctx:

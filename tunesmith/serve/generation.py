@@ -158,4 +158,4 @@ async def run(engine: Engine, job: Job) -> AsyncIterator[Event]:
                 holding, text, held = False, held, ""
             yield Content(text)
     finally:
-        await engine.release(lease, job.keep_alive)
+        engine.release(lease, job.keep_alive)

@@ -156,7 +156,7 @@ def install_openai_routes(app: FastAPI, server: Server) -> None:
         created = int(time.time())
         base = {"id": ident, "created": created, "model": req.model, "system_fingerprint": "fp_ollama"}
 
-        first, events = await primed(run(engine, job))
+        first, events = await primed(request, job, run(engine, job))
         if not req.stream:
             all_events = [first, *await collect(request, job, events)]
             stats = next(e.stats for e in all_events if isinstance(e, Done))
@@ -220,7 +220,7 @@ def install_openai_routes(app: FastAPI, server: Server) -> None:
         base = {"id": ident, "object": "text_completion", "created": int(time.time()), "model": req.model,
                 "system_fingerprint": "fp_ollama"}
 
-        first, events = await primed(run(engine, job))
+        first, events = await primed(request, job, run(engine, job))
         if not req.stream:
             all_events = [first, *await collect(request, job, events)]
             stats = next(e.stats for e in all_events if isinstance(e, Done))
