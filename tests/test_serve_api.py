@@ -232,6 +232,9 @@ def test_openai_sse_ends_with_done(live):
     ("POST", "/api/chat", b'{"model": "smol", "messages": "hi"}', 400),
     ("POST", "/api/chat", (b'{"model": "smol", "messages": [{"role": "user", "content": "x"}], '
                           b'"tools": [{"type": "function", "function": {"name": "f"}}]}'), 400),
+    ("POST", "/api/chat", b'{"model": "smol", "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}',
+     400),
+    ("POST", "/api/generate", b'{"model": "smol", "prompt": "x", "images": ["aGk="]}', 400),
     ("POST", "/api/show", b'{"model": "nope"}', 404),
     ("POST", "/api/show", b'{"model": "../../etc/passwd"}', 400),
     ("DELETE", "/api/delete", b'{"model": "nope"}', 404),

@@ -427,6 +427,8 @@ def _ollama_routes(app: FastAPI, server: Server) -> None:
                                                done=True, done_reason=reason).wire())
         if req.tools and "tools" not in capabilities(manifest):
             raise ApiError(400, f"{req.model} does not support tools")
+        if any(m.images for m in req.messages):
+            raise ApiError(400, f"{req.model} does not support images")
         think, think_set = resolve_think(req.model, manifest, req.think)
         grammar = grammar_for(req.format)
         think = think and grammar is None  # a format grammar applies from the first token
