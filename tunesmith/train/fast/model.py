@@ -168,7 +168,7 @@ class FastCausalLM(nn.Module):
         self.layers = [FastDecoderLayer(layer, low_memory) for layer in model.model.layers]
         self.ce_fn = _cross_entropy_chunk
         if compile:
-            compile_layers(self.layers, self.ce_fn)
+            compile_layers(self.layers)
             self.ce_fn = torch.compile(_cross_entropy_chunk, fullgraph=True, dynamic=False)
         self.master = flatten_lora_weights(self)
         self._doc_id_buffers: dict[tuple, tuple[torch.Tensor, Callable]] = {}
@@ -237,7 +237,7 @@ class FastCausalLM(nn.Module):
         self.master_to_weights()
 
 
-def compile_layers(layers: list[FastDecoderLayer], ce_fn: Callable) -> None:
+def compile_layers(layers: list[FastDecoderLayer]) -> None:
     """Compile each decoder layer for one static shape: fuses norms, rotary, residuals and the SiLU
     gate into a few kernels and cuts per-operator dispatch. All layers share one compiled graph
     (parameters are graph inputs), so compile time is one layer's (~20 s of warm-up on H100).
