@@ -476,9 +476,11 @@ def test_ensure_server_starts_a_local_one(tmp_path, smollm2_gguf, monkeypatch):
     add_smol(Store(tmp_path / "models"), smollm2_gguf)
     monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path))
     host = f"127.0.0.1:{free_port()}"
-    proc = ts_client.ensure_server(host)
+    proc = ts_client.ensure_server(host, overrides=["serve.num_ctx=1024"])
     try:
         assert proc is not None and ts_client.heartbeat(host)
+        ollama.Client(host=host).generate(model="smol", prompt="")  # loads it with the server's num_ctx
+        assert ts_client.ps(host)[0]["context_length"] == 1024
         assert ts_client.ensure_server(host) is None  # one answers now: nothing more is started
         assert [m["name"] for m in ts_client.list_models(host)] == [MODEL]
     finally:

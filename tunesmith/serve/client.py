@@ -274,14 +274,22 @@ def chat_stream(host: str | None, name: str, messages: list[dict[str, Any]], *,
     yield from _stream_lines(host, "/api/chat", body, api_key)
 
 
-def start_local_server(host: str | None = None, *, wait: float = 60) -> subprocess.Popen[bytes]:
-    """Start `python -m tunesmith.serve` in the background at `host` and wait until it answers."""
+def start_local_server(host: str | None = None, *, config: str | Path | None = None, overrides: list[str] | None = None,
+                       wait: float = 60) -> subprocess.Popen[bytes]:
+    """Start `python -m tunesmith.serve` in the background at `host` and wait until it answers.
+
+    `config`/`overrides` are the CLI's --config/--set, so the server gets the same `serve` section.
+    """
     parts = urlsplit(host_url(host))
     if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
         raise ClientError(f"no server answers at {host_url(host)}", "start it there with `tunesmith serve`")
-    proc = subprocess.Popen([sys.executable, "-m", "tunesmith.serve", "--host", parts.hostname or "127.0.0.1",
-                             "--port", str(parts.port or DEFAULT_PORT)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    command = [sys.executable, "-m", "tunesmith.serve", "--host", parts.hostname or "127.0.0.1",
+               "--port", str(parts.port or DEFAULT_PORT)]
+    if config is not None:
+        command += ["--config", str(config)]
+    for override in overrides or []:
+        command += ["--set", override]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if heartbeat(host):
@@ -293,11 +301,15 @@ def start_local_server(host: str | None = None, *, wait: float = 60) -> subproce
     raise ClientError("the local server did not start in time")
 
 
-def ensure_server(host: str | None = None) -> subprocess.Popen[bytes] | None:
-    """A server at `host`: None if one answers already, else the local one just started (`tunesmith run`)."""
+def ensure_server(host: str | None = None, *, config: str | Path | None = None,
+                  overrides: list[str] | None = None) -> subprocess.Popen[bytes] | None:
+    """A server at `host`: None if one answers already, else the local one just started (`tunesmith run`).
+
+    The caller stops a server it started (`proc.terminate()`) when it is done with it.
+    """
     if heartbeat(host):
         return None
-    return start_local_server(host)
+    return start_local_server(host, config=config, overrides=overrides)
 
 
 def run(host: str | None, name: str, prompt: str | None = None, *, stdin: IO[str] | None = None,
