@@ -227,6 +227,7 @@ def test_openai_sse_ends_with_done(live):
     ("POST", "/api/generate", b'{"model": "smol", "prompt": "hi", "options": {"top_k": "many"}}', 400),
     ("POST", "/api/generate", b'{"model": "smol", "prompt": "hi", "format": "xml"}', 400),
     ("POST", "/api/generate", b'{"model": "smol", "prompt": "hi", "think": true}', 400),
+    ("POST", "/api/generate", b'{"model": "smol", "prompt": "hi", "format": {"type": "nonsense"}}', 400),
     ("POST", "/api/generate", b'{"model": "smol", "prompt": "hi", "raw": true, "system": "x"}', 400),
     ("POST", "/api/chat", b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', 404),
     ("POST", "/api/chat", b'{"model": "smol", "messages": "hi"}', 400),

@@ -80,7 +80,7 @@ def grammar_for(fmt: Any) -> Any:
             return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
         if isinstance(fmt, dict):
             return LlamaGrammar.from_json_schema(json.dumps(fmt), verbose=False)
-    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+    except Exception as exc:  # llama.cpp's schema converter signals unsupported schemas with asserts
         raise BadRequest(f"invalid format: {exc}; expected \"json\" or a valid JSON Schema object") from exc
     raise BadRequest(f'invalid format: {json.dumps(fmt)}; expected "json" or a valid JSON Schema object')
 
