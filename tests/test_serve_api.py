@@ -185,7 +185,9 @@ def test_tunesmith_client_create_run_list(live, tmp_path, smollm2_gguf):
     ts_client.delete(live.url, "brief")
     ts_client.delete(live.url, "brief2")
     assert "brief" not in ts_client.list_table(live.url)
-    assert "smol:latest" in ts_client.ps_table(live.url) or ts_client.ps(live.url) == []
+    table = ts_client.ps_table(live.url)
+    assert table.splitlines()[0].split() == ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]
+    assert "brief" not in table  # deleting a model unloads it
 
 
 def test_openai_client(live):
