@@ -93,6 +93,9 @@ class TrainConfig(Section):
     log_steps: int = Field(10, gt=0)
     eval_steps: int = Field(50, gt=0)
     low_memory: bool = False
+    """GPU fast path: activation checkpointing and 8192-token buffers (~2.6 GiB for Qwen3-0.6B)."""
+    fast: Literal["auto", True, False] = "auto"
+    """The packed, compiled GPU path (train/fast). auto: on CUDA for LoRA on Llama/Qwen/Mistral models."""
 
 
 class ExportConfig(Section):

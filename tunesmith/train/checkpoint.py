@@ -30,15 +30,16 @@ class TrainState:
     """Seconds of training before this process (for tokens/s and the final report across resumes)."""
 
 
-def save(directory: Path, model: Any, optimizer: Any, scheduler: Any, state: TrainState) -> Path:
+def save(directory: Path, trainable: dict[str, Any], optimizer: Any, scheduler: Any, state: TrainState) -> Path:
+    """`trainable`: the weights that train (name -> tensor), whatever holds them."""
     import numpy as np
     import torch
     from safetensors.torch import save_file
 
     target = directory / f"step-{state.step:08d}"
     with atomic_path(target, directory=True) as tmp:
-        trainable = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-        save_file(trainable, tmp / "trainable.safetensors")
+        save_file({name: value.detach().contiguous() for name, value in trainable.items()},
+                  tmp / "trainable.safetensors")
         torch.save(
             {
                 "optimizer": optimizer.state_dict(),
@@ -67,20 +68,30 @@ def newest(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(checkpoint: Path, model: Any, optimizer: Any, scheduler: Any) -> TrainState:
+def trainable_of(model: Any) -> dict[str, Any]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def copy_into(model: Any, trainable: dict[str, Any]) -> None:
+    import torch
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in trainable.items():
+            params[name].copy_(value)
+
+
+def load(checkpoint: Path, optimizer: Any, scheduler: Any) -> tuple[dict[str, Any], TrainState]:
+    """Restore optimizer, scheduler and RNG; return the trainable weights for the caller to put back."""
     import numpy as np
     import torch
     from safetensors.torch import load_file
 
     trainable = load_file(checkpoint / "trainable.safetensors")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in trainable.items():
-            params[name].copy_(value)
     saved = torch.load(checkpoint / "state.pt", weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     random.setstate(saved["rng"]["python"])
     np.random.set_state(saved["rng"]["numpy"])
     torch.set_rng_state(saved["rng"]["torch"])
-    return TrainState(**json.loads((checkpoint / "trainer_state.json").read_text()))
+    return trainable, TrainState(**json.loads((checkpoint / "trainer_state.json").read_text()))

@@ -28,6 +28,7 @@ from tunesmith.config import Config
 from tunesmith.errors import DataError, ModelError
 from tunesmith.train import batches, checkpoint
 from tunesmith.train.checkpoint import TrainState
+from tunesmith.train.engines import FastEngine, HFEngine, fast_path_wanted
 from tunesmith.train.metrics import MetricsLog, TrainProgress, article_line
 
 log = logging.getLogger(__name__)
@@ -80,63 +81,45 @@ def train(config: Config, console: Console, resume: bool = False) -> TrainResult
                         "check `tunesmith data inspect` for what was dropped")
     model = load_model(base, dtype=_dtype(config, device), trust_remote_code=config.model.trust_remote_code)
     model.to(device)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    if cfg.method in ("lora", "qlora"):
-        model = apply_lora(model, config.lora, cfg.seed)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = _optimizer(trainable, config, device, console)
-
-    lengths = [len(example["input_ids"]) for example in data.train]
-    micro_per_epoch = len(batches.epoch_batches(lengths, cfg.batch_size, cfg.seed, 0))
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-    scheduler = _scheduler(optimizer, config, total_steps)
+    pad_id = tokenizer.pad_token_id
+    if fast_path_wanted(config, device, model):
+        engine = FastEngine(model, data, config, device, pad_id)
+        console.print(f"GPU fast path: packed {len(data.train)} examples into {len(engine.buffers)} buffers "
+                      f"of {engine.seq_len} tokens")
+    else:
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.method in ("lora", "qlora"):
+            model = apply_lora(model, config.lora, cfg.seed)
+        optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], config, device, console)
+        engine = HFEngine(model, data, config, device, pad_id, optimizer)
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * engine.steps_per_epoch)
+    scheduler = _scheduler(engine.optimizer, config, total_steps)
 
     checkpoints = run_dir / "checkpoints"
     state = TrainState()
     latest = checkpoint.newest(checkpoints) if resume else None
     if latest is not None:
-        state = checkpoint.load(latest, model, optimizer, scheduler)
+        trainable, state = checkpoint.load(latest, engine.optimizer, scheduler)
+        engine.load_trainable(trainable)
         console.print(f"resuming from {latest.name} (step {state.step} of {total_steps})")
     elif checkpoints.exists():
         _clear_previous(run_dir)
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     write_json(run_dir / "run.json", _run_record(config, device, data, started_at, None))
 
-    # --- loop
+    # --- loop: step, log, eval, checkpoint
     metrics = MetricsLog(run_dir, state.step)
-    pad_id = tokenizer.pad_token_id
-    plan_cache: dict[int, list[list[int]]] = {}
     window_loss, window_steps, last_eval = 0.0, 0, None
     t0, tokens_at_start, seen_inputs = time.perf_counter(), state.tokens, 0
-    model.train()
     with TrainProgress(console, total_steps, state.step) as progress:
         while state.step < total_steps:
-            group = []
-            for k in range(cfg.grad_accum):
-                micro = state.step * cfg.grad_accum + k
-                epoch, index = divmod(micro, micro_per_epoch)
-                if epoch not in plan_cache:
-                    plan_cache = {epoch: batches.epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)}
-                group.append(batches.collate([data.train[i] for i in plan_cache[epoch][index]], pad_id))
-            target_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
-            loss_value = 0.0
-            for batch in group:
-                batch = {key: value.to(device) for key, value in batch.items()}
-                with _autocast(device, config):
-                    loss_sum, _ = completion_loss(model, batch)
-                loss = loss_sum / max(1, target_tokens)
-                loss.backward()
-                loss_value += loss.item()
-                seen_inputs += int(batch["attention_mask"].sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0).item()
-            optimizer.step()
+            loss_value, grad_norm, inputs, targets = engine.step(state.step)
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            state.tokens += target_tokens
+            state.tokens += targets
+            seen_inputs += inputs
             window_loss, window_steps = window_loss + loss_value, window_steps + 1
 
             elapsed = time.perf_counter() - t0
@@ -146,9 +129,9 @@ def train(config: Config, console: Console, resume: bool = False) -> TrainResult
                 record = {
                     "step": state.step,
                     "loss": round(window_loss / window_steps, 4),
-                    "grad_norm": grad_norm,
+                    "grad_norm": None if math.isnan(grad_norm) else grad_norm,
                     "learning_rate": scheduler.get_last_lr()[0],
-                    "epoch": round(state.step / steps_per_epoch, 2),
+                    "epoch": round(state.step / engine.steps_per_epoch, 2),
                     "tokens_per_second": round(tokens_per_second, 1),
                     "trained_tokens": state.tokens,
                 }
@@ -156,19 +139,19 @@ def train(config: Config, console: Console, resume: bool = False) -> TrainResult
                 progress.print(article_line(record))
                 window_loss, window_steps = 0.0, 0
             if data.eval and (state.step % cfg.eval_steps == 0 or state.step == total_steps):
-                last_eval = evaluate_loss(model, data.eval, cfg.batch_size, pad_id, device, config)
+                last_eval = engine.eval_loss()
                 metrics.write({"step": state.step, "eval_loss": round(last_eval, 4)})
                 progress.print(f"{{'eval_loss': {last_eval:.4f}, 'step': {state.step}}}")
             if state.step % cfg.save_steps == 0 or state.step == total_steps:
                 state.elapsed += time.perf_counter() - t0
                 t0, seen_inputs = time.perf_counter(), 0
-                checkpoint.save(checkpoints, model, optimizer, scheduler, state)
+                checkpoint.save(checkpoints, engine.trainable(), engine.optimizer, scheduler, state)
     metrics.close()
 
-    # --- save
+    # --- save: a PEFT adapter that PeftModel.from_pretrained loads, whichever engine trained it
     adapter_dir = run_dir / "adapter"
     with atomic_path(adapter_dir, directory=True) as tmp:
-        model.save_pretrained(tmp)
+        engine.save_adapter(tmp, str(base))
         tokenizer.save_pretrained(tmp)
     seconds = state.elapsed
     final = {
@@ -212,11 +195,26 @@ def evaluate_loss(model: Any, examples: list[dict[str, list[int]]], batch_size: 
         for start in range(0, len(order), batch_size):
             batch = batches.collate([examples[i] for i in order[start:start + batch_size]], pad_id)
             batch = {key: value.to(device) for key, value in batch.items()}
-            with _autocast(device, config):
+            with autocast(device, config):
                 loss_sum, n = completion_loss(model, batch)
             total, count = total + loss_sum.item(), count + int(n)
     model.train()
     return total / max(1, count)
+
+
+def use_bf16(config: Config, device: str) -> bool:
+    """bf16 compute where the hardware does it natively: any recent GPU, and CPUs with AMX (Xeon since
+    Sapphire Rapids), where oneDNN's bf16 matmuls measured 6x faster than fp32 here (bench/RESULTS.md).
+    Elsewhere on CPU, bf16 is emulated and slower, so `auto` stays in fp32."""
+    import torch
+
+    if config.train.bf16 is False:
+        return False
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if config.train.bf16 is True:
+        return True
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def _dtype(config: Config, device: str):
@@ -224,19 +222,18 @@ def _dtype(config: Config, device: str):
 
     if config.model.dtype != "auto":
         return getattr(torch, config.model.dtype)
-    # On GPU the frozen base is kept in bf16 (half the memory); on CPU fp32 is the fast, exact choice.
-    if device == "cuda" and config.train.bf16 is not False and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    # The frozen base is stored in bf16 when computing in bf16: half the memory and no per-step casts.
+    # peft keeps the adapter weights themselves in fp32 (autocast_adapter_dtype), so updates stay exact.
+    return torch.bfloat16 if use_bf16(config, device) else torch.float32
 
 
-def _autocast(device: str, config: Config):
+def autocast(device: str, config: Config):
     import contextlib
 
     import torch
 
-    if device == "cuda" and config.train.bf16 is not False and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if use_bf16(config, device):
+        return torch.autocast(device, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
