@@ -45,6 +45,15 @@ def _config(config: Path | None, sets: list[str] | None) -> Config:
     return load_config(config, sets or [])
 
 
+def _host(config: Path | None, sets: list[str] | None) -> str | None:
+    """Where the client commands talk: TUNESMITH_HOST if set (None lets the client read it), else the
+    config's serve.host:serve.port when a config is given, else the default 127.0.0.1:11434."""
+    if os.environ.get("TUNESMITH_HOST") or (config is None and not sets):
+        return None
+    settings = _config(config, sets).serve
+    return f"http://{settings.host}:{settings.port}"
+
+
 def _later(command: str, issue: int, what: str) -> None:
     raise NotBuiltYet(f"`tunesmith {command}` is not built yet: it arrives with issue #{issue} ({what})")
 
@@ -139,19 +148,36 @@ def eval_(
 def export(
     run: RunOpt = None,
     quant: Annotated[str | None, typer.Option(help="Comma-separated quantizations, e.g. q4_k_m,q8_0,f16.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 when a quantization fails the fidelity check.")]
+    = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Merge, convert to GGUF, quantize, write the Modelfile and check fidelity."""
-    _config(config, set_)
-    _later("export", 5, "GGUF export")
+    from tunesmith.export import export_run
+
+    loaded = _config(config, set_)
+    # The run's own export settings, unless this command line gives a config or --set of its own.
+    settings = loaded.export if (config or set_) else None
+    export_run(run or loaded.run_dir, quant.split(",") if quant is not None else None, console, strict=strict,
+               settings=settings)
 
 
 @app.command()
-def serve(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Serve the model store through Ollama's API (default 127.0.0.1:11434)."""
-    _config(config, set_)
-    _later("serve", 6, "Ollama-compatible server")
+def serve(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", help="Required for a non-loopback bind.")] = None,
+) -> None:
+    """Serve the model store through Ollama's API (default 127.0.0.1:11434; TUNESMITH_HOST like OLLAMA_HOST)."""
+    from tunesmith.serve.app import apply_env
+    from tunesmith.serve.app import serve as run_server
+
+    settings = apply_env(_config(config, set_).serve)
+    if api_key:
+        settings = settings.model_copy(update={"api_key": api_key})
+    console.print(f"tunesmith serving the model store on http://{settings.host}:{settings.port}")
+    run_server(settings)
 
 
 @app.command()
@@ -162,50 +188,76 @@ def create(
     set_: SetOpt = None,
 ) -> None:
     """Create a model in the store from a Modelfile (like `ollama create`)."""
-    _config(config, set_)
-    _later("create", 6, "Ollama-compatible server")
+    from tunesmith.serve import client
+
+    host = _host(config, set_)
+    server = client.ensure_server(host)
+    try:
+        client.create_from_modelfile(host, name, file, progress=console.print)
+    finally:
+        if server is not None:
+            server.terminate()
 
 
 @app.command("run")
 def run_(name: str, prompt: str | None = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Chat with a model, or answer one prompt (like `ollama run`)."""
-    _config(config, set_)
-    _later("run", 6, "Ollama-compatible server")
+    """Chat with a model, or answer one prompt (like `ollama run`); starts a local server if none answers."""
+    from tunesmith.serve import client
+
+    host = _host(config, set_)
+    server = client.ensure_server(host)
+    try:
+        client.run(host, name, prompt)
+    finally:
+        if server is not None:
+            server.terminate()
 
 
 @app.command("list")
 def list_(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """List the models in the store (like `ollama list`)."""
-    _config(config, set_)
-    _later("list", 6, "Ollama-compatible server")
+    from tunesmith.serve import client
+
+    console.out(client.list_table(_host(config, set_)))
 
 
 @app.command()
-def show(name: str, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def show(
+    name: str,
+    modelfile: Annotated[bool, typer.Option("--modelfile", help="Print only the Modelfile.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
     """Show a model's Modelfile, template and parameters (like `ollama show`)."""
-    _config(config, set_)
-    _later("show", 6, "Ollama-compatible server")
+    from tunesmith.serve import client
+
+    console.out(client.show_text(_host(config, set_), name, modelfile_only=modelfile))
 
 
 @app.command()
 def ps(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """List the loaded models (like `ollama ps`)."""
-    _config(config, set_)
-    _later("ps", 6, "Ollama-compatible server")
+    from tunesmith.serve import client
+
+    console.out(client.ps_table(_host(config, set_)))
 
 
 @app.command()
 def cp(source: str, destination: str, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Copy a model (like `ollama cp`)."""
-    _config(config, set_)
-    _later("cp", 6, "Ollama-compatible server")
+    from tunesmith.serve import client
+
+    client.copy(_host(config, set_), source, destination)
+    console.print(f"copied '{source}' to '{destination}'")
 
 
 @app.command()
 def rm(name: str, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Remove a model (like `ollama rm`)."""
-    _config(config, set_)
-    _later("rm", 6, "Ollama-compatible server")
+    from tunesmith.serve import client
+
+    client.delete(_host(config, set_), name)
+    console.print(f"deleted '{name}'")
 
 
 @app.command()
@@ -217,8 +269,18 @@ def deploy(
     set_: SetOpt = None,
 ) -> None:
     """Upload the exported GGUF and create the model on an Ollama (or tunesmith) server."""
-    _config(config, set_)
-    _later("deploy", 6, "Ollama-compatible server")
+    from tunesmith import inference
+    from tunesmith.serve import client
+
+    run_dir = run or _config(config, set_).run_dir
+    modelfile = run_dir / "Modelfile"
+    if not modelfile.is_file():
+        raise ConfigError(f"{run_dir}: no Modelfile", "run `tunesmith export` first")
+    model_name = name or inference.run_config(run_dir).name
+    client.create_from_modelfile(to, model_name, modelfile, progress=console.print,
+                                 api_key=os.environ.get("TUNESMITH_API_KEY") or os.environ.get("OLLAMA_API_KEY"))
+    console.print(f"created {model_name} on {to}; try: curl {to}/api/generate -d "
+                  f"'{{\"model\": \"{model_name}\", \"prompt\": \"...\", \"stream\": false}}'")
 
 
 @app.command()

@@ -1,0 +1,272 @@
+"""`tunesmith export`: a trained run → merged/, GGUF files, a GGUF LoRA, fidelity.json and the Modelfile.
+
+    merge adapter → merged/ → <name>.<outtype>.gguf (llama.cpp's converter) → each quantization
+    → <name>.lora.<outtype>.gguf → fidelity check → fidelity.json → Modelfile (FROM the preferred passing GGUF)
+
+Every user error (no adapter, unknown quantization, unsupported architecture, unknown template family,
+too little disk) is found before anything is written. Every file is written under a temporary name and
+renamed; if a step fails, what this export already wrote is removed, so nothing partial is left behind.
+The Modelfile is written last: it exists exactly when the export is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from tunesmith import inference
+from tunesmith.atomic import write_json
+from tunesmith.config import ExportConfig
+from tunesmith.errors import ModelError, TunesmithError
+from tunesmith.export import convert, fidelity, merge, quantize
+from tunesmith.export import modelfile as modelfiles
+
+
+class NotEnoughDisk(TunesmithError):
+    """The export's outputs would not fit on the disk."""
+
+
+class FidelityFailed(TunesmithError):
+    """`--strict` and a quantization fell under export.min_agreement (the files are kept)."""
+
+    exit_code = 1
+
+
+@dataclass
+class ExportResult:
+    run_dir: Path
+    merged: Path
+    ggufs: dict[str, Path]
+    """Quantization name → GGUF file, in the order asked for."""
+    lora: Path
+    modelfile: Path
+    chosen: str
+    """The quantization the Modelfile's FROM points at."""
+    fidelity: list[fidelity.QuantFidelity] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> list[str]:
+        return [result.quant for result in self.fidelity if not result.passed]
+
+
+def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict: bool = False,
+               settings: ExportConfig | None = None) -> ExportResult:
+    """Export a trained run. `quants` overrides export.quantizations; `settings` overrides the run's export config."""
+    from tunesmith.models import load_tokenizer, resolve_base
+
+    run_dir = Path(run_dir)
+    config = inference.run_config(run_dir)
+    settings = settings or config.export
+    names = quantize.check_names(settings.quantizations if quants is None else quants)
+    adapter = run_dir / "adapter"
+    if not merge.has_adapter(adapter):
+        raise ModelError(f"{run_dir}: the run has no trained adapter ({adapter} is missing or incomplete)",
+                         "run `tunesmith train` for it first")
+    base = resolve_base(config.model.base, config.model.revision)
+    convert.check_architecture(base)
+    tokenizer = load_tokenizer(adapter if (adapter / "tokenizer_config.json").is_file() else base)
+    if settings.template is None:
+        modelfiles.detect_family(getattr(tokenizer, "chat_template", None))
+    check_disk(run_dir, base, adapter, names, settings.outtype)
+
+    name = config.name
+    gguf_dir = run_dir / "gguf"
+    _remove_stale_temporaries(run_dir)
+    written: list[Path] = []
+    seconds: dict[str, float] = {}
+    scratch = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=run_dir))
+    try:
+        clock = time.perf_counter()
+        merged = merge.merge_adapter(base, adapter, run_dir / "merged", settings.outtype,
+                                     config.model.trust_remote_code)
+        written.append(merged)
+        seconds["merge"] = time.perf_counter() - clock
+        console.print(f"export: merged adapter into {merged} ({seconds['merge']:.0f} s)")
+
+        clock = time.perf_counter()
+        outtype = settings.outtype
+        source = gguf_dir / f"{name}.{outtype}.gguf" if outtype in names else scratch / f"{name}.{outtype}.gguf"
+        gguf_dir.mkdir(parents=True, exist_ok=True)
+        convert.convert_checkpoint(merged, source, outtype)
+        written.append(source)
+        seconds["convert"] = time.perf_counter() - clock
+        console.print(f"export: converted to {source.name} with llama.cpp's converter ({seconds['convert']:.0f} s)")
+
+        ggufs: dict[str, Path] = {}
+        for quant in names:
+            clock = time.perf_counter()
+            target = gguf_dir / f"{name}.{quant}.gguf"
+            if target != source:
+                quantize.quantize(source, target, quant)
+                written.append(target)
+            ggufs[quant] = target
+            seconds[f"quantize {quant}"] = time.perf_counter() - clock
+            console.print(f"export: {target.name} {target.stat().st_size / 2**20:.0f} MiB "
+                          f"({seconds[f'quantize {quant}']:.0f} s)")
+
+        clock = time.perf_counter()
+        lora = convert.convert_lora(adapter, base, gguf_dir / f"{name}.lora.{outtype}.gguf", outtype)
+        written.append(lora)
+        seconds["lora"] = time.perf_counter() - clock
+        console.print(f"export: LoRA adapter alone as {lora.name} ({seconds['lora']:.0f} s)")
+
+        clock = time.perf_counter()
+        results, summary = _fidelity(run_dir, config, merged, tokenizer, ggufs, settings, console)
+        if summary is not None:
+            write_json(run_dir / "fidelity.json", summary)
+            written.append(run_dir / "fidelity.json")
+        seconds["fidelity"] = time.perf_counter() - clock
+
+        chosen = _choose(names, results)
+        template, system, stop = _template(tokenizer, config, settings, ggufs[chosen])
+        modelfile = modelfiles.write_modelfile(run_dir / "Modelfile", f"./gguf/{ggufs[chosen].name}", template,
+                                               system, stop, settings.parameters)
+        written.append(modelfile)
+    except BaseException:
+        for path in reversed(written):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    console.print(f"export: {modelfile} → FROM ./gguf/{ggufs[chosen].name}"
+                  f"  (try: tunesmith create {name} -f {modelfile})")
+    result = ExportResult(run_dir, merged, ggufs, lora, modelfile, chosen, results, seconds)
+    if result.failed:
+        console.print(f"[bold red]export: {', '.join(result.failed)} fell under export.min_agreement "
+                      f"{settings.min_agreement}[/]; the Modelfile uses {chosen}")
+        if strict:
+            raise FidelityFailed(f"fidelity check failed for {', '.join(result.failed)} (--strict)",
+                                 "see fidelity.json; use a larger quantization such as q8_0")
+    return result
+
+
+def _fidelity(run_dir: Path, config: Any, merged: Path, tokenizer: Any, ggufs: dict[str, Path],
+              settings: ExportConfig, console: Console) -> tuple[list[fidelity.QuantFidelity], dict | None]:
+    cases = fidelity.held_out_cases(run_dir, config, settings.fidelity_prompts)
+    if not cases:
+        console.print("[yellow]export: fidelity check skipped (export.fidelity_prompts is 0 or no held-out "
+                      "examples in data/eval.jsonl)[/]")
+        return [], None
+    prompts, answers = fidelity.encode_cases(tokenizer, cases, config)
+    stop = _stop_ids(tokenizer, config)
+    max_new = config.eval.max_new_tokens
+    console.print(f"export: fidelity check on {len(cases)} held-out prompts (greedy, up to {max_new} tokens)")
+    reference = fidelity.merged_outputs(merged, prompts, answers, stop, max_new, tokenizer.pad_token_id)
+    results = [fidelity.compare(quant, path, reference, fidelity.gguf_outputs(path, prompts, answers, stop, max_new),
+                                settings.min_agreement) for quant, path in ggufs.items()]
+    fidelity.print_table(results, console, settings.min_agreement)
+    return results, fidelity.report(results, reference.seconds, len(cases), settings.min_agreement)
+
+
+def _choose(names: list[str], results: list[fidelity.QuantFidelity]) -> str:
+    """The first quantization asked for that passed (the order is the preference); else the most faithful."""
+    by_name = {result.quant: result for result in results}
+    for quant in names:
+        if quant not in by_name or by_name[quant].passed:
+            return quant
+    return max(names, key=lambda quant: (by_name[quant].exact, by_name[quant].first_token))
+
+
+def _template(tokenizer: Any, config: Any, settings: ExportConfig, gguf: Path) -> tuple[str, str | None, list[str]]:
+    """(TEMPLATE, SYSTEM, stop tokens), proven against the training chat template on probe conversations."""
+    from llama_cpp import Llama
+
+    from tunesmith.data.render import template_kwargs
+
+    with quantize.native_output():
+        vocab = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    adds_bos = len(vocab.tokenize(b"", add_bos=True, special=True)) > 0
+
+    def served_ids(text: str) -> list[int]:  # as tunesmith's server (and Ollama's runner) tokenizes
+        return vocab.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+
+    def hf_ids(text: str) -> list[int]:  # as training tokenized (the template writes any BOS itself)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    render = modelfiles.jinja_renderer(tokenizer, template_kwargs(config.data))
+    training_system = config.data.system_prompt
+    if settings.template is not None:
+        family = modelfiles.FAMILIES.get(_family_or_none(tokenizer), {})
+        return settings.template, training_system, list(family.get("stop", []))
+    derived = modelfiles.derive(tokenizer, template_kwargs(config.data), adds_bos)
+    system = training_system or derived.default_system
+    modelfiles.verify(derived.template, system, render, hf_ids, served_ids, training_system=training_system)
+    vocab.close()
+    return derived.template, system, derived.stop
+
+
+def _family_or_none(tokenizer: Any) -> str | None:
+    try:
+        return modelfiles.detect_family(getattr(tokenizer, "chat_template", None))
+    except TunesmithError:
+        return None
+
+
+def _stop_ids(tokenizer: Any, config: Any) -> set[int]:
+    """Token ids that end an answer: EOS and the family's end-of-turn tokens that are single tokens."""
+    stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    family = _family_or_none(tokenizer)
+    for token in modelfiles.FAMILIES.get(family, {}).get("stop", []):
+        ids = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(ids, int) and ids != tokenizer.unk_token_id:
+            stop.add(ids)
+    return stop
+
+
+# ------------------------------------------------------------------------------------------------ disk
+
+def parameter_count(checkpoint: Path) -> int:
+    """Parameters of a safetensors checkpoint, from the file headers (no tensor is read)."""
+    total = 0
+    files = sorted(checkpoint.glob("*.safetensors"))
+    for file in files:
+        with file.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        for key, tensor in header.items():
+            if key != "__metadata__":
+                count = 1
+                for size in tensor["shape"]:
+                    count *= size
+                total += count
+    if not files:  # *.bin or other formats: assume 2 bytes a parameter, a safe overestimate for fp32 files
+        total = sum(path.stat().st_size for path in checkpoint.iterdir() if path.suffix in (".bin", ".pt")) // 2
+    return total
+
+
+def bytes_needed(parameters: int, names: list[str], outtype: str, adapter_bytes: int) -> int:
+    """Disk the export writes: merged/ + the converted GGUF + each quantization + the LoRA, plus 10 %."""
+    per_weight = {"f16": 2, "bf16": 2, "f32": 4}[outtype]
+    gguf_bits = sum(quantize.BITS_PER_WEIGHT[name] for name in names if name != outtype)
+    total = parameters * per_weight * 2 + parameters * gguf_bits / 8 + adapter_bytes
+    return int(total * 1.1)
+
+
+def check_disk(run_dir: Path, base: Path, adapter: Path, names: list[str], outtype: str) -> None:
+    adapter_bytes = sum(path.stat().st_size for path in adapter.iterdir() if path.is_file())
+    needed = bytes_needed(parameter_count(base), names, outtype, adapter_bytes)
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise NotEnoughDisk(f"not enough disk space in {existing}: the export needs about {needed / 1e9:.1f} GB "
+                            f"({', '.join(names)} + merged/), {free / 1e9:.1f} GB are free",
+                            "free some space, or export fewer quantizations with --quant")
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Leftovers of a killed export: temporary names never look like outputs, but they take disk."""
+    for folder in (run_dir, run_dir / "gguf"):
+        if folder.is_dir():
+            for path in folder.glob(".tmp-*"):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)

@@ -1,0 +1,208 @@
+"""The Ollama Modelfile for an exported run: a Go TEMPLATE that writes exactly what training's chat template wrote.
+
+The family (ChatML/Qwen/SmolLM, Llama 3, Mistral, Gemma) is recognised by its marker tokens in the
+tokenizer's Jinja chat template; the few things that differ inside a family are read off renderings of
+probe conversations through that Jinja template: the generation prompt (Qwen3's empty `<think>` block
+with `enable_thinking=False`), a default system prompt (SmolLM2's), whether a BOS token is written, and
+which user turn carries the system prompt (Mistral). `verify` then renders probe conversations both
+ways, the way Ollama assembles a chat, and compares token ids, so a template that does not match is an
+error at export time, not garbage at serving time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunesmith.atomic import write_text
+from tunesmith.errors import TunesmithError
+from tunesmith.serve.modelfile import Modelfile
+from tunesmith.serve.templates import build_prompt
+
+
+class TemplateFamilyError(TunesmithError):
+    """The chat template is of no family tunesmith can write as an Ollama template, or the result differs."""
+
+
+_HINT = "set export.template to an Ollama Go template that writes the same prompt as the model's chat template"
+
+# Family name, the marker that identifies it in a Jinja chat template, its end-of-turn tokens (Ollama's
+# PARAMETER stop), and its turn-start marker (to tell a separate BOS from the first turn).
+FAMILIES: dict[str, dict[str, Any]] = {
+    "chatml": {"marker": "<|im_start|>", "stop": ["<|im_start|>", "<|im_end|>"]},
+    "llama3": {"marker": "<|start_header_id|>", "stop": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]},
+    "gemma": {"marker": "<start_of_turn>", "stop": ["<end_of_turn>"]},
+    "mistral": {"marker": "[INST]", "stop": ["[INST]", "</s>"]},
+}
+
+# Skeletons with the probed parts as {BOS}, {GEN} (the generation prompt) and, for Mistral, {SYSTEM_TURN}.
+# Literal text is never next to a `{{-`/`-}}` trim marker where it could lose whitespace.
+_SKELETONS = {
+    "chatml": (
+        "{BOS}{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+        "{{- range .Messages }}{{ if ne .Role \"system\" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+        "{{ end }}{{ end }}{GEN}"
+    ),
+    "llama3": (
+        "{BOS}{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
+        "{{- range .Messages }}{{ if ne .Role \"system\" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
+        "{{ .Content }}<|eot_id|>{{ end }}{{ end }}{GEN}"
+    ),
+    "gemma": (
+        "{BOS}{{- $first := true }}{{ range .Messages }}"
+        "{{ if eq .Role \"user\" }}<start_of_turn>user\n{{ if and $first $.System }}{{ $.System }}\n\n{{ end }}"
+        "{{ .Content }}<end_of_turn>\n{{ $first = false }}"
+        "{{ else if eq .Role \"assistant\" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n{{ end }}"
+        "{{ end }}{GEN}"
+    ),
+    "mistral": (
+        "{BOS}{{- $first := true }}{{ range $i, $_ := .Messages }}"
+        "{{ if eq .Role \"user\" }}[INST] {{ if and $.System {SYSTEM_TURN} }}{{ $.System }}\n\n{{ end }}"
+        "{{ .Content }}[/INST]{{ $first = false }}"
+        "{{ else if eq .Role \"assistant\" }} {{ .Content }}</s>{{ end }}"
+        "{{ end }}{GEN}"
+    ),
+}
+_SYSTEM_TURN = {"first": "$first", "last": "(eq (len (slice $.Messages $i)) 1)"}
+
+# Distinct words so each probe's pieces can be found in a rendering.
+_U1, _A1, _U2, _S = "Ping-one", "Pong-one", "Ping-two", "Sys-prompt"
+
+
+@dataclass
+class OllamaTemplate:
+    family: str
+    template: str
+    stop: list[str]
+    default_system: str | None = None
+    """The system prompt the chat template writes when a conversation has none (SmolLM2 has one)."""
+    notes: list[str] = field(default_factory=list)
+
+
+Render = Callable[[list[dict[str, str]], bool], str]
+
+
+def jinja_renderer(tokenizer: Any, template_kwargs: dict[str, Any]) -> Render:
+    """The tokenizer's chat template as training used it (`apply_chat_template`, text out)."""
+    def render(messages: list[dict[str, str]], generation: bool) -> str:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
+                                             **template_kwargs)
+    return render
+
+
+def detect_family(chat_template: str | None) -> str:
+    if not chat_template:
+        raise TemplateFamilyError("the tokenizer has no chat template to derive the Modelfile TEMPLATE from", _HINT)
+    for name, family in FAMILIES.items():
+        if family["marker"] in chat_template:
+            return name
+    raise TemplateFamilyError(
+        f"the tokenizer's chat template is of no family tunesmith knows ({', '.join(FAMILIES)}: none of the "
+        f"markers {', '.join(f['marker'] for f in FAMILIES.values())} appears in it)", _HINT)
+
+
+def derive(tokenizer: Any, template_kwargs: dict[str, Any], llama_adds_bos: bool) -> OllamaTemplate:
+    """The Ollama TEMPLATE equivalent to the tokenizer's chat template rendered with `template_kwargs`.
+
+    `llama_adds_bos`: whether llama.cpp puts a BOS token before the prompt itself (the GGUF's
+    `tokenizer.ggml.add_bos_token`); then the template must not write one too (the double-BOS bug).
+    """
+    name = detect_family(getattr(tokenizer, "chat_template", None))
+    family = FAMILIES[name]
+    render = jinja_renderer(tokenizer, template_kwargs)
+    user = [{"role": "user", "content": _U1}]
+    without, with_generation = render(user, False), render(user, True)
+    if not with_generation.startswith(without):
+        raise TemplateFamilyError("the chat template's generation prompt is not an addition at the end of the "
+                                  "conversation, so it cannot be written as an Ollama template", _HINT)
+    generation = with_generation[len(without):]
+    bos = tokenizer.bos_token or ""
+    writes_bos = bool(bos) and without.startswith(bos) and not without.startswith(family["marker"])
+    notes = []
+    if writes_bos and llama_adds_bos:
+        notes.append(f"BOS {bos} is added by llama.cpp, so the TEMPLATE does not write it")
+    elif not writes_bos and llama_adds_bos and bos:
+        raise TemplateFamilyError(f"llama.cpp adds a BOS token ({bos}) that the chat template never writes, so "
+                                  "served prompts would differ from training", _HINT)
+    pieces = {
+        "{BOS}": bos if writes_bos and not llama_adds_bos else "",
+        "{GEN}": generation,
+        "{SYSTEM_TURN}": _SYSTEM_TURN[_system_turn(render)] if name == "mistral" else "",
+    }
+    template = _SKELETONS[name]
+    for key, value in pieces.items():
+        template = template.replace(key, value)
+    return OllamaTemplate(name, template, list(family["stop"]), _default_system(name, without), notes)
+
+
+def _default_system(family: str, rendered: str) -> str | None:
+    """The system text a template writes for a conversation without one (ChatML/Llama 3 system turns)."""
+    opening = {"chatml": ("<|im_start|>system\n", "<|im_end|>"),
+               "llama3": ("<|start_header_id|>system<|end_header_id|>\n\n", "<|eot_id|>")}.get(family)
+    if not opening or opening[0] not in rendered:
+        return None
+    start = rendered.index(opening[0]) + len(opening[0])
+    return rendered[start:rendered.index(opening[1], start)]
+
+
+def _system_turn(render: Render) -> str:
+    """Whether the (Mistral) template puts the system prompt in the first or the last user turn."""
+    text = render([{"role": "system", "content": _S}, {"role": "user", "content": _U1},
+                   {"role": "assistant", "content": _A1}, {"role": "user", "content": _U2}], True)
+    position = text.find(_S)
+    if position < 0:
+        raise TemplateFamilyError("the chat template drops the system prompt", _HINT)
+    return "first" if position < text.find(_U1) else "last"
+
+
+# --------------------------------------------------------------------------------------- proof
+
+PROBES: list[list[dict[str, str]]] = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of Peru?"}],
+    [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello. How can I help?"},
+     {"role": "user", "content": "Say 'ok'\nthen stop."}],
+    [{"role": "system", "content": "Be terse.\nNo lists."}, {"role": "user", "content": "a"},
+     {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+     {"role": "assistant", "content": "d"}, {"role": "user", "content": "汉字 e"}],
+]
+
+
+def ollama_messages(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+    """What Ollama's chat hands the template: the Modelfile SYSTEM first when the chat brings none."""
+    if system and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": system}, *messages]
+    return list(messages)
+
+
+def verify(template: str, system: str | None, render: Render, hf_ids: Callable[[str], list[int]],
+           served_ids: Callable[[str], list[int]], conversations: list[list[dict[str, str]]] | None = None,
+           training_system: str | None = None) -> None:
+    """Raise TemplateFamilyError unless every conversation gives the same token ids both ways.
+
+    Training side: the Jinja rendering (with `training_system` added as the data layer adds it) tokenized
+    without added special tokens. Serving side: Ollama's assembly of the chat through `template` with
+    `system` as the Modelfile SYSTEM, tokenized as the server tokenizes.
+    """
+    for messages in conversations or PROBES:
+        trained = render(ollama_messages(messages, training_system), True)
+        served = build_prompt(template, ollama_messages(messages, system))
+        expected, got = hf_ids(trained), served_ids(served)
+        if expected != got:
+            at = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
+            raise TemplateFamilyError(
+                f"the Modelfile TEMPLATE and the training chat template give different tokens from token {at} on "
+                f"(training {trained[:200]!r}, Ollama {served[:200]!r})", _HINT)
+
+
+def write_modelfile(path: Path, from_: str, template: str, system: str | None, stop: list[str],
+                    parameters: dict[str, Any], adapter: str | None = None) -> Path:
+    """Write the Modelfile (atomically); `parameters` are the sampling defaults, stop tokens come after."""
+    params = {key: value for key, value in parameters.items() if key != "stop"}
+    params["stop"] = list(dict.fromkeys([*stop, *parameters.get("stop", [])]))
+    modelfile = Modelfile(from_=from_, adapters=[adapter] if adapter else [], template=template, system=system,
+                          parameters=params)
+    write_text(path, modelfile.to_text())
+    return path
