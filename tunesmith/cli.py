@@ -14,8 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors Click
 from rich.console import Console
 
 from tunesmith.config import Config, load_config
@@ -200,7 +200,12 @@ def create(
 
 
 @app.command("run")
-def run_(name: str, prompt: str | None = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
+def run_(
+    name: str,
+    prompt: Annotated[str | None, typer.Argument(help="Answer this one prompt and exit.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
     """Chat with a model, or answer one prompt (like `ollama run`); starts a local server if none answers."""
     from tunesmith.serve import client
 
@@ -323,12 +328,15 @@ def main(argv: list[str] | None = None) -> int:
         if exc.hint:
             err.print(f"  hint: {exc.hint}", highlight=False, soft_wrap=True)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:  # usage errors: Click already words them well
+    except NoArgsIsHelpError as exc:
+        exc.show()
+        return 0
+    except ClickException as exc:  # usage errors: Click already words them well
         exc.show()
         return 2
-    except click.exceptions.Abort:
+    except typer.Abort:
         err.print("aborted")
         return 130
     except KeyboardInterrupt:
