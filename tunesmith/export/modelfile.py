@@ -194,7 +194,8 @@ def verify(template: str, system: str | None, render: Render, hf_ids: Callable[[
             at = next((i for i, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
             raise TemplateFamilyError(
                 f"the Modelfile TEMPLATE and the training chat template give different tokens from token {at} on "
-                f"(training {trained[:200]!r}, Ollama {served[:200]!r})", _HINT)
+                f"(training ids {expected[at:at + 6]} of {trained[:160]!r}; Ollama ids {got[at:at + 6]} of "
+                f"{served[:160]!r})", _HINT)
 
 
 def write_modelfile(path: Path, from_: str, template: str, system: str | None, stop: list[str],
