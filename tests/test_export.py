@@ -1,0 +1,221 @@
+"""`tunesmith export` with real files and real llama.cpp: outputs, fidelity, kills, and every user error."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+from tests.test_export_support import make_run
+
+OUTPUTS = ("merged", "gguf", "Modelfile", "fidelity.json")
+
+
+def _assert_nothing_written(run: Path) -> None:
+    left = [name for name in OUTPUTS if (run / name).exists()] + [p.name for p in run.glob(".tmp-*")]
+    assert not left, f"export left {left} behind"
+
+
+def _complete_gguf(path: Path) -> None:
+    """Raises unless `path` is a whole GGUF: gguf-py maps every tensor, which fails on a truncated file."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    assert reader.tensors and path.stat().st_size >= max(t.data_offset + t.n_bytes for t in reader.tensors)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_qwen3, tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("export"), tiny_qwen3, "tiny", system_prompt="Answer briefly.",
+                    lora_b=0.05, eval={"max_new_tokens": 8}, export={"fidelity_prompts": 3})
+
+
+def test_export_writes_merged_ggufs_lora_modelfile_and_fidelity(tiny_run, tiny_qwen3):
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.serve.modelfile import parse
+
+    done = run_cli("export", "--run", str(tiny_run), "--quant", "q8_0,f16,q4_k_m,bf16")
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "fidelity vs the merged model" in done.stdout
+
+    merged = AutoModelForCausalLM.from_pretrained(tiny_run / "merged")
+    assert merged.config.dtype == torch.float16
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen3)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    moved = (merged.state_dict()[key].float() - base.state_dict()[key]).abs().max()
+    assert moved > 1e-3, "the adapter was not merged in"
+    assert (tiny_run / "merged" / "chat_template.jinja").is_file() or "chat_template" in json.loads(
+        (tiny_run / "merged" / "tokenizer_config.json").read_text())
+
+    names = sorted(p.name for p in (tiny_run / "gguf").iterdir())
+    assert names == sorted(["tiny.q8_0.gguf", "tiny.f16.gguf", "tiny.q4_k_m.gguf", "tiny.bf16.gguf",
+                            "tiny.lora.f16.gguf"])
+    for name in names:
+        _complete_gguf(tiny_run / "gguf" / name)
+    from tunesmith.serve.gguf_meta import read_metadata
+
+    types = {name: read_metadata(tiny_run / "gguf" / name)[0].get("general.file_type") for name in names}
+    assert types["tiny.q8_0.gguf"] == 7 and types["tiny.q4_k_m.gguf"] == 15 and types["tiny.bf16.gguf"] == 32
+    # The LoRA GGUF applies to the base model in llama.cpp.
+    base_gguf = tiny_run.parent / "base.f16.gguf"
+    from tunesmith.export.convert import convert_checkpoint
+
+    convert_checkpoint(tiny_qwen3, base_gguf, "f16")
+    Llama(model_path=str(base_gguf), lora_path=str(tiny_run / "gguf" / "tiny.lora.f16.gguf"), verbose=False,
+          n_ctx=64).close()
+
+    modelfile = parse((tiny_run / "Modelfile").read_text())
+    assert modelfile.from_ == "./gguf/tiny.q8_0.gguf"  # the first asked for, and it passed
+    assert modelfile.system == "Answer briefly."
+    assert modelfile.parameters["stop"] == ["<|im_start|>", "<|im_end|>"]
+    assert modelfile.parameters["temperature"] == 0.0
+    assert "<|im_start|>assistant\n" in modelfile.template
+
+    report = json.loads((tiny_run / "fidelity.json").read_text())
+    assert report["prompts"] == 3
+    assert [q["quant"] for q in report["quantizations"]] == ["q8_0", "f16", "q4_k_m", "bf16"]
+    assert not list(tiny_run.glob(".tmp-*")) and not list((tiny_run / "gguf").glob(".tmp-*"))
+
+
+def test_fidelity_check_catches_a_broken_quantization(builtin_checkpoint, tmp_path):
+    """The built-in 135M model answers garbage at q4_0 (seen on "What is the capital of France?")."""
+    run = make_run(tmp_path, builtin_checkpoint, "small", eval={"max_new_tokens": 12},
+                   export={"fidelity_prompts": 6})
+    done = run_cli("export", "--run", str(run), "--quant", "q4_0,f16", "--strict")
+    assert done.returncode == 1, done.stderr + done.stdout
+    assert "fidelity check failed for q4_0" in done.stderr
+    report = {q["quant"]: q for q in json.loads((run / "fidelity.json").read_text())["quantizations"]}
+    assert report["f16"]["passed"] and report["f16"]["exact"] >= 0.8
+    assert not report["q4_0"]["passed"] and report["q4_0"]["exact"] < 0.8
+    assert report["q4_0"]["loglik_gap"] > report["f16"]["loglik_gap"]
+    # q4_0 was asked for first, but the Modelfile points at the passing f16.
+    assert (run / "Modelfile").read_text().startswith("FROM ./gguf/small.f16.gguf\n")
+
+
+def _spawn(run: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "export", "--run", str(run), "--quant",
+                             "f16,q8_0"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def _kill_when(process: subprocess.Popen, ready, what: str) -> None:
+    deadline = time.monotonic() + 240
+    while not ready():
+        assert process.poll() is None, f"export ended before {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGKILL)  # the whole group: the converter child dies too
+    process.wait()
+
+
+def _no_complete_looking_file(run: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    if (run / "merged").exists():
+        AutoModelForCausalLM.from_pretrained(run / "merged")
+    for path in (run / "gguf").glob("*.gguf") if (run / "gguf").exists() else []:
+        _complete_gguf(path)
+    if (run / "Modelfile").exists():
+        assert (run / "fidelity.json").exists()
+        from tunesmith.serve.modelfile import parse
+
+        assert (run / parse((run / "Modelfile").read_text()).from_).exists()
+
+
+def test_sigkill_during_export_leaves_no_file_that_looks_complete(tiny_qwen3, tmp_path):
+    run = make_run(tmp_path, tiny_qwen3, "killed", lora_b=0.05, eval={"max_new_tokens": 8},
+                   export={"fidelity_prompts": 2})
+    moments = {
+        "merging": lambda: any(run.glob(".tmp-merged-*")) or (run / "merged").exists(),
+        "converting": lambda: (run / "gguf").is_dir() and any((run / "gguf").glob(".tmp-*")),
+        "quantizing": lambda: (run / "gguf" / "killed.f16.gguf").exists(),
+        "checking fidelity": lambda: (run / "gguf" / "killed.lora.f16.gguf").exists(),
+    }
+    for what, ready in moments.items():
+        _kill_when(_spawn(run), ready, what)
+        _no_complete_looking_file(run)
+        assert not (run / "Modelfile").exists(), f"killed while {what}, yet the export looks complete"
+    done = run_cli("export", "--run", str(run), "--quant", "f16,q8_0")
+    assert done.returncode == 0, done.stderr
+    _no_complete_looking_file(run)
+    assert not list(run.glob(".tmp-*")) and not list((run / "gguf").glob(".tmp-*")), "stale temporaries kept"
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+def _retarget(run: Path, base: Path) -> None:
+    record = json.loads((run / "run.json").read_text())
+    record["config"]["model"]["base"] = str(base)
+    (run / "run.json").write_text(json.dumps(record))
+
+
+def _sparse_checkpoint(source: Path, out: Path, parameters: int) -> Path:
+    """A checkpoint whose one bf16 tensor has `parameters` elements, in a sparse file (no disk used)."""
+    out.mkdir()
+    shutil.copy(source / "config.json", out / "config.json")
+    header = json.dumps({"huge": {"dtype": "BF16", "shape": [parameters], "data_offsets": [0, 2 * parameters]}})
+    header += " " * (-len(header) % 8)
+    with (out / "model.safetensors").open("wb") as handle:
+        handle.write(struct.pack("<Q", len(header)) + header.encode())
+        handle.truncate(8 + len(header) + 2 * parameters)
+    return out
+
+
+def _error_run(kind: str, tmp: Path, tiny: Path) -> tuple[Path, list[str], str]:
+    """(run, extra CLI args, expected message) for one user error."""
+    from tunesmith.testing import tiny_checkpoint
+
+    run = make_run(tmp, tiny, kind)
+    if kind == "no-adapter":
+        shutil.rmtree(run / "adapter")
+        return run, [], "the run has no trained adapter"
+    if kind == "unknown-quant":
+        return run, ["--quant", "q8_0,q4_k_x"], "unknown quantization q4_k_x; valid: f32, f16, bf16, q8_0"
+    if kind == "architecture":
+        strange = tmp / "strange"
+        shutil.copytree(tiny, strange)
+        config = json.loads((strange / "config.json").read_text())
+        config["architectures"] = ["TunesmithTestForCausalLM"]
+        (strange / "config.json").write_text(json.dumps(config))
+        _retarget(run, strange)
+        return run, [], "does not support the architecture TunesmithTestForCausalLM"
+    if kind == "disk":
+        # As many bf16 parameters as the disk has free bytes / 2: merged/ alone would fill it; the sparse
+        # file claiming them takes no space.
+        _retarget(run, _sparse_checkpoint(tiny, tmp / "huge", shutil.disk_usage(tmp).free // 2))
+        return run, [], "not enough disk space"
+    if kind == "template":
+        zephyr = "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}</s>\n{% endfor %}"
+        other = tiny_checkpoint(tmp / "zephyr", "qwen3", chat_template=zephyr)
+        shutil.rmtree(run)
+        run = make_run(tmp, other, kind)
+        return run, [], "no family tunesmith knows"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["no-adapter", "unknown-quant", "architecture", "disk", "template"])
+def test_user_errors_are_one_line_exit_2_and_write_nothing(kind, tiny_qwen3, tmp_path):
+    run, args, expected = _error_run(kind, tmp_path, tiny_qwen3)
+    done = run_cli("export", "--run", str(run), *args)
+    assert done.returncode == 2, done.stderr + done.stdout
+    assert expected in done.stderr
+    first, *rest = done.stderr.strip().splitlines()
+    assert first.startswith("error: ") and all(line.startswith("  hint: ") for line in rest), done.stderr
+    assert "Traceback" not in done.stderr
+    _assert_nothing_written(run)
+    if kind == "architecture":
+        assert "LlamaForCausalLM" in done.stderr and "Qwen3ForCausalLM" in done.stderr
+    if kind == "template":
+        assert "export.template" in done.stderr
