@@ -6,20 +6,22 @@ Every user error is a `TunesmithError`; `main` turns it into one line on stderr 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import traceback
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors Click
 from rich.console import Console
+from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer vendors Click
 
 from tunesmith.config import Config, load_config
-from tunesmith.errors import ConfigError, NotBuiltYet, TunesmithError
+from tunesmith.errors import ConfigError, TunesmithError
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -54,8 +56,17 @@ def _host(config: Path | None, sets: list[str] | None) -> str | None:
     return f"http://{settings.host}:{settings.port}"
 
 
-def _later(command: str, issue: int, what: str) -> None:
-    raise NotBuiltYet(f"`tunesmith {command}` is not built yet: it arrives with issue #{issue} ({what})")
+@contextlib.contextmanager
+def client_server(host: str | None) -> Iterator[None]:
+    """A server to talk to: the one at `host`, or a local one started now and stopped afterwards."""
+    from tunesmith.serve import client
+
+    server = client.ensure_server(host)
+    try:
+        yield
+    finally:
+        if server is not None:
+            server.terminate()
 
 
 @app.callback()
@@ -191,12 +202,8 @@ def create(
     from tunesmith.serve import client
 
     host = _host(config, set_)
-    server = client.ensure_server(host)
-    try:
+    with client_server(host):
         client.create_from_modelfile(host, name, file, progress=console.print)
-    finally:
-        if server is not None:
-            server.terminate()
 
 
 @app.command("run")
@@ -210,12 +217,8 @@ def run_(
     from tunesmith.serve import client
 
     host = _host(config, set_)
-    server = client.ensure_server(host)
-    try:
+    with client_server(host):
         client.run(host, name, prompt)
-    finally:
-        if server is not None:
-            server.terminate()
 
 
 @app.command("list")

@@ -35,7 +35,3 @@ class ModelError(TunesmithError):
 
 class ToolingError(TunesmithError):
     """llama.cpp's converter or another external piece is missing or broken."""
-
-
-class NotBuiltYet(TunesmithError):
-    """A command that a later issue brings."""
