@@ -108,13 +108,37 @@ def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
+    gpus: Annotated[int | None, typer.Option(
+        "--gpus", min=1, help="Data-parallel on N GPUs of this host, one process each (train.gpus); the global "
+                              "batch is batch_size x grad_accum x N. With train.device: cpu, N CPU processes.")] = None,
 ) -> None:
     """Fine-tune the base model with LoRA on the training data."""
+    from tunesmith.train import distributed
     from tunesmith.train.loop import train as run_training
 
-    result = run_training(_config(config, set_), console, resume=resume)
-    console.print(f"adapter saved to {result.adapter_dir} ({result.steps} steps, {result.seconds:.0f} s, "
-                  f"train loss {result.train_loss}, eval loss {result.eval_loss})")
+    settings = _config(config, set_)
+    processes = gpus or settings.train.gpus
+    if processes > 1 and not distributed.launched():
+        # One process per GPU under torchrun; each child runs this same command and finds WORLD_SIZE set.
+        _check_gpus(processes, settings.train.device)
+        raise typer.Exit(distributed.relaunch(processes, sys.argv[1:]))
+    result = run_training(settings, console, resume=resume)
+    if distributed.is_main_process():
+        console.print(f"adapter saved to {result.adapter_dir} ({result.steps} steps, {result.seconds:.0f} s, "
+                      f"train loss {result.train_loss}, eval loss {result.eval_loss})")
+
+
+def _check_gpus(processes: int, device: str) -> None:
+    import torch
+
+    from tunesmith.errors import ModelError
+
+    if device == "cpu":
+        return
+    found = torch.cuda.device_count()
+    if found < processes:
+        raise ModelError(f"--gpus {processes} asked for, but torch sees {found} CUDA GPU(s)",
+                         f"use --gpus {max(found, 1)}, or train.device: cpu for {processes} CPU processes (tests)")
 
 
 @app.command()

@@ -96,6 +96,12 @@ class TrainConfig(Section):
     """GPU fast path: activation checkpointing and 8192-token buffers (~2.6 GiB for Qwen3-0.6B)."""
     fast: Literal["auto", True, False] = "auto"
     """The packed, compiled GPU path (train/fast). auto: on CUDA for LoRA on Llama/Qwen/Mistral models."""
+    gpus: int = Field(1, gt=0)
+    """Data-parallel processes on this host (`--gpus N`), one per GPU; on train.device: cpu, N CPU processes
+    (gloo). The global batch is batch_size × grad_accum × gpus. Under torchrun, its WORLD_SIZE counts."""
+    fsdp: bool = False
+    """With several GPUs, shard the model with FSDP2 (models that don't fit one card) instead of replicating
+    it with DDP. Uses the transformers + peft engine (not the fast path)."""
 
 
 class ExportConfig(Section):

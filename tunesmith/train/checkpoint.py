@@ -30,8 +30,11 @@ class TrainState:
     """Seconds of training before this process (for tokens/s and the final report across resumes)."""
 
 
-def save(directory: Path, trainable: dict[str, Any], optimizer: Any, scheduler: Any, state: TrainState) -> Path:
-    """`trainable`: the weights that train (name -> tensor), whatever holds them."""
+def save(directory: Path, trainable: dict[str, Any], optimizer_state: dict[str, Any], scheduler: Any,
+         state: TrainState) -> Path:
+    """`trainable`: the weights that train (name -> tensor), whatever holds them; `optimizer_state`: the
+    optimizer's `state_dict()` (under FSDP2 gathered whole first). On several ranks, rank 0 alone calls this:
+    the weights and optimizer are the same on every rank, and so the RNG state saved is rank 0's."""
     import numpy as np
     import torch
     from safetensors.torch import save_file
@@ -42,7 +45,7 @@ def save(directory: Path, trainable: dict[str, Any], optimizer: Any, scheduler: 
                   tmp / "trainable.safetensors")
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                         "torch": torch.get_rng_state()},
@@ -78,20 +81,25 @@ def copy_into(model: Any, trainable: dict[str, Any]) -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in trainable.items():
-            params[name].copy_(value)
+            param = params[name]
+            if hasattr(param, "device_mesh"):  # an FSDP2 shard (DTensor): keep this rank's part of the whole
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
+            param.copy_(value)
 
 
-def load(checkpoint: Path, optimizer: Any, scheduler: Any) -> tuple[dict[str, Any], TrainState]:
-    """Restore optimizer, scheduler and RNG; return the trainable weights for the caller to put back."""
+def load(checkpoint: Path, scheduler: Any) -> tuple[dict[str, Any], dict[str, Any], TrainState]:
+    """Restore scheduler and RNG; return the trainable weights and the optimizer state for the caller to put
+    back. Every rank of a distributed run loads the same checkpoint."""
     import numpy as np
     import torch
     from safetensors.torch import load_file
 
     trainable = load_file(checkpoint / "trainable.safetensors")
     saved = torch.load(checkpoint / "state.pt", weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     random.setstate(saved["rng"]["python"])
     np.random.set_state(saved["rng"]["numpy"])
     torch.set_rng_state(saved["rng"]["torch"])
-    return trainable, TrainState(**json.loads((checkpoint / "trainer_state.json").read_text()))
+    return trainable, saved["optimizer"], TrainState(**json.loads((checkpoint / "trainer_state.json").read_text()))

@@ -17,76 +17,124 @@ from typing import Any
 
 from tunesmith.config import Config
 from tunesmith.train import batches
+from tunesmith.train.distributed import ALONE, World
 
 
 class HFEngine:
-    def __init__(self, model: Any, data: Any, config: Config, device: str, pad_id: int, optimizer: Any):
+    def __init__(self, model: Any, data: Any, config: Config, device: str, pad_id: int, optimizer: Any,
+                 forward: Any, world: World = ALONE):
+        """`forward`: the module the loss runs through, `distributed.wrap(model, completion_loss, ...)`:
+        the plain loss on one process, DDP or FSDP2 around it on several."""
         self.model, self.data, self.config, self.device, self.pad_id = model, data, config, device, pad_id
-        self.optimizer = optimizer
+        self.optimizer, self.world = optimizer, world
+        self.forward = forward
         self.params = [p for p in model.parameters() if p.requires_grad]
         model.train()  # from_pretrained returns eval mode, where gradient checkpointing is off
         cfg = config.train
         self.lengths = [len(example["input_ids"]) for example in data.train]
-        self.micro_per_epoch = len(batches.epoch_batches(self.lengths, cfg.batch_size, cfg.seed, 0))
+        self.trained = [sum(label != -100 for label in example["labels"][1:]) for example in data.train]
+        # The plan is made of global micro-batches of batch_size × world size sequences; each rank trains on
+        # its shard of each (World.shard). On one process this is the plan it always was.
+        self.global_batch = cfg.batch_size * world.size
+        self.micro_per_epoch = len(batches.epoch_batches(self.lengths, self.global_batch, cfg.seed, 0))
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.grad_accum)
         self._plan: dict[int, list[list[int]]] = {}
 
-    def _micro_batch(self, micro: int) -> dict[str, Any]:
+    def _micro_batch(self, micro: int) -> list[int]:
+        """Indices of global micro-batch `micro`."""
         cfg = self.config.train
         epoch, index = divmod(micro, self.micro_per_epoch)
         if epoch not in self._plan:  # the order is a function of (seed, epoch): resumable anywhere
-            self._plan = {epoch: batches.epoch_batches(self.lengths, cfg.batch_size, cfg.seed, epoch)}
-        return batches.collate([self.data.train[i] for i in self._plan[epoch][index]], self.pad_id)
+            self._plan = {epoch: batches.epoch_batches(self.lengths, self.global_batch, cfg.seed, epoch)}
+        return self._plan[epoch][index]
+
+    def _collate(self, indices: list[int]) -> dict[str, Any]:
+        examples = [self.data.train[i] for i in self.world.shard(indices)]
+        if not examples:
+            # An epoch's last global batch can be smaller than the world: a rank left without sequences still
+            # runs forward and backward (DDP and FSDP wait for every rank), on one whose loss is masked out.
+            first = self.data.train[indices[0]]
+            examples = [{**first, "labels": [-100] * len(first["labels"])}]
+        return batches.collate(examples, self.pad_id)
 
     def step(self, step: int) -> tuple[float, float, int, int]:
-        """One optimizer step; returns (loss, grad_norm, input tokens, trained tokens)."""
+        """One optimizer step; returns (loss, grad_norm, input tokens, trained tokens), over all ranks."""
         import torch
 
-        from tunesmith.train.loop import autocast, completion_loss
+        from tunesmith.train import distributed
+        from tunesmith.train.loop import autocast
 
-        accum = self.config.train.grad_accum
+        accum, world = self.config.train.grad_accum, self.world
         group = [self._micro_batch(step * accum + k) for k in range(accum)]
-        targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)
-        loss_value, inputs = 0.0, 0
-        for batch in group:
-            batch = {key: value.to(self.device) for key, value in batch.items()}
-            with autocast(self.device, self.config):
-                loss_sum, _ = completion_loss(self.model, batch)
-            loss = loss_sum / max(1, targets)  # every trained token of the whole group weighs the same
-            loss.backward()
+        # Counted from the plan, which every rank knows whole: the global numbers without communication.
+        targets = sum(self.trained[i] for indices in group for i in indices)
+        inputs = sum(self.lengths[i] for indices in group for i in indices)
+        loss_value = 0.0
+        for k, indices in enumerate(group):
+            batch = {key: value.to(self.device) for key, value in self._collate(indices).items()}
+            with distributed.gradient_sync(self.forward, now=k == accum - 1):
+                with autocast(self.device, self.config):
+                    loss_sum, _ = self.forward(batch)
+                # Every trained token of the whole global group weighs the same. DDP and FSDP average the
+                # ranks' gradients: × world size turns that average into the sum of the shards.
+                loss = loss_sum / max(1, targets)
+                (loss * world.size).backward()
             loss_value += loss.item()
-            inputs += int(batch["attention_mask"].sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        grad_norm = distributed.full(grad_norm).item()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, grad_norm, inputs, targets
+        return world.sum(loss_value), grad_norm, inputs, targets
 
     def eval_loss(self) -> float:
         from tunesmith.train.loop import evaluate_loss
 
-        return evaluate_loss(self.model, self.data.eval, self.config.train.batch_size, self.pad_id, self.device,
+        return evaluate_loss(self.forward, self.data.eval, self.config.train.batch_size, self.pad_id, self.device,
                              self.config)
 
     def trainable(self) -> dict[str, Any]:
+        from tunesmith.train import distributed
         from tunesmith.train.checkpoint import trainable_of
 
-        return trainable_of(self.model)
+        # Under FSDP2 each weight is gathered whole from its shards: every rank must call this.
+        return {name: distributed.full(p) for name, p in trainable_of(self.model).items()}
 
     def load_trainable(self, state: dict[str, Any]) -> None:
         from tunesmith.train.checkpoint import copy_into
 
         copy_into(self.model, state)
 
-    def save_adapter(self, directory: Path, base: str) -> None:
-        self.model.save_pretrained(directory)
+    def optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state for a checkpoint; under FSDP2 gathered whole (on rank 0), every rank calling."""
+        if not self.config.train.fsdp or self.world.size == 1:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.forward, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        if not self.config.train.fsdp or self.world.size == 1:
+            self.optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.forward, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    def save_adapter(self, directory: Path, base: str, trainable: dict[str, Any]) -> None:
+        """`trainable`: this engine's `trainable()`, gathered by every rank; only rank 0 saves."""
+        if self.config.train.fsdp and self.world.size > 1:
+            self.model.save_pretrained(directory, state_dict=trainable)  # the model's own are shards
+        else:
+            self.model.save_pretrained(directory)
 
 
 class FastEngine:
-    def __init__(self, model: Any, data: Any, config: Config, device: str, pad_id: int):
+    def __init__(self, model: Any, data: Any, config: Config, device: str, pad_id: int, world: World = ALONE):
         from tunesmith.train import fast
 
         cfg = config.train
-        self.config, self.device = config, device
+        self.config, self.device, self.world = config, device, world
         self.fast = fast.prepare_fast_model(model, config.lora, low_memory=cfg.low_memory)
         longest = max(len(example["input_ids"]) for example in data.train + data.eval)
         seq_len = fast.LOW_MEMORY_SEQ_LEN if cfg.low_memory else fast.DEFAULT_SEQ_LEN
@@ -96,27 +144,48 @@ class FastEngine:
         self.eval_buffers = fast.pack([(e["input_ids"], e["labels"]) for e in data.eval], self.seq_len, pad_id)
         self.optimizer = fast.make_optimizer(self.fast, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self._step = None  # built on first use, after a resume has loaded its state (CUDA graphs hold it)
-        self.steps_per_epoch = math.ceil(len(self.buffers) / cfg.grad_accum)
+        # Every rank packs the same buffers; a global micro-batch is world-size buffers, one per rank.
+        self.micro_per_epoch = math.ceil(len(self.buffers) / world.size)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.grad_accum)
         self._plan: dict[int, list[int]] = {}
 
-    def _buffer(self, micro: int) -> Any:
-        epoch, index = divmod(micro, len(self.buffers))
+    def _global_buffers(self, micro: int) -> list[int]:
+        """Indices of the buffers of global micro-batch `micro`: world-size consecutive ones of the epoch's
+        seeded shuffle (fewer at an epoch's end)."""
+        epoch, index = divmod(micro, self.micro_per_epoch)
         if epoch not in self._plan:
             order = list(range(len(self.buffers)))
             random.Random(self.config.train.seed * 1_000_003 + epoch).shuffle(order)
             self._plan = {epoch: order}
-        return self.buffers[self._plan[epoch][index]]
+        size = self.world.size
+        return self._plan[epoch][index * size:(index + 1) * size]
 
     def step(self, step: int) -> tuple[float, float, int, int]:
-        from tunesmith.train import fast
+        from tunesmith.train import distributed, fast
 
+        world = self.world
         if self._step is None:
-            self._step = fast.make_train_step(self.fast, self.optimizer, max_grad_norm=1.0)
+            # Across ranks, one all-reduce (sum) of the flat fp32 LoRA gradient per optimizer step: what DDP does
+            # with a single bucket. DDP itself cannot wrap this model: its weights live in one flat buffer
+            # outside the module's parameters.
+            reduce = distributed.all_reduce_sum if world.size > 1 else None
+            self._step = fast.make_train_step(self.fast, self.optimizer, max_grad_norm=1.0, all_reduce=reduce)
         accum = self.config.train.grad_accum
-        group = [self._buffer(step * accum + k) for k in range(accum)]
-        loss = self._step(group)
+        group = [self._global_buffers(step * accum + k) for k in range(accum)]
+        everything = [self.buffers[i] for indices in group for i in indices]
+        mine = [self._mine(indices) for indices in group]
+        # Normalized by the trained tokens of the whole global group, so the summed gradients are its mean.
+        loss = self._step(mine, normalizer=max(1, sum(b.num_targets for b in everything)))
         # The grad norm would cost a host sync every step; the loss is read only because the log needs it.
-        return float(loss), float("nan"), sum(b.num_tokens for b in group), sum(b.num_targets for b in group)
+        return (world.sum(float(loss)), float("nan"), sum(b.num_tokens for b in everything),
+                sum(b.num_targets for b in everything))
+
+    def _mine(self, indices: list[int]) -> Any:
+        if self.world.rank < len(indices):
+            return self.buffers[indices[self.world.rank]]
+        # An epoch's last global micro-batch can have fewer buffers than ranks: a rank left without one runs a
+        # buffer with no targets, so it still takes part in the all-reduce and adds nothing to the gradient.
+        return without_targets(self.buffers[indices[0]])
 
     def eval_loss(self) -> float:
         import torch
@@ -135,18 +204,33 @@ class FastEngine:
     def load_trainable(self, state: dict[str, Any]) -> None:
         self.fast.load_adapter_state_dict(state)
 
-    def save_adapter(self, directory: Path, base: str) -> None:
+    def optimizer_state(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def save_adapter(self, directory: Path, base: str, trainable: dict[str, Any]) -> None:
         from tunesmith.train import fast
 
-        fast.save_adapter(self.fast.adapter_state_dict(), self.config.lora, directory, base_model=base)
+        fast.save_adapter(trainable, self.config.lora, directory, base_model=base)
+
+
+def without_targets(buffer: Any) -> Any:
+    import dataclasses
+
+    import torch
+
+    return dataclasses.replace(buffer, targets=torch.full_like(buffer.targets, -100), num_targets=0)
 
 
 def fast_path_wanted(config: Config, device: str, model: Any) -> bool:
-    """The fast path where it runs: CUDA (or forced with train.fast: true), LoRA, a supported architecture."""
+    """The fast path where it runs: CUDA (or forced with train.fast: true), LoRA, a supported architecture.
+    Not with train.fsdp: FSDP2 shards the Hugging Face modules, the fast path has its own flat LoRA buffer."""
     from tunesmith.train.fast import FastPathUnsupported, check_supported
 
     wanted = config.train.fast
-    if wanted is False or config.train.method != "lora":
+    if wanted is False or config.train.method != "lora" or config.train.fsdp:
         return False
     if wanted == "auto" and device != "cuda":
         return False

@@ -6,6 +6,9 @@ a SIGKILL and to skip work the Trainer does not let us skip:
 - logits and cross-entropy only at trained positions (`completion_loss`): with completion-only loss most
   positions are prompt, and the LM head is a large share of a small model's compute;
 - the loss is the mean over every trained token of the accumulated batches, as if they were one batch.
+
+On several processes (`tunesmith train --gpus N`, torchrun, accelerate launch: train/distributed.py) the same
+loop runs on every rank over its shard of each global batch; rank 0 alone writes files and prints.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from rich.console import Console
 from tunesmith.atomic import atomic_path, write_json
 from tunesmith.config import Config
 from tunesmith.errors import DataError, ModelError
-from tunesmith.train import batches, checkpoint
+from tunesmith.train import batches, checkpoint, distributed
 from tunesmith.train.checkpoint import TrainState
 from tunesmith.train.engines import FastEngine, HFEngine, fast_path_wanted
 from tunesmith.train.metrics import MetricsLog, TrainProgress, article_line
@@ -56,6 +59,16 @@ def pick_device(wanted: str) -> str:
 
 
 def train(config: Config, console: Console, resume: bool = False) -> TrainResult:
+    world = distributed.init(pick_device(config.train.device))
+    if not world.main:
+        logging.getLogger("tunesmith").setLevel(logging.ERROR)  # rank 0 reports; the others would repeat it
+    try:
+        return _train(config, console if world.main else Console(quiet=True), resume, world)
+    finally:
+        distributed.teardown()
+
+
+def _train(config: Config, console: Console, resume: bool, world: distributed.World) -> TrainResult:
     import torch
 
     from tunesmith.data import prepare
@@ -84,7 +97,7 @@ def train(config: Config, console: Console, resume: bool = False) -> TrainResult
     model.config.use_cache = False
     pad_id = tokenizer.pad_token_id
     if fast_path_wanted(config, device, model):
-        engine = FastEngine(model, data, config, device, pad_id)
+        engine = FastEngine(model, data, config, device, pad_id, world)
         console.print(f"GPU fast path: packed {len(data.train)} examples into {len(engine.buffers)} buffers "
                       f"of {engine.seq_len} tokens")
     else:
@@ -92,25 +105,29 @@ def train(config: Config, console: Console, resume: bool = False) -> TrainResult
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method in ("lora", "qlora"):
             model = apply_lora(model, config.lora, cfg.seed)
+        # DDP or FSDP2 around the loss on several ranks; before the optimizer, which must see FSDP2's shards.
+        forward = distributed.wrap(model, completion_loss, world, device, cfg.fsdp, use_bf16(config, device))
         optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], config, device, console)
-        engine = HFEngine(model, data, config, device, pad_id, optimizer)
+        engine = HFEngine(model, data, config, device, pad_id, optimizer, forward, world)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * engine.steps_per_epoch)
     scheduler = _scheduler(engine.optimizer, config, total_steps)
 
     checkpoints = run_dir / "checkpoints"
     state = TrainState()
     latest = checkpoint.newest(checkpoints) if resume else None
-    if latest is not None:
-        trainable, state = checkpoint.load(latest, engine.optimizer, scheduler)
+    if latest is not None:  # every rank loads the same one: rank 0 is not writing while the others read
+        trainable, optimizer_state, state = checkpoint.load(latest, scheduler)
         engine.load_trainable(trainable)
+        engine.load_optimizer_state(optimizer_state)
         console.print(f"resuming from {latest.name} (step {state.step} of {total_steps})")
-    elif checkpoints.exists():
+    elif checkpoints.exists() and world.main:
         _clear_previous(run_dir)
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
-    write_json(run_dir / "run.json", _run_record(config, device, data, started_at, None))
+    if world.main:
+        write_json(run_dir / "run.json", _run_record(config, device, data, started_at, None, world))
 
     # --- loop: step, log, eval, checkpoint
-    metrics = MetricsLog(run_dir, state.step)
+    metrics = MetricsLog(run_dir, state.step, write=world.main)
     window_loss, window_steps, last_eval = 0.0, 0, None
     t0, tokens_at_start, seen_inputs = time.perf_counter(), state.tokens, 0
     with TrainProgress(console, total_steps, state.step) as progress:
@@ -145,14 +162,22 @@ def train(config: Config, console: Console, resume: bool = False) -> TrainResult
             if state.step % cfg.save_steps == 0 or state.step == total_steps:
                 state.elapsed += time.perf_counter() - t0
                 t0, seen_inputs = time.perf_counter(), 0
-                checkpoint.save(checkpoints, engine.trainable(), engine.optimizer, scheduler, state)
+                trainable, optimizer_state = engine.trainable(), engine.optimizer_state()  # all ranks: FSDP2 gathers
+                if world.main:
+                    checkpoint.save(checkpoints, trainable, optimizer_state, scheduler, state)
     metrics.close()
 
     # --- save: a PEFT adapter that PeftModel.from_pretrained loads, whichever engine trained it
     adapter_dir = run_dir / "adapter"
-    with atomic_path(adapter_dir, directory=True) as tmp:
-        engine.save_adapter(tmp, str(base))
-        tokenizer.save_pretrained(tmp)
+    trainable = engine.trainable()
+    if world.main:
+        with atomic_path(adapter_dir, directory=True) as tmp:
+            engine.save_adapter(tmp, str(base), trainable)
+            tokenizer.save_pretrained(tmp)
+    digests = world.weight_digests(trainable) if world.size > 1 else None
+    if digests and len(set(digests)) > 1:  # a bug, not a user error: the ranks stopped training one model
+        raise RuntimeError(f"ranks ended with different adapter weights: {digests}")
+    world.barrier()  # metrics.jsonl is complete before any rank reads the final numbers from it
     seconds = state.elapsed
     final = {
         "steps": state.step,
@@ -162,7 +187,10 @@ def train(config: Config, console: Console, resume: bool = False) -> TrainResult
         "trained_tokens": state.tokens,
         "trained_tokens_per_second": round((state.tokens - tokens_at_start) / max(seconds, 1e-9), 1),
     }
-    write_json(run_dir / "run.json", _run_record(config, device, data, started_at, final))
+    if digests:
+        final["rank_weight_sha256"] = digests
+    if world.main:
+        write_json(run_dir / "run.json", _run_record(config, device, data, started_at, final, world))
     return TrainResult(run_dir, adapter_dir, state.step, final["train_loss"], final["eval_loss"], seconds,
                        final["trained_tokens_per_second"])
 
@@ -184,11 +212,13 @@ def completion_loss(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
     return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep.sum()
 
 
-def evaluate_loss(model: Any, examples: list[dict[str, list[int]]], batch_size: int, pad_id: int, device: str,
+def evaluate_loss(forward: Any, examples: list[dict[str, list[int]]], batch_size: int, pad_id: int, device: str,
                   config: Config) -> float:
+    """`forward`: the loss module (`distributed.wrap`), which computes `completion_loss` of its model. Every rank
+    evaluates the whole eval set: it is small, and the number comes out the same on all of them."""
     import torch
 
-    model.eval()
+    forward.eval()
     total, count = 0.0, 0
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     with torch.no_grad():
@@ -196,9 +226,9 @@ def evaluate_loss(model: Any, examples: list[dict[str, list[int]]], batch_size: 
             batch = batches.collate([examples[i] for i in order[start:start + batch_size]], pad_id)
             batch = {key: value.to(device) for key, value in batch.items()}
             with autocast(device, config):
-                loss_sum, n = completion_loss(model, batch)
+                loss_sum, n = forward(batch)
             total, count = total + loss_sum.item(), count + int(n)
-    model.train()
+    forward.train()
     return total / max(1, count)
 
 
@@ -293,7 +323,8 @@ def _file_hash(paths: list[str | None]) -> str:
     return digest.hexdigest()
 
 
-def _run_record(config: Config, device: str, data: Any, started_at: str, final: dict | None) -> dict:
+def _run_record(config: Config, device: str, data: Any, started_at: str, final: dict | None,
+                world: distributed.World) -> dict:
     versions = {}
     for package in ("tunesmith", "torch", "transformers", "peft", "trl", "accelerate", "llama-cpp-python"):
         try:
@@ -304,6 +335,7 @@ def _run_record(config: Config, device: str, data: Any, started_at: str, final: 
         "config": config.model_dump(mode="json"),
         "versions": versions,
         "device": device,
+        "world_size": world.size,
         "dataset_sha256": _file_hash([config.data.train_file, config.data.eval_file]),
         "examples": {"train": len(data.train), "eval": len(data.eval)},
         "started_at": started_at,

@@ -12,10 +12,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step to metrics.jsonl and mirrors it to TensorBoard."""
+    """Appends one JSON object per logged step to metrics.jsonl and mirrors it to TensorBoard.
 
-    def __init__(self, run_dir: Path, resume_step: int):
+    `write=False` (ranks other than 0 of a distributed run) makes it a no-op: one process owns the files."""
+
+    def __init__(self, run_dir: Path, resume_step: int, write: bool = True):
+        self.enabled = write
         self.path = run_dir / "metrics.jsonl"
+        if not write:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step)
         self._file = self.path.open("a", encoding="utf-8")
@@ -31,6 +36,8 @@ class MetricsLog:
         self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()  # the UI and `tail -f` watch this file while training runs
         if self._tb is not None:
@@ -40,6 +47,8 @@ class MetricsLog:
                                         record["step"])
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._file.close()
         if self._tb is not None:
             self._tb.close()

@@ -11,7 +11,8 @@ import torch
 from tunesmith.train.fast.model import FastCausalLM
 from tunesmith.train.fast.packing import PackedBatch
 
-Step = Callable[[PackedBatch | Sequence[PackedBatch]], torch.Tensor]
+Step = Callable[..., torch.Tensor]
+AllReduce = Callable[[torch.Tensor], None]
 BLOCK_MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
                       "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
 
@@ -27,7 +28,7 @@ def make_optimizer(model: FastCausalLM, lr: float, weight_decay: float = 0.0,
 
 
 def make_train_step(model: FastCausalLM, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None,
-                    cuda_graphs: bool | None = None) -> Step:
+                    cuda_graphs: bool | None = None, all_reduce: AllReduce | None = None) -> Step:
     """Return step(batches) -> mean loss (a device tensor): one optimizer step over one packed batch or
     several (gradient accumulation, every target token weighted the same).
 
@@ -35,26 +36,34 @@ def make_train_step(model: FastCausalLM, optimizer: torch.optim.Optimizer, max_g
     a few eager steps; `cuda_graphs=False` keeps it eager. The graphs hold the optimizer's state tensors:
     load a checkpoint (`optimizer.load_state_dict`, `model.load_adapter_state_dict`) before the first
     step. Learning-rate schedulers work (they fill the lr tensor in place).
+
+    Data-parallel (train/distributed.py): `all_reduce` sums the flat master gradient over ranks in place,
+    before clipping; `step(batches, normalizer=n)` divides the summed loss by the global group's trained
+    tokens instead of these batches'. On CUDA the all-reduce is captured in the update graph (NCCL allows it).
     """
     capturable = bool(optimizer.defaults.get("capturable"))
     if cuda_graphs is None:
         cuda_graphs = model.master.device.type == "cuda" and capturable
     if cuda_graphs:
-        return CudaGraphStep(model, optimizer, max_grad_norm)
-    return lambda batches: eager_step(model, optimizer, batches, max_grad_norm)
+        return CudaGraphStep(model, optimizer, max_grad_norm, all_reduce=all_reduce)
+    return lambda batches, normalizer=None: eager_step(model, optimizer, batches, max_grad_norm, normalizer,
+                                                       all_reduce)
 
 
 def eager_step(model: FastCausalLM, optimizer: torch.optim.Optimizer,
-               batches: PackedBatch | Sequence[PackedBatch], max_grad_norm: float | None) -> torch.Tensor:
+               batches: PackedBatch | Sequence[PackedBatch], max_grad_norm: float | None,
+               normalizer: int | None = None, all_reduce: AllReduce | None = None) -> torch.Tensor:
     batches = [batches] if isinstance(batches, PackedBatch) else list(batches)
     device = model.master.device
-    targets = max(sum(b.num_targets for b in batches), 1)
+    targets = normalizer or max(sum(b.num_targets for b in batches), 1)
     total = torch.zeros((), device=device)
     for i, batch in enumerate(batches):
         loss = model(batch.to(device), normalizer=targets)
         loss.backward()
         model.grads_to_master(accumulate=i > 0)
         total += loss.detach()
+    if all_reduce is not None:
+        all_reduce(model.master.grad)
     if max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(model.master_parameters(), max_grad_norm, foreach=True)
     optimizer.step()
@@ -75,27 +84,28 @@ class CudaGraphStep:
     """
 
     def __init__(self, model: FastCausalLM, optimizer: torch.optim.Optimizer, max_grad_norm: float | None,
-                 warmup: int = 3):
+                 warmup: int = 3, all_reduce: AllReduce | None = None):
         self.model, self.optimizer, self.max_grad_norm, self.warmup = model, optimizer, max_grad_norm, warmup
+        self.all_reduce = all_reduce
         self.device = model.master.device
         self.stream = torch.cuda.Stream(self.device)
         self.seq_len: int | None = None
         self.graphs: tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph] | None = None
         self.failed = False
 
-    def __call__(self, batches: PackedBatch | Sequence[PackedBatch]) -> torch.Tensor:
+    def __call__(self, batches: PackedBatch | Sequence[PackedBatch], normalizer: int | None = None) -> torch.Tensor:
         batches = [batches] if isinstance(batches, PackedBatch) else list(batches)
         if self.graphs is None:
             if self.failed or self.warmup > 0 or any(b.input_ids.shape[0] != batches[0].input_ids.shape[0]
                                                      for b in batches):
                 self.warmup -= 1
-                return self._eager(batches)
+                return self._eager(batches, normalizer)
             self._capture(batches[0])
             if self.graphs is None:
-                return self._eager(batches)
+                return self._eager(batches, normalizer)
         if any(b.input_ids.shape[0] != self.seq_len for b in batches):
-            return self._eager(batches)  # another shape: correct, just not graphed
-        self.normalizer.fill_(max(sum(b.num_targets for b in batches), 1))
+            return self._eager(batches, normalizer)  # another shape: correct, just not graphed
+        self.normalizer.fill_(normalizer or max(sum(b.num_targets for b in batches), 1))
         total = torch.zeros((), device=self.device)
         for batch in batches:
             self._load(batch)
@@ -108,11 +118,11 @@ class CudaGraphStep:
     def graphed(self) -> bool:
         return self.graphs is not None
 
-    def _eager(self, batches: list[PackedBatch]) -> torch.Tensor:
+    def _eager(self, batches: list[PackedBatch], normalizer: int | None = None) -> torch.Tensor:
         # Eager steps run on the side stream the graphs are captured on (lazy cuBLAS/optimizer init).
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            loss = eager_step(self.model, self.optimizer, batches, self.max_grad_norm)
+            loss = eager_step(self.model, self.optimizer, batches, self.max_grad_norm, normalizer, self.all_reduce)
             self.model.master.grad.zero_()  # the graphs accumulate into it
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         return loss
@@ -143,6 +153,8 @@ class CudaGraphStep:
                 model.grads_to_master(accumulate=True)
                 self.loss = loss.detach()  # holding the autograd graph would pin its AccumulateGrad nodes
             with torch.cuda.graph(update, pool=micro.pool(), stream=self.stream):
+                if self.all_reduce is not None:
+                    self.all_reduce(model.master.grad)
                 if self.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(model.master_parameters(), self.max_grad_norm, foreach=True)
                 self.optimizer.step()
