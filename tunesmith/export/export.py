@@ -121,9 +121,8 @@ def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict
 
         clock = time.perf_counter()
         results, summary = _fidelity(run_dir, config, merged, tokenizer, ggufs, settings, console)
-        if summary is not None:
-            write_json(run_dir / "fidelity.json", summary)
-            written.append(run_dir / "fidelity.json")
+        write_json(run_dir / "fidelity.json", summary)
+        written.append(run_dir / "fidelity.json")
         seconds["fidelity"] = time.perf_counter() - clock
 
         chosen = _choose(names, results)
@@ -150,12 +149,12 @@ def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict
 
 
 def _fidelity(run_dir: Path, config: Any, merged: Path, tokenizer: Any, ggufs: dict[str, Path],
-              settings: ExportConfig, console: Console) -> tuple[list[fidelity.QuantFidelity], dict | None]:
+              settings: ExportConfig, console: Console) -> tuple[list[fidelity.QuantFidelity], dict]:
     cases = fidelity.held_out_cases(run_dir, config, settings.fidelity_prompts)
     if not cases:
-        console.print("[yellow]export: fidelity check skipped (export.fidelity_prompts is 0 or no held-out "
-                      "examples in data/eval.jsonl)[/]")
-        return [], None
+        why = "export.fidelity_prompts is 0" if not settings.fidelity_prompts else "no held-out examples"
+        console.print(f"[yellow]export: fidelity check skipped ({why})[/]")
+        return [], {"prompts": 0, "skipped": why, "quantizations": []}
     prompts, answers = fidelity.encode_cases(tokenizer, cases, config)
     stop = _stop_ids(tokenizer, config)
     max_new = config.eval.max_new_tokens
