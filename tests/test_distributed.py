@@ -10,7 +10,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import yaml
 
 from tests.conftest import run_cli
 from tests.test_train import _adapter, _config, _losses
@@ -91,12 +90,9 @@ def test_fast_path_shards_cover_each_epoch_once(buffers, world_size):
     assert orders[0] != orders[1] or buffers < 3  # reshuffled per epoch
 
 
-def _write(path: Path, **changes) -> Path:
-    config = yaml.safe_load(path.read_text())
-    for section, values in changes.items():
-        config.setdefault(section, {}).update(values)
-    path.write_text(yaml.safe_dump(config))
-    return path
+def _first(run: Path, key: str) -> float:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return next(record[key] for record in lines if key in record)
 
 
 @pytest.mark.slow
@@ -129,11 +125,17 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path, tiny_q
     reference = _losses(run_one)
     assert [step for step, _ in _losses(run_two)] == [step for step, _ in reference] == list(range(1, 7))
     assert [loss for _, loss in _losses(run_two)] == pytest.approx([loss for _, loss in reference], rel=1e-4)
-    assert reference[-1][1] != reference[0][1]  # it trained: the comparison is of a moving curve
+    assert reference[-1][1] < reference[0][1] - 0.3  # it trained: the comparison is of a moving curve
+    # The first step's gradient (its norm is logged before clipping) is the same sum, up to rounding: a
+    # missing × world size would halve it, a duplicated shard would change it and the loss.
+    assert _first(run_two, "grad_norm") == pytest.approx(_first(run_one, "grad_norm"), rel=1e-4)
+    # Adam amplifies that rounding afterwards (its first updates are lr × sign(gradient), and some LoRA
+    # gradients are near zero), so after 6 steps the adapters agree to ~0.5% (measured 0.02-0.5% per tensor);
+    # lora_B starts at zero, so for B this is 0.5% of what was learned.
     a, b = _adapter(run_one), _adapter(run_two)
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+        assert float((b[key] - a[key]).norm() / a[key].norm()) < 2e-2, key
 
     # Every rank resumes from rank 0's step-3 checkpoint and lands on the same adapter.
     shutil.rmtree(run_two / "checkpoints" / "step-00000006")
