@@ -28,6 +28,7 @@ from tunesmith.config import ExportConfig
 from tunesmith.errors import ModelError, TunesmithError
 from tunesmith.export import convert, fidelity, merge, quantize
 from tunesmith.export import modelfile as modelfiles
+from tunesmith.serve.modelfile import format_value, typed_parameter
 
 
 class NotEnoughDisk(TunesmithError):
@@ -76,6 +77,9 @@ def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict
     tokenizer = load_tokenizer(adapter if (adapter / "tokenizer_config.json").is_file() else base)
     if settings.template is None:
         modelfiles.detect_family(getattr(tokenizer, "chat_template", None))
+    for key, value in settings.parameters.items():  # Ollama refuses a Modelfile with an unknown PARAMETER
+        for item in value if isinstance(value, list) else [value]:
+            typed_parameter(key, format_value(item))
     check_disk(run_dir, base, adapter, names, settings.outtype)
 
     name = config.name
@@ -176,11 +180,17 @@ def _choose(names: list[str], results: list[fidelity.QuantFidelity]) -> str:
 
 
 def _template(tokenizer: Any, config: Any, settings: ExportConfig, gguf: Path) -> tuple[str, str | None, list[str]]:
-    """(TEMPLATE, SYSTEM, stop tokens), proven against the training chat template on probe conversations."""
+    """(TEMPLATE, SYSTEM, stop tokens), proven against the training chat template on probe conversations.
+
+    A user's export.template is taken as given (with the family's stop tokens when the family is known).
+    """
     from llama_cpp import Llama
 
     from tunesmith.data.render import template_kwargs
 
+    if settings.template is not None:
+        family = modelfiles.FAMILIES.get(_family_or_none(tokenizer), {})
+        return settings.template, config.data.system_prompt, list(family.get("stop", []))
     with quantize.native_output():
         vocab = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
     adds_bos = len(vocab.tokenize(b"", add_bos=True, special=True)) > 0
@@ -193,13 +203,12 @@ def _template(tokenizer: Any, config: Any, settings: ExportConfig, gguf: Path) -
 
     render = modelfiles.jinja_renderer(tokenizer, template_kwargs(config.data))
     training_system = config.data.system_prompt
-    if settings.template is not None:
-        family = modelfiles.FAMILIES.get(_family_or_none(tokenizer), {})
-        return settings.template, training_system, list(family.get("stop", []))
-    derived = modelfiles.derive(tokenizer, template_kwargs(config.data), adds_bos)
-    system = training_system or derived.default_system
-    modelfiles.verify(derived.template, system, render, hf_ids, served_ids, training_system=training_system)
-    vocab.close()
+    try:
+        derived = modelfiles.derive(tokenizer, template_kwargs(config.data), adds_bos)
+        system = training_system or derived.default_system
+        modelfiles.verify(derived.template, system, render, hf_ids, served_ids, training_system=training_system)
+    finally:
+        vocab.close()
     return derived.template, system, derived.stop
 
 
