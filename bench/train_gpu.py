@@ -8,6 +8,13 @@ equivalence of the fast path with transformers + peft. Each stack runs in its ow
 
     python bench/train_gpu.py                      # every stack; Unsloth if importable
     python bench/train_gpu.py --stacks fast,hf --record bench/RESULTS.md
+    python bench/train_gpu.py --scaling --record bench/RESULTS.md   # fast path on 1 and 2 GPUs (issue 9)
+
+`--scaling`: the fast path, data-parallel as `tunesmith train --gpus N` runs it (train/distributed.py: each rank
+packs the same buffers, takes its share of every global batch, one all-reduce of the LoRA gradient per step),
+with the same global batch (`--global-buffers` buffers of `--seq-len` tokens per optimizer step) on 1 GPU
+(grad_accum = global buffers) and on 2 (half each). Reports useful tokens/s over all GPUs, scaling efficiency
+(2-GPU tokens/s over twice the 1-GPU tokens/s) and how far apart the two loss curves are.
 """
 
 from __future__ import annotations
@@ -207,6 +214,81 @@ def profile(fn, steps: int) -> None:
     print(table, file=sys.stderr)
 
 
+def worker_scale(a) -> dict:
+    """One rank of the scaling run (started by torch.distributed.run; alone when WORLD_SIZE is unset)."""
+    import torch
+
+    from tunesmith.config import LoraConfig
+    from tunesmith.train import distributed
+    from tunesmith.train.fast import make_optimizer, make_train_step, pack, prepare_fast_model
+
+    world = distributed.init("cuda")
+    if a.global_buffers % world.size:
+        raise SystemExit(f"--global-buffers {a.global_buffers} does not split over {world.size} GPUs")
+    packed = pack(documents(list(batches(a.docs_batches))), a.seq_len)
+    torch.manual_seed(3407)
+    fast = prepare_fast_model(load_model(a.model), LoraConfig())
+    opt = make_optimizer(fast, lr=2e-4)
+    step = make_train_step(fast, opt, all_reduce=distributed.all_reduce_sum if world.size > 1 else None)
+    steps = len(packed) // a.global_buffers
+    warm = min(a.warm, steps // 4)
+    torch.cuda.reset_peak_memory_stats()
+    curve, tokens, t0 = [], 0, time.perf_counter()
+    for i in range(steps):
+        if i == warm:
+            torch.cuda.synchronize()
+            t0, tokens = time.perf_counter(), 0
+        group = packed[i * a.global_buffers:(i + 1) * a.global_buffers]  # the same global batch on 1 or 2 GPUs
+        loss = step(world.shard(group), normalizer=max(1, sum(b.num_targets for b in group)))
+        tokens += sum(b.num_tokens for b in group)
+        curve.append(loss)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    curve = [world.sum(float(x)) for x in curve]  # each rank's loss is its share of the global mean
+    out = {"gpus": world.size, "tokens_per_s": round(tokens / dt), "step_ms": round(1000 * dt / (steps - warm), 1),
+           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "steps": steps, "warm": warm,
+           "global_tokens_per_step": round(sum(b.num_tokens for b in packed[:steps * a.global_buffers]) / steps),
+           "graphed": getattr(step, "graphed", False), "curve": [round(x, 4) for x in curve]}
+    distributed.teardown()
+    return out if world.main else {}
+
+
+def run_scaling(a, gpus: int) -> dict:
+    """The scaling worker on `gpus` GPUs of this host, under torch.distributed.run as `tunesmith train --gpus`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
+           os.path.abspath(__file__), "--worker", "scale", "--model", a.model, "--warm", str(a.warm),
+           "--seq-len", str(a.seq_len), "--docs-batches", str(a.docs_batches),
+           "--global-buffers", str(a.global_buffers)]
+    try:
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=a.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {a.timeout} s"}
+    if a.log:
+        with open(a.log, "a") as f:
+            f.write(f"==== scaling, {gpus} GPU(s)\n{proc.stdout}{proc.stderr}")
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{") and x != "{}"]
+    if proc.returncode or not lines:
+        tail = [x for x in proc.stderr.strip().splitlines() if x.strip()][-3:]
+        return {"error": " | ".join(tail)[-400:] or f"exit {proc.returncode}"}
+    return json.loads(lines[-1])
+
+
+def scaling_table(one: dict, two: dict) -> str:
+    rows = ["| GPUs | useful tokens/s | step ms | peak GiB per GPU | CUDA graphs |", "|---|---|---|---|---|"]
+    for r in (one, two):
+        if "tokens_per_s" in r:
+            rows.append(f"| {r['gpus']} | {r['tokens_per_s']:,} | {r['step_ms']} | {r['peak_gib']} | {r['graphed']} |")
+        else:
+            rows.append(f"| ? | ERROR {r.get('error')} | | | |")
+    if "tokens_per_s" in one and "tokens_per_s" in two:
+        speedup = two["tokens_per_s"] / one["tokens_per_s"]
+        gap = max(abs(x - y) / y for x, y in zip(two["curve"], one["curve"], strict=True))
+        rows.append(f"\nspeed-up {speedup:.2f}x, efficiency {100 * speedup / 2:.0f}% (target: >= 1.8x); "
+                    f"{one['steps']} steps of ~{one['global_tokens_per_step']:,} tokens, loss curves "
+                    f"{one['curve'][0]} -> {one['curve'][-1]} (1 GPU), max rel diff {gap:.2e} (bf16 rounding)")
+    return "\n".join(rows)
+
+
 def worker_equiv(a) -> dict:
     """Fast path vs transformers + peft on the same batch (loss, LoRA gradients), then a short run."""
     import torch
@@ -334,6 +416,8 @@ def table(results: dict, unsloth_speed: float | None) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stacks", default="equiv,fast,fast_low,hf,unsloth")
+    ap.add_argument("--scaling", action="store_true", help="the fast path on 1 then 2 GPUs, same global batch")
+    ap.add_argument("--global-buffers", type=int, default=4, help="--scaling: packed buffers per optimizer step")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model", default=os.path.join(tempfile.gettempdir(), "qwen3-0.6b-random"))
     ap.add_argument("--steps", type=int, default=30, help="padded batches per padded stack")
@@ -349,13 +433,25 @@ def main() -> None:
     ap.add_argument("--json", help="write all results as JSON here")
     a = ap.parse_args()
     if a.worker:
-        worker = {"hf": worker_hf, "unsloth": worker_unsloth, "equiv": worker_equiv,
+        worker = {"hf": worker_hf, "unsloth": worker_unsloth, "equiv": worker_equiv, "scale": worker_scale,
                   "fast": lambda a: worker_fast(a, False), "fast_low": lambda a: worker_fast(a, True)}[a.worker]
         print(json.dumps(worker(a)), flush=True)
         return
     make_model_dir(a.model)
     info = versions()
     print(json.dumps(info), flush=True)
+    if a.scaling:
+        one, two = run_scaling(a, 1), run_scaling(a, 2)
+        text = scaling_table(one, two)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"versions": info, "args": vars(a), "results": {"1": one, "2": two}}, f, indent=1)
+        if a.record:
+            with open(a.record, "a") as f:
+                f.write(f"\n### {time.strftime('%Y-%m-%d')} scaling, 2 x {info['gpu']}\n{json.dumps(info)}\n\n"
+                        f"`python bench/train_gpu.py {' '.join(sys.argv[1:])}`\n\n{text}\n")
+        print(text)
+        return
     results = {}
     for stack in a.stacks.split(","):
         if stack == "unsloth" and not unsloth_available():
