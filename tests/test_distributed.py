@@ -98,9 +98,9 @@ def _first(run: Path, key: str) -> float:
 @pytest.mark.slow
 def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path, tiny_qwen3):
     """2-process DDP (gloo) with batch_size 2 against one process with batch_size 4: the same 4 sequences per
-    optimizer step, so the same loss curve and adapter up to fp32 rounding (the sums are taken in another
-    order and the padding widths differ): logged losses within 1e-4 relative, weights within 1e-4 / 1e-5.
-    Then a resume of the 2-process run from its step-3 checkpoint ends on the same adapter."""
+    optimizer step, so the same loss curve up to fp32 rounding (the sums are taken in another order and the
+    padding widths differ): logged losses within 1e-4 relative. Both ranks end with identical weights. The same
+    with FSDP2. Then a resume of the DDP run from its step-3 checkpoint ends on the same adapter."""
     import shutil
 
     import torch
@@ -136,6 +136,15 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path, tiny_q
     assert a.keys() == b.keys()
     for key in a:
         assert float((b[key] - a[key]).norm() / a[key].norm()) < 2e-2, key
+
+    # FSDP2 (train.fsdp) shards the model instead of replicating it; the arithmetic is the same.
+    sharded = _config(tmp_path, tiny_qwen3, "fsdp", batch_size=2, fsdp=True, **settings)
+    done = run_cli("train", "--config", str(sharded), "--gpus", "2", env={"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_fsdp = tmp_path / "runs" / "fsdp"
+    assert [loss for _, loss in _losses(run_fsdp)] == pytest.approx([loss for _, loss in reference], rel=1e-4)
+    for key, value in _adapter(run_fsdp).items():
+        assert float((value - a[key]).norm() / a[key].norm()) < 2e-2, key
 
     # Every rank resumes from rank 0's step-3 checkpoint and lands on the same adapter.
     shutil.rmtree(run_two / "checkpoints" / "step-00000006")
