@@ -85,6 +85,10 @@ def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict
     name = config.name
     gguf_dir = run_dir / "gguf"
     _remove_stale_temporaries(run_dir)
+    # The Modelfile (with fidelity.json) marks a complete export; a re-export that is interrupted must not
+    # leave the old marker next to new files.
+    for marker in (run_dir / "Modelfile", run_dir / "fidelity.json"):
+        marker.unlink(missing_ok=True)
     written: list[Path] = []
     seconds: dict[str, float] = {}
     scratch = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=run_dir))
