@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config import Config
+from tunesmith.errors import ConfigError
 from tunesmith.train import batches
 from tunesmith.train.distributed import ALONE, World
 
@@ -230,6 +231,9 @@ def fast_path_wanted(config: Config, device: str, model: Any) -> bool:
     from tunesmith.train.fast import FastPathUnsupported, check_supported
 
     wanted = config.train.fast
+    if wanted is True and config.train.fsdp:
+        raise ConfigError("train.fast: true and train.fsdp: true don't go together",
+                          "FSDP2 shards the transformers + peft model; set train.fast: auto or false")
     if wanted is False or config.train.method != "lora" or config.train.fsdp:
         return False
     if wanted == "auto" and device != "cuda":

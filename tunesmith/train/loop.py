@@ -81,6 +81,8 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
     if cfg.method == "qlora" and device != "cuda":
         raise ModelError("train.method: qlora needs a CUDA GPU (bitsandbytes 4-bit weights)",
                          "on CPU use train.method: lora, which trains the same adapter on full-precision weights")
+    if cfg.method == "qlora" and cfg.fsdp and world.size > 1:
+        raise ModelError("train.fsdp does not shard 4-bit (qlora) weights", "use train.method: lora, or DDP (fsdp: false)")
     torch.manual_seed(cfg.seed)
     if device == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -93,7 +95,8 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
         raise DataError(f"{config.data.train_file}: no training examples left after validation",
                         "check `tunesmith data inspect` for what was dropped")
     model = load_model(base, dtype=_dtype(config, device), trust_remote_code=config.model.trust_remote_code)
-    model.to(device)
+    if not (cfg.fsdp and world.size > 1):  # FSDP2 moves the model to the GPU layer by layer, as it shards it
+        model.to(device)
     model.config.use_cache = False
     pad_id = tokenizer.pad_token_id
     if fast_path_wanted(config, device, model):
