@@ -33,7 +33,6 @@ class HFEngine:
         model.train()  # from_pretrained returns eval mode, where gradient checkpointing is off
         cfg = config.train
         self.lengths = [len(example["input_ids"]) for example in data.train]
-        self.trained = [sum(label != -100 for label in example["labels"][1:]) for example in data.train]
         # The plan is made of global micro-batches of batch_size × world size sequences; each rank trains on
         # its shard of each (World.shard). On one process this is the plan it always was.
         self.global_batch = cfg.batch_size * world.size
@@ -68,7 +67,8 @@ class HFEngine:
         accum, world = self.config.train.grad_accum, self.world
         group = [self._micro_batch(step * accum + k) for k in range(accum)]
         # Counted from the plan, which every rank knows whole: the global numbers without communication.
-        targets = sum(self.trained[i] for indices in group for i in indices)
+        targets = sum(sum(label != -100 for label in self.data.train[i]["labels"][1:])
+                      for indices in group for i in indices)
         inputs = sum(self.lengths[i] for indices in group for i in indices)
         loss_value = 0.0
         for k, indices in enumerate(group):
