@@ -168,8 +168,12 @@ def _fidelity(run_dir: Path, config: Any, merged: Path, tokenizer: Any, ggufs: d
     max_new = config.eval.max_new_tokens
     console.print(f"export: fidelity check on {len(cases)} held-out prompts (greedy, up to {max_new} tokens)")
     reference = fidelity.merged_outputs(merged, prompts, answers, stop, max_new, tokenizer.pad_token_id)
-    results = [fidelity.compare(quant, path, reference, fidelity.gguf_outputs(path, prompts, answers, stop, max_new),
-                                settings.min_agreement) for quant, path in ggufs.items()]
+    console.print(f"  merged model (transformers): {reference.seconds:.0f} s")
+    results = []
+    for quant, path in ggufs.items():
+        outputs = fidelity.gguf_outputs(path, prompts, answers, stop, max_new)
+        results.append(fidelity.compare(quant, path, reference, outputs, settings.min_agreement))
+        console.print(f"  {path.name} (llama.cpp): {outputs.seconds:.0f} s")
     fidelity.print_table(results, console, settings.min_agreement)
     return results, fidelity.report(results, reference.seconds, len(cases), settings.min_agreement)
 
