@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from tests.conftest import run_cli
 from tests.test_train import _adapter, _config, _losses
@@ -90,6 +91,14 @@ def test_fast_path_shards_cover_each_epoch_once(buffers, world_size):
     assert orders[0] != orders[1] or buffers < 3  # reshuffled per epoch
 
 
+def _forty_one(path: Path) -> Path:
+    """test_train's 48 examples, 7 of them held out: 41 left, 4k + 1 for a global batch of 4."""
+    config = yaml.safe_load(path.read_text())
+    config["data"]["eval_fraction"] = 0.146
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def _first(run: Path, key: str) -> float:
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return next(record[key] for record in lines if key in record)
@@ -100,14 +109,16 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path, tiny_q
     """2-process DDP (gloo) with batch_size 2 against one process with batch_size 4: the same 4 sequences per
     optimizer step, so the same loss curve up to fp32 rounding (the sums are taken in another order and the
     padding widths differ): logged losses within 1e-4 relative. Both ranks end with identical weights. The same
-    with FSDP2. Then a resume of the DDP run from its step-3 checkpoint ends on the same adapter."""
+    with FSDP2. Then a resume of the DDP run from its step-8 checkpoint ends on the same adapter.
+
+    One epoch of 41 examples: 10 global batches of 4 and one of 1, where rank 1 runs a masked stand-in."""
     import shutil
 
     import torch
 
-    settings = {"device": "cpu", "max_steps": 6, "save_steps": 3, "eval_steps": 3, "gradient_checkpointing": False}
-    one = _config(tmp_path, tiny_qwen3, "one", batch_size=4, **settings)
-    two = _config(tmp_path, tiny_qwen3, "two", batch_size=2, **settings)
+    settings = {"device": "cpu", "max_steps": 11, "save_steps": 4, "eval_steps": 4, "gradient_checkpointing": False}
+    one = _forty_one(_config(tmp_path, tiny_qwen3, "one", batch_size=4, **settings))
+    two = _forty_one(_config(tmp_path, tiny_qwen3, "two", batch_size=2, **settings))
 
     done = run_cli("train", "--config", str(two), "--gpus", "2", env={"OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout + done.stderr
@@ -119,18 +130,19 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path, tiny_q
     record = json.loads((run_two / "run.json").read_text())
     digests = record["final"]["rank_weight_sha256"]
     assert record["world_size"] == 2 and len(digests) == 2 and digests[0] == digests[1]
+    assert record["examples"]["train"] == 41
     assert record["final"]["trained_tokens"] == json.loads((run_one / "run.json").read_text())["final"][
         "trained_tokens"]  # the same examples were trained, none twice
 
     reference = _losses(run_one)
-    assert [step for step, _ in _losses(run_two)] == [step for step, _ in reference] == list(range(1, 7))
+    assert [step for step, _ in _losses(run_two)] == [step for step, _ in reference] == list(range(1, 12))
     assert [loss for _, loss in _losses(run_two)] == pytest.approx([loss for _, loss in reference], rel=1e-4)
     assert reference[-1][1] < reference[0][1] - 0.3  # it trained: the comparison is of a moving curve
     # The first step's gradient (its norm is logged before clipping) is the same sum, up to rounding: a
     # missing × world size would halve it, a duplicated shard would change it and the loss.
     assert _first(run_two, "grad_norm") == pytest.approx(_first(run_one, "grad_norm"), rel=1e-4)
     # Adam amplifies that rounding afterwards (its first updates are lr × sign(gradient), and some LoRA
-    # gradients are near zero), so after 6 steps the adapters agree to ~0.5% (measured 0.02-0.5% per tensor);
+    # gradients are near zero), so after 11 steps the adapters agree to ~0.5% (measured up to 0.5% per tensor);
     # lora_B starts at zero, so for B this is 0.5% of what was learned.
     a, b = _adapter(run_one), _adapter(run_two)
     assert a.keys() == b.keys()
@@ -138,7 +150,7 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path, tiny_q
         assert float((b[key] - a[key]).norm() / a[key].norm()) < 2e-2, key
 
     # FSDP2 (train.fsdp) shards the model instead of replicating it; the arithmetic is the same.
-    sharded = _config(tmp_path, tiny_qwen3, "fsdp", batch_size=2, fsdp=True, **settings)
+    sharded = _forty_one(_config(tmp_path, tiny_qwen3, "fsdp", batch_size=2, fsdp=True, **settings))
     done = run_cli("train", "--config", str(sharded), "--gpus", "2", env={"OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout + done.stderr
     run_fsdp = tmp_path / "runs" / "fsdp"
@@ -146,12 +158,12 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path, tiny_q
     for key, value in _adapter(run_fsdp).items():
         assert float((value - a[key]).norm() / a[key].norm()) < 2e-2, key
 
-    # Every rank resumes from rank 0's step-3 checkpoint and lands on the same adapter.
-    shutil.rmtree(run_two / "checkpoints" / "step-00000006")
+    # Every rank resumes from rank 0's step-8 checkpoint and lands on the same adapter.
+    shutil.rmtree(run_two / "checkpoints" / "step-00000011")
     shutil.rmtree(run_two / "adapter")
     resumed = run_cli("train", "--config", str(two), "--gpus", "2", "--resume", env={"OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert resumed.stdout.count("resuming from step-00000003") == 1
+    assert resumed.stdout.count("resuming from step-00000008") == 1
     for key, value in _adapter(run_two).items():
         torch.testing.assert_close(value, b[key], rtol=1e-5, atol=1e-6)
 
