@@ -42,7 +42,7 @@ def server(tmp_path):
 
 
 def test_create_list_show_run_cp_rm(server, tmp_path, smollm2_gguf):
-    env, port = server
+    env, _port = server
     modelfile = tmp_path / "Modelfile"
     modelfile.write_text(f"FROM {smollm2_gguf}\nPARAMETER temperature 0\nPARAMETER num_predict 8\n"
                          "SYSTEM You answer in one word.\n")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
-from tunesmith.atomic import write_text  # noqa: E402
+from tunesmith.atomic import write_text
 
 INSTRUCTION = "Extract the order from the customer's message as JSON."
 PRODUCTS = {"mug": ["mug", "mugs"], "t-shirt": ["t-shirt", "t-shirts"], "notebook": ["notebook", "notebooks"],
