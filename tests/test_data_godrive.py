@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
@@ -92,8 +91,12 @@ def test_the_example_config_loads_the_dataset(tmp_path):
 
 
 def test_score_exact_match_and_per_rule():
-    module, _, name = load_config(HERE / "config.yaml").eval.scorer.partition(":")
-    score = getattr(importlib.import_module(module), name)
+    from tunesmith.evaluate.scorers import load_scorer
+
+    # load_config pins `examples.godrive.generate:score` to the file beside the config
+    spec = load_config(HERE / "config.yaml").eval.scorer
+    assert spec == f"{HERE / 'generate.py'}:score"
+    score = load_scorer(spec)
     reference = "请系好安全带。倒车入库看后视镜。请减速慢行。"
     perfect = score(reference, reference)
     rule_keys = {f"rule:{r.id}" for r in godrive.RULES} | {"rule:all_good"}
