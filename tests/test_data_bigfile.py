@@ -9,12 +9,15 @@ from pathlib import Path
 
 import pytest
 
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a child of a pytest process
+# that already holds models would report the parent's peak (seen: 1064 MiB), not its own.
 CHILD = """
-import resource, sys
+import re, sys
 from tunesmith.config import DataConfig
 from tunesmith.data import validate_file
 report = validate_file(sys.argv[1], DataConfig(on_error="skip"))
-print(report.loaded, len(report.skipped), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+peak = re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)
+print(report.loaded, len(report.skipped), peak)
 """
 
 

@@ -6,13 +6,11 @@ Every user error is a `TunesmithError`; `main` turns it into one line on stderr 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import sys
 import traceback
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -54,19 +52,6 @@ def _host(config: Path | None, sets: list[str] | None) -> str | None:
         return None
     settings = _config(config, sets).serve
     return f"http://{settings.host}:{settings.port}"
-
-
-@contextlib.contextmanager
-def client_server(host: str | None) -> Iterator[None]:
-    """A server to talk to: the one at `host`, or a local one started now and stopped afterwards."""
-    from tunesmith.serve import client
-
-    server = client.ensure_server(host)
-    try:
-        yield
-    finally:
-        if server is not None:
-            server.terminate()
 
 
 @app.callback()
@@ -226,7 +211,7 @@ def create(
     from tunesmith.serve import client
 
     host = _host(config, set_)
-    with client_server(host):
+    with client.server_at(host):
         client.create_from_modelfile(host, name, file, progress=console.print)
 
 
@@ -241,7 +226,7 @@ def run_(
     from tunesmith.serve import client
 
     host = _host(config, set_)
-    with client_server(host):
+    with client.server_at(host):
         client.run(host, name, prompt)
 
 

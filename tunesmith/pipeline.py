@@ -10,6 +10,7 @@ checkpoint, so a pipeline killed mid-training continues where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -94,12 +95,8 @@ def _create(ctx: Context) -> None:
     from tunesmith.serve import client
 
     host = ctx.deploy or _host(ctx.config)
-    server = None if ctx.deploy else client.ensure_server(host)
-    try:
+    with contextlib.nullcontext() if ctx.deploy else client.server_at(host):
         client.create_from_modelfile(host, ctx.config.name, ctx.run_dir / "Modelfile")
-    finally:
-        if server is not None:
-            server.terminate()
     ctx.console.print(f"  created {ctx.config.name} on {host}")
 
 
@@ -107,21 +104,19 @@ def _serve(ctx: Context) -> None:
     from tunesmith.serve import client
 
     host = ctx.deploy or _host(ctx.config)
-    server = None if ctx.deploy else client.ensure_server(host)
-    prompt = _sample_prompt(ctx)
-    reply = _ask(host, ctx.config.name, prompt)
-    ctx.console.print(f"  prompt: {prompt}", highlight=False)
-    ctx.console.print(f"  answer: {reply}", highlight=False)
-    body = json.dumps({"model": ctx.config.name, "prompt": prompt, "stream": False}, ensure_ascii=False)
-    ctx.console.print(f"\ntry it:\n  curl {host}/api/generate -d '{body}'", highlight=False, soft_wrap=True)
-    if server is not None and ctx.serve:
-        ctx.console.print(f"\nserving on {host} (Ctrl-C to stop)")
-        try:
-            server.wait()
-        except KeyboardInterrupt:
-            pass
-    if server is not None:
-        server.terminate()
+    with contextlib.nullcontext() if ctx.deploy else client.server_at(host) as server:
+        prompt = _sample_prompt(ctx)
+        reply = _ask(host, ctx.config.name, prompt)
+        ctx.console.print(f"  prompt: {prompt}", highlight=False)
+        ctx.console.print(f"  answer: {reply}", highlight=False)
+        body = json.dumps({"model": ctx.config.name, "prompt": prompt, "stream": False}, ensure_ascii=False)
+        ctx.console.print(f"\ntry it:\n  curl {host}/api/generate -d '{body}'", highlight=False, soft_wrap=True)
+        if server is not None and ctx.serve:
+            ctx.console.print(f"\nserving on {host} (Ctrl-C to stop)")
+            try:
+                server.wait()
+            except KeyboardInterrupt:
+                pass
 
 
 def _ask(host: str, model: str, prompt: str) -> str:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -368,3 +369,20 @@ def run(host: str | None, name: str, prompt: str | None = None, *, stdin: IO[str
             continue
         if text.strip():
             answer(text)
+
+
+@contextlib.contextmanager
+def server_at(host: str | None) -> Iterator[subprocess.Popen[bytes] | None]:
+    """A server to talk to: the one at `host`, or a local one started now and stopped (and waited for)
+    afterwards, so the next caller's heartbeat never reaches a server that is still shutting down."""
+    server = ensure_server(host)
+    try:
+        yield server
+    finally:
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
