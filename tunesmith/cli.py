@@ -151,14 +151,14 @@ def eval_(
 ) -> None:
     """Score base vs fine-tuned vs each GGUF on held-out examples; writes runs/<name>/eval.jsonl."""
     from tunesmith import inference
-    from tunesmith.evaluate.run import evaluate, print_summary
+    from tunesmith.evaluate.run import evaluate, gguf_models, print_summary
 
     run_dir = run or _config(config, set_).run_dir
     settings = inference.run_config(run_dir)
     names: list[str] = []
     for name in models.split(","):
         if name == "gguf":
-            names += sorted(str(p) for p in (run_dir / "gguf").glob("*.gguf") if ".lora." not in p.name.lower())
+            names += gguf_models(run_dir)
         elif name.strip():
             names.append(name.strip())
     print_summary(evaluate(settings, run_dir, file, names, console, limit=limit), console)

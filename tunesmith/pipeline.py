@@ -73,21 +73,16 @@ def _export(ctx: Context) -> None:
 
 
 def _eval_gguf(ctx: Context) -> None:
-    from tunesmith.evaluate.run import evaluate, print_summary
+    from tunesmith.evaluate.run import evaluate, gguf_models, print_summary
 
-    results = evaluate(ctx.config, ctx.run_dir, None, _ggufs(ctx.run_dir), ctx.console, keep_existing=True)
+    results = evaluate(ctx.config, ctx.run_dir, None, gguf_models(ctx.run_dir), ctx.console, keep_existing=True)
     print_summary(results, ctx.console)
 
 
-def _ggufs(run_dir: Path) -> list[str]:
-    """The exported model files (not the LoRA-only GGUF, which needs its base to answer)."""
-    return sorted(str(path) for path in (run_dir / "gguf").glob("*.gguf") if ".lora." not in path.name.lower())
-
-
 def _gguf_evaluated(run_dir: Path) -> bool:
-    from tunesmith.evaluate.run import evaluated_models
+    from tunesmith.evaluate.run import evaluated_models, gguf_models
 
-    ggufs = _ggufs(run_dir)
+    ggufs = gguf_models(run_dir)
     return bool(ggufs) and set(ggufs) <= evaluated_models(run_dir)
 
 

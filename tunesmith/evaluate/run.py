@@ -118,22 +118,28 @@ def _answers(name: str, config: Config, run_dir: Path, cases: list[Case]) -> lis
 
 
 def _gguf_answers(gguf: Path, config: Config, conversations: list[list[dict[str, str]]], max_new: int) -> list[str]:
-    from llama_cpp import Llama
-
     from tunesmith.models import load_tokenizer, resolve_base
+    from tunesmith.serve.engine import open_llama
 
     tokenizer = load_tokenizer(resolve_base(config.model.base, config.model.revision))
-    llm = Llama(model_path=str(gguf), n_ctx=2048, n_batch=512, verbose=False, seed=0)
+    # open_llama: the thread settings the server uses (llama.cpp's default spin-waits on busy cores)
+    llm = open_llama(gguf, n_ctx=2048)
+    stop = _stop_ids(tokenizer) | {llm.token_eos()}
     answers = []
     for messages in conversations:
         ids = inference.prompt_ids(tokenizer, messages, config)
         out = []
         for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            if llm.token_eos() == token or token in _stop_ids(tokenizer) or len(out) >= max_new:
+            if token in stop or len(out) >= max_new:
                 break
             out.append(token)
         answers.append(tokenizer.decode(out, skip_special_tokens=True).strip())
     return answers
+
+
+def gguf_models(run_dir: Path) -> list[str]:
+    """The exported model files of a run, as eval names them (not the LoRA-only GGUF, which needs its base)."""
+    return sorted(str(path) for path in (run_dir / "gguf").glob("*.gguf") if ".lora." not in path.name.lower())
 
 
 def _stop_ids(tokenizer: Any) -> set[int]:
