@@ -57,6 +57,7 @@ def _host(config: Path | None, sets: list[str] | None) -> str | None:
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s")
+    logging.getLogger("httpx").setLevel(logging.DEBUG if debug else logging.WARNING)  # one line per request otherwise
     if not debug:
         # Deprecation chatter from the libraries says nothing the user can act on.
         warnings.filterwarnings("ignore", category=FutureWarning)
