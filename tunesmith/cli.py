@@ -189,15 +189,21 @@ def serve(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     api_key: Annotated[str | None, typer.Option("--api-key", help="Required for a non-loopback bind.")] = None,
+    runs: Annotated[Path | None, typer.Option("--runs", help="The runs folder the web UI at /ui shows "
+                                                             "(default: the config's runs_dir, `runs`).")] = None,
 ) -> None:
-    """Serve the model store through Ollama's API (default 127.0.0.1:11434; TUNESMITH_HOST like OLLAMA_HOST)."""
+    """Serve the model store through Ollama's API (default 127.0.0.1:11434; TUNESMITH_HOST like OLLAMA_HOST),
+    and the web UI at /ui."""
     from tunesmith.serve.app import apply_env
     from tunesmith.serve.app import serve as run_server
 
     settings = apply_env(_config(config, set_).serve)
     if api_key:
         settings = settings.model_copy(update={"api_key": api_key})
-    console.print(f"tunesmith serving the model store on http://{settings.host}:{settings.port}")
+    if runs:
+        settings = settings.model_copy(update={"runs_dir": str(runs)})
+    console.print(f"tunesmith serving the model store on http://{settings.host}:{settings.port} "
+                  f"(web UI: /ui, runs from {settings.runs_dir})")
     run_server(settings)
 
 

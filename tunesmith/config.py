@@ -11,10 +11,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tunesmith.errors import ConfigError
 
+RUNS_DIR = "runs"
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # Every quantization llama.cpp's quantizer can produce through the bindings, by the names
@@ -133,6 +134,8 @@ class ServeConfig(Section):
     max_loaded: int = Field(2, gt=0)
     keep_alive: str = "5m"
     num_ctx: int = Field(2048, gt=0)
+    runs_dir: str = RUNS_DIR
+    """The runs the web UI at /ui shows. Unless set here, the top-level runs_dir (where training writes)."""
 
 
 class EvalConfig(Section):
@@ -147,7 +150,7 @@ class EvalConfig(Section):
 class Config(Section):
     name: str = "run"
     """The run's name: outputs go to `<runs_dir>/<name>/`, the exported model is called this."""
-    runs_dir: str = "runs"
+    runs_dir: str = RUNS_DIR
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -159,6 +162,13 @@ class Config(Section):
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
+
+    @model_validator(mode="after")
+    def _serve_shows_these_runs(self) -> Config:
+        # One setting says where runs live: the server's UI shows the folder training writes to.
+        if "runs_dir" not in self.serve.model_fields_set:
+            self.serve.runs_dir = self.runs_dir
+        return self
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

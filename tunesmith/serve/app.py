@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
@@ -239,6 +239,9 @@ def create_app(config: ServeConfig, store: Store | None = None) -> FastAPI:
     from tunesmith.serve.openai_compat import install_openai_routes
 
     install_openai_routes(app, server)
+    from tunesmith.ui import install_ui
+
+    install_ui(app, Path(config.runs_dir), server.store)
     return app
 
 
