@@ -80,12 +80,14 @@ def train(work: Path, name: str, model: Path, gpus: int, train_cfg: dict, log) -
     config = write_config(work, name, model, train_cfg)
     shutil.rmtree(work / "runs" / name, ignore_errors=True)
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(command(config, gpus), check=False, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    log.write(f"==== {name} ({gpus} GPU)\n")
+    log.flush()
+    try:  # output straight to the log, so that a run killed at the timeout still leaves it there
+        proc = subprocess.run(command(config, gpus), check=False, cwd=ROOT, stdout=log, stderr=log,
+                              timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {TIMEOUT} s"}
-    log.write(f"==== {name} ({gpus} GPU)\n{proc.stdout}\n{proc.stderr}\n")
-    return result(work / "runs" / name, proc.returncode, time.perf_counter() - t0, proc.stderr)
+    return result(work / "runs" / name, proc.returncode, time.perf_counter() - t0, "")
 
 
 def train_killed_and_resumed(work: Path, name: str, model: Path, gpus: int, train_cfg: dict, log) -> dict:
@@ -106,12 +108,14 @@ def train_killed_and_resumed(work: Path, name: str, model: Path, gpus: int, trai
         time.sleep(0.2)
     out = proc.communicate()[0]
     log.write(f"==== {name} first part, killed at step {killed_at}\n{out}\n")
+    log.write(f"==== {name} resumed\n")
+    log.flush()
     try:
-        resumed = subprocess.run(command(config, gpus, resume=True), check=False, cwd=ROOT, capture_output=True, text=True,
-                                 timeout=TIMEOUT)
+        resumed = subprocess.run(command(config, gpus, resume=True), check=False, cwd=ROOT, capture_output=True,
+                                 text=True, timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         return {"error": f"resume timed out after {TIMEOUT} s"}
-    log.write(f"==== {name} resumed\n{resumed.stdout}\n{resumed.stderr}\n")
+    log.write(f"{resumed.stdout}\n{resumed.stderr}\n")
     out = result(run, resumed.returncode, time.perf_counter() - t0, resumed.stderr)
     out["killed_at"] = killed_at
     out["resumed_from"] = next((line for line in resumed.stdout.splitlines() + resumed.stderr.splitlines()
@@ -122,7 +126,7 @@ def train_killed_and_resumed(work: Path, name: str, model: Path, gpus: int, trai
 def result(run: Path, rc: int, seconds: float, stderr: str) -> dict:
     if rc or not (run / "run.json").exists():
         tail = [line for line in stderr.strip().splitlines() if line.strip()][-3:]
-        return {"error": " | ".join(tail)[-300:] or f"exit {rc}"}
+        return {"error": " | ".join(tail)[-300:] or f"exit {rc}; see the log"}
     record = json.loads((run / "run.json").read_text())
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     final = record.get("final_metrics") or record.get("final") or {}

@@ -216,12 +216,15 @@ def profile(fn, steps: int) -> None:
 
 def worker_scale(a) -> dict:
     """One rank of the scaling run (started by torch.distributed.run; alone when WORLD_SIZE is unset)."""
+    import faulthandler
+
     import torch
 
     from tunesmith.config import LoraConfig
     from tunesmith.train import distributed
     from tunesmith.train.fast import make_optimizer, make_train_step, pack, prepare_fast_model
 
+    faulthandler.dump_traceback_later(max(30, a.timeout - 20), exit=True)  # a hang shows where, in the log
     world = distributed.init("cuda")
     if a.global_buffers % world.size:
         raise SystemExit(f"--global-buffers {a.global_buffers} does not split over {world.size} GPUs")
@@ -258,18 +261,20 @@ def run_scaling(a, gpus: int) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
            os.path.abspath(__file__), "--worker", "scale", "--model", a.model, "--warm", str(a.warm),
            "--seq-len", str(a.seq_len), "--docs-batches", str(a.docs_batches),
-           "--global-buffers", str(a.global_buffers)]
-    try:
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=a.timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {a.timeout} s"}
-    if a.log:
-        with open(a.log, "a") as f:
-            f.write(f"==== scaling, {gpus} GPU(s)\n{proc.stdout}{proc.stderr}")
+           "--global-buffers", str(a.global_buffers), "--timeout", str(a.timeout)]
+    # stderr straight to the log file, so that a run killed at the timeout still leaves its output there
+    with open(a.log or os.devnull, "a") as err:
+        err.write(f"==== scaling, {gpus} GPU(s)\n")
+        err.flush()
+        try:
+            proc = subprocess.run(cmd, check=False, stdout=subprocess.PIPE, stderr=err, text=True,
+                                  timeout=a.timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {a.timeout} s"}
+        err.write(proc.stdout)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{") and x != "{}"]
     if proc.returncode or not lines:
-        tail = [x for x in proc.stderr.strip().splitlines() if x.strip()][-3:]
-        return {"error": " | ".join(tail)[-400:] or f"exit {proc.returncode}"}
+        return {"error": f"exit {proc.returncode}; see {a.log}"}
     return json.loads(lines[-1])
 
 

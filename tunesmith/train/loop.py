@@ -144,13 +144,15 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
 
             elapsed = time.perf_counter() - t0
             tokens_per_second = seen_inputs / elapsed if elapsed else 0.0
-            progress.update(state.step, loss_value, scheduler.get_last_lr()[0], tokens_per_second)
+            # float(): the fast path's CUDA optimizer keeps its learning rate in a device tensor (CUDA graphs)
+            learning_rate = float(scheduler.get_last_lr()[0])
+            progress.update(state.step, loss_value, learning_rate, tokens_per_second)
             if state.step % cfg.log_steps == 0 or state.step == total_steps:
                 record = {
                     "step": state.step,
                     "loss": round(window_loss / window_steps, 4),
                     "grad_norm": None if math.isnan(grad_norm) else grad_norm,
-                    "learning_rate": scheduler.get_last_lr()[0],
+                    "learning_rate": learning_rate,
                     "epoch": round(state.step / engine.steps_per_epoch, 2),
                     "tokens_per_second": round(tokens_per_second, 1),
                     "trained_tokens": state.tokens,
