@@ -6,13 +6,17 @@ No multi-GPU machine is needed: `train.device: cpu` with `--gpus 2` runs 2 CPU p
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
 
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 from tests.test_train import _adapter, _config, _losses
 
 
@@ -109,10 +113,10 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path, tiny_q
     """2-process DDP (gloo) with batch_size 2 against one process with batch_size 4: the same 4 sequences per
     optimizer step, so the same loss curve up to fp32 rounding (the sums are taken in another order and the
     padding widths differ): logged losses within 1e-4 relative. Both ranks end with identical weights. The same
-    with FSDP2. Then a resume of the DDP run from its step-8 checkpoint ends on the same adapter.
+    with FSDP2. Then a copy of the DDP run whose launcher is SIGKILLed after its step-4 checkpoint leaves no
+    worker behind, and resumed, ends on the same adapter and curve.
 
     One epoch of 41 examples: 10 global batches of 4 and one of 1, where rank 1 runs a masked stand-in."""
-    import shutil
 
     import torch
 
@@ -158,14 +162,44 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path, tiny_q
     for key, value in _adapter(run_fsdp).items():
         assert float((value - a[key]).norm() / a[key].norm()) < 2e-2, key
 
-    # Every rank resumes from rank 0's step-8 checkpoint and lands on the same adapter.
-    shutil.rmtree(run_two / "checkpoints" / "step-00000011")
-    shutil.rmtree(run_two / "adapter")
-    resumed = run_cli("train", "--config", str(two), "--gpus", "2", "--resume", env={"OMP_NUM_THREADS": "1"})
+    # SIGKILL the launcher (`tunesmith train --gpus 2`) once the step-4 checkpoint exists: its workers must die
+    # with it, not train on orphaned (they did, on 2 H200s, before train/distributed.die_with_parent); then
+    # every rank resumes from rank 0's checkpoint and lands on the uninterrupted run's adapter.
+    killed = _forty_one(_config(tmp_path, tiny_qwen3, "killed", batch_size=2, **settings))
+    run_killed = tmp_path / "runs" / "killed"
+    launcher = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "train", "--config", str(killed), "--gpus",
+                                 "2"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run_killed / "checkpoints" / "step-00000004").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 20
+    while _processes_with(str(killed)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _processes_with(str(killed)), "workers outlived their launcher"
+    assert not (run_killed / "adapter").exists() and not (run_killed / "checkpoints" / "step-00000011").exists()
+    resumed = run_cli("train", "--config", str(killed), "--gpus", "2", "--resume", env={"OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert resumed.stdout.count("resuming from step-00000008") == 1
-    for key, value in _adapter(run_two).items():
+    assert resumed.stdout.count("resuming from step-0000000") == 1
+    assert [loss for _, loss in _losses(run_killed)] == pytest.approx([loss for _, loss in _losses(run_two)],
+                                                                       rel=1e-5)
+    for key, value in _adapter(run_killed).items():
         torch.testing.assert_close(value, b[key], rtol=1e-5, atol=1e-6)
+
+
+def _processes_with(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (zombies, already dead, excluded)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace") \
+                    and " Z " not in (entry / "stat").read_text():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 def test_more_gpus_than_torch_sees_is_one_line(tmp_path, tiny_qwen3):

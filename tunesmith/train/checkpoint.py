@@ -28,6 +28,11 @@ class TrainState:
     """Trained (label) tokens seen so far."""
     elapsed: float = 0.0
     """Seconds of training before this process (for tokens/s and the final report across resumes)."""
+    window_loss: float = 0.0
+    window_steps: int = 0
+    """The losses summed since the last logged step: a run resumed between two log steps then logs the same
+    mean over the same steps as an uninterrupted run (otherwise the first line after a resume would average
+    only the steps after the checkpoint)."""
 
 
 def save(directory: Path, trainable: dict[str, Any], optimizer_state: dict[str, Any], scheduler: Any,

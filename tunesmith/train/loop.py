@@ -131,7 +131,7 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
 
     # --- loop: step, log, eval, checkpoint
     metrics = MetricsLog(run_dir, state.step, write=world.main)
-    window_loss, window_steps, last_eval = 0.0, 0, None
+    window_loss, window_steps, last_eval = state.window_loss, state.window_steps, None
     t0, tokens_at_start, seen_inputs = time.perf_counter(), state.tokens, 0
     with TrainProgress(console, total_steps, state.step) as progress:
         while state.step < total_steps:
@@ -166,6 +166,7 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
                 progress.print(f"{{'eval_loss': {last_eval:.4f}, 'step': {state.step}}}")
             if state.step % cfg.save_steps == 0 or state.step == total_steps:
                 state.elapsed += time.perf_counter() - t0
+                state.window_loss, state.window_steps = window_loss, window_steps
                 t0, seen_inputs = time.perf_counter(), 0
                 trainable, optimizer_state = engine.trainable(), engine.optimizer_state()  # all ranks: FSDP2 gathers
                 if world.main:
