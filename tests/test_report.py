@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tunesmith.evaluate.report import build_report
+from tunesmith.export import fidelity
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -33,8 +34,9 @@ def _fake_run(run: Path) -> None:
     (run / "eval.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     (run / "gguf").mkdir()
     (run / "gguf" / "demo.q8_0.gguf").write_bytes(b"GGUF" + bytes(1000))
-    (run / "fidelity.json").write_text(json.dumps({"results": [
-        {"quantization": "q8_0", "agreement": 0.97, "first_token": 1.0, "passed": True}]}))
+    # the shape export writes (export/fidelity.report), so a change there shows here
+    result = fidelity.QuantFidelity("q8_0", str(run / "gguf" / "demo.q8_0.gguf"), 32, 0.97, 1.0, 0.012, True, 3.2)
+    (run / "fidelity.json").write_text(json.dumps(fidelity.report([result], 2.5, 32, 0.8)))
     (run / "timings.json").write_text(json.dumps({"train": 60.0, "eval": 20.0}))
 
 

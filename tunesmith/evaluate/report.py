@@ -164,10 +164,13 @@ def _export_section(run_dir: Path, fidelity: Any) -> str:
         return '<p class="muted">not exported yet (`tunesmith export`)</p>'
     rows = [[path.name, f"{path.stat().st_size / 2**20:.1f} MiB"] for path in files]
     out = [_table(["file", "size"], rows, "export-table")]
-    if isinstance(fidelity, dict) and fidelity.get("results"):
-        keys = [k for k in fidelity["results"][0] if k not in ("quantization", "path")]
-        fid_rows = [[r.get("quantization", r.get("path", "?")), *[r.get(k) for k in keys]] for r in fidelity["results"]]
-        out.append(_table(["quantization", *keys], fid_rows, "fidelity-table"))
+    if isinstance(fidelity, dict) and fidelity.get("quantizations"):  # export/fidelity.report's shape
+        keys = ["exact", "first_token", "loglik_gap", "passed", "seconds"]
+        fid_rows = [[r.get("quant", "?"), *[r.get(k) for k in keys]] for r in fidelity["quantizations"]]
+        out.append(_table(["quantization", "exact agreement", "first token", "log-lik gap (nats/token)", "passed",
+                           "seconds"], fid_rows, "fidelity-table"))
+        out.append(f"<p>{fidelity.get('prompts')} held-out prompts, greedy, against the merged model; pass: exact "
+                   f"agreement ≥ {fidelity.get('min_agreement')}.</p>")
     elif fidelity is not None:
         out.append(f"<pre>{html.escape(json.dumps(fidelity, indent=2, ensure_ascii=False)[:4000])}</pre>")
     return "".join(out)
