@@ -29,8 +29,9 @@ def _config(tmp: Path, model: Path, name: str, **train) -> Path:
         "runs_dir": str(tmp / "runs"),
         "model": {"base": str(model)},
         "data": {"train_file": str(_dataset(tmp / "train.jsonl")), "eval_fraction": 0.125},
+        # fp32: the comparisons below are at fp32 rounding (bf16, the default on AMX CPUs, is tested apart)
         "train": {"max_steps": 12, "batch_size": 4, "save_steps": 3, "log_steps": 1, "eval_steps": 6,
-                  "learning_rate": 5e-3, **train},
+                  "learning_rate": 5e-3, "bf16": False, **train},
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -152,3 +153,17 @@ def test_fast_path_through_tunesmith_train_resumes_and_saves_a_peft_adapter(tmp_
     assert "resuming from step-00000003" in resumed.stdout
     for key, value in _adapter(run).items():
         torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("setting", "device", "expected"), [
+    ("auto", "cpu", None), (True, "cpu", True), (False, "cpu", False), (False, "cuda", False)])
+def test_bf16_auto_follows_the_cpus_bf16_instructions(setting, device, expected):
+    """auto: bf16 on CPUs with AMX or AVX512-BF16 (1.48x on goDrive, bench/RESULTS.md), fp32 elsewhere."""
+    from tunesmith.config import Config
+    from tunesmith.train.loop import cpu_has_bf16, use_bf16
+
+    config = Config.model_validate({"model": {"base": "x"}, "train": {"bf16": setting}})
+    flags = Path("/proc/cpuinfo").read_text().split()
+    assert cpu_has_bf16() == ("amx_bf16" in flags or "avx512_bf16" in flags)
+    assert use_bf16(config, device) == (cpu_has_bf16() if expected is None else expected)
+
