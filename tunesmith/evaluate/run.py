@@ -152,15 +152,25 @@ def _stop_ids(tokenizer: Any) -> set[int]:
 
 
 def print_summary(results: list[ModelScores], console: Console) -> None:
+    """One column per model, one row per score: a task scorer can add dozens of per-rule scores, which as
+    columns would not fit a terminal (rich squeezed them to nothing in an 80-column `make demo` log)."""
     keys = list(dict.fromkeys(key for result in results for key in result.means))
-    table = Table(title="evaluation")
-    table.add_column("model")
-    table.add_column("n", justify="right")
-    for key in keys:
-        table.add_column(key, justify="right")
-    table.add_column("seconds", justify="right")
+    headline = [key for key in keys if ":" not in key]  # exact_match, edit_similarity, json_valid, the task's F1...
+    table = Table(title="evaluation (mean over held-out examples)")
+    table.add_column("score")
     for result in results:
-        label = Path(result.model).name if result.model.endswith(".gguf") else result.model
-        table.add_row(label, str(result.n), *[f"{result.means.get(key, float('nan')):.3f}" for key in keys],
-                      f"{result.seconds:.0f}")
+        table.add_column(_label(result.model), justify="right")
+    table.add_row("examples", *[str(result.n) for result in results])
+    for key in headline + [key for key in keys if ":" in key]:
+        table.add_row(key, *[f"{result.means[key]:.3f}" if key in result.means else "–" for result in results],
+                      end_section=key == headline[-1] if headline else False)
+    table.add_row("seconds", *[f"{result.seconds:.0f}" for result in results])
     console.print(table)
+
+
+def _label(model: str) -> str:
+    """`base`, `finetuned`, or a GGUF's quantization (runs/goDrive/gguf/goDrive.q8_0.gguf -> q8_0)."""
+    if not model.endswith(".gguf"):
+        return model
+    parts = Path(model).name.split(".")
+    return parts[-2] if len(parts) > 2 else Path(model).name
