@@ -65,6 +65,7 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_qwen3, store):
     models = {json.loads(line)["model"] for line in (run / "eval.jsonl").read_text().splitlines()}
     assert {"base", "finetuned", str(run / "gguf" / "tiny.q8_0.gguf")} <= models
     assert "answer:" in done.stdout and "curl http://127.0.0.1:" in done.stdout
+    assert "expected: " in done.stdout  # the held-out reference, with whether the served answer matches it
     assert (store / "manifests").exists()
     timings = json.loads((run / "timings.json").read_text())
     assert {"data", "train", "eval", "export", "eval-gguf", "create", "serve"} <= timings.keys()

@@ -100,10 +100,14 @@ def _serve(ctx: Context) -> None:
 
     host = ctx.deploy or _host(ctx.config)
     with contextlib.nullcontext() if ctx.deploy else client.server_at(host) as server:
-        prompt = _sample_prompt(ctx)
+        prompt, reference = _sample_prompt(ctx)
         reply = _ask(host, ctx.config.name, prompt)
         ctx.console.print(f"  prompt: {prompt}", highlight=False)
         ctx.console.print(f"  answer: {reply}", highlight=False)
+        if reference is not None:  # a held-out example: say plainly whether the served model got it right
+            same = reply.strip() == reference.strip()
+            ctx.console.print(f"  expected: {reference}  {'✓ exact match' if same else '✗ differs'}",
+                              highlight=False)
         body = json.dumps({"model": ctx.config.name, "prompt": prompt, "stream": False}, ensure_ascii=False)
         ctx.console.print(f"\ntry it:\n  curl {host}/api/generate -d '{body}'", highlight=False, soft_wrap=True)
         if server is not None and ctx.serve:
@@ -129,11 +133,13 @@ def _host(config: Config) -> str:
     return f"http://{config.serve.host}:{config.serve.port}"
 
 
-def _sample_prompt(ctx: Context) -> str:
+def _sample_prompt(ctx: Context) -> tuple[str, str | None]:
+    """The first held-out example's prompt, and its reference answer (None when only training data exists)."""
     from tunesmith.evaluate.run import load_cases
 
-    file = ctx.config.eval.file or ctx.config.data.test_file or ctx.config.data.train_file
-    return load_cases(file, ctx.config, 1)[0].messages[-1]["content"]
+    held_out = ctx.config.eval.file or ctx.config.data.test_file
+    case = load_cases(held_out or ctx.config.data.train_file, ctx.config, 1)[0]
+    return case.messages[-1]["content"], case.reference if held_out else None
 
 
 def _exist(*names: str) -> Callable[[Path], bool]:
