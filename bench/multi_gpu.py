@@ -10,7 +10,7 @@ hub is needed) on goDrive examples with the same global batch on 1 and on 2 GPUs
   `tunesmith train --resume`, against the uninterrupted 2-GPU run: same curve after the resume point, same
   adapter.
 
-    python bench/multi_gpu.py --tokenizer DIR --work /tmp/mg --runs fast,hf,fsdp,resume --json out.json
+    python bench/multi_gpu.py --tokenizer DIR --work /tmp/mg --runs fast,hf,fsdp,resume,resume-fast --json out.json
 
 Prints a markdown table last.
 """
@@ -153,7 +153,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokenizer", required=True, type=Path)
     ap.add_argument("--work", default=Path("/tmp/multi_gpu"), type=Path)
-    ap.add_argument("--runs", default="fast,hf,fsdp,resume")
+    ap.add_argument("--runs", default="fast,hf,fsdp,resume,resume-fast")
     ap.add_argument("--examples", type=int, default=3000, help="goDrive training examples used")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--model", type=Path, help="an existing checkpoint instead of the random Qwen3-0.6B")
@@ -182,13 +182,18 @@ def main() -> None:
             results[name] = {"gpus": gpus, **train(a.work, name, model, gpus, cfg, log)}
             print(name, {k: v for k, v in results[name].items() if k not in ("curve", "final", "adapter")},
                   flush=True)
-        if group == "resume":
-            cfg = {"fast": False, "batch_size": 8, "max_steps": steps // 2, "save_steps": max(1, steps // 6)}
-            results["resume-ref"] = {"gpus": 2, **train(a.work, "resume-ref", model, 2, cfg, log)}
-            results["resume-2"] = {"gpus": 2, **train_killed_and_resumed(a.work, "resume-2", model, 2, cfg, log)}
+        if group in ("resume", "resume-fast"):
+            # log every 4 steps, checkpoint every 3: a logged window spans the kill, so a resumed curve only
+            # matches if the checkpoint carried the loss summed since the last log
+            cfg = {"fast": group == "resume-fast", "max_steps": steps // 2, "save_steps": 3, "log_steps": 4,
+                   **({"grad_accum": 1} if group == "resume-fast" else {"batch_size": 8})}
+            ref, killed = f"{group}-ref", f"{group}-2"
+            results[ref] = {"gpus": 2, **train(a.work, ref, model, 2, cfg, log)}
+            results[killed] = {"gpus": 2, **train_killed_and_resumed(a.work, killed, model, 2, cfg, log)}
     comparisons = {
         "fast-2 vs fast-1": ("fast-2", "fast-1"), "hf-2 vs hf-1": ("hf-2", "hf-1"),
         "fsdp-2 vs hf-1": ("fsdp-2", "hf-1"), "resume-2 vs resume-ref": ("resume-2", "resume-ref"),
+        "resume-fast-2 vs resume-fast-ref": ("resume-fast-2", "resume-fast-ref"),
     }
     header = ("| run | GPUs | s (wall) | trained tok/s | ranks' adapters equal | vs | max rel loss diff "
               "| max rel adapter diff |")
@@ -206,14 +211,15 @@ def main() -> None:
         equal = bool(digests) and len(set(digests)) == 1
         rows.append(f"| {x} | {r['gpus']} | {r['seconds']} | {r['tokens_per_s']} | {equal} ({len(digests)}) | {y} | "
                     f"{c.get('max_rel_loss_diff', float('nan')):.2e} | {c.get('max_rel_adapter_diff', float('nan')):.2e} |")
-    for name in ("fast-1", "hf-1", "resume-ref"):
+    for name in ("fast-1", "hf-1", "resume-ref", "resume-fast-ref"):
         if name in results and "error" not in results[name]:
             r = results[name]
             rows.append(f"| {name} | 1 | {r['seconds']} | {r['tokens_per_s']} | | | | |" if r["gpus"] == 1 else
                         f"| {name} | 2 | {r['seconds']} | {r['tokens_per_s']} | | | | |")
-    if "resume-2" in results:
-        rows.append(f"\nresume-2: killed at step {results['resume-2'].get('killed_at')}; "
-                    f"{results['resume-2'].get('resumed_from', '')}")
+    for name in ("resume-2", "resume-fast-2"):
+        if name in results:
+            rows.append(f"\n{name}: killed at step {results[name].get('killed_at')}; "
+                        f"{results[name].get('resumed_from', '')}; curve {results[name].get('curve')}")
     table = "\n".join(rows)
     if a.json:
         a.json.write_text(json.dumps(results, indent=1, default=str))
