@@ -28,11 +28,23 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) ->
     return batches
 
 
-def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
-    """Right-pad to the longest example of the batch; padding is masked out and never trained on."""
+def pad_multiple(device: str) -> int:
+    """Batch widths are rounded up to this many tokens on CPU.
+
+    Measured (2-core Sapphire Rapids VM, SmolLM2-135M, bf16, goDrive batches of 4, same process): with exact
+    widths every step brings a new shape, and steps slowed from 2.7 to 3.5 s over 100 steps (RSS 5.2 GB);
+    widths rounded to 32 held 2.5-2.7 s throughout (RSS 3.6 GB), for ~6% more padded tokens. A few distinct
+    shapes keep oneDNN's kernels and the allocator's blocks reusable. GPUs have no such cliff: exact widths."""
+    return 32 if device == "cpu" else 1
+
+
+def collate(examples: list[dict[str, list[int]]], pad_id: int, multiple: int = 1) -> dict[str, Any]:
+    """Right-pad to the longest example of the batch, rounded up to `multiple`; padding is masked out and
+    never trained on."""
     import torch
 
     width = max(len(example["input_ids"]) for example in examples)
+    width = -(-width // multiple) * multiple
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), -100, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)

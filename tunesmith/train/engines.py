@@ -55,7 +55,7 @@ class HFEngine:
             # runs forward and backward (DDP and FSDP wait for every rank), on one whose loss is masked out.
             first = self.data.train[indices[0]]
             examples = [{**first, "labels": [-100] * len(first["labels"])}]
-        return batches.collate(examples, self.pad_id)
+        return batches.collate(examples, self.pad_id, batches.pad_multiple(self.device))
 
     def step(self, step: int) -> tuple[float, float, int, int]:
         """One optimizer step; returns (loss, grad_norm, input tokens, trained tokens), over all ranks."""

@@ -231,7 +231,8 @@ def evaluate_loss(forward: Any, examples: list[dict[str, list[int]]], batch_size
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
-            batch = batches.collate([examples[i] for i in order[start:start + batch_size]], pad_id)
+            batch = batches.collate([examples[i] for i in order[start:start + batch_size]], pad_id,
+                                    batches.pad_multiple(device))
             batch = {key: value.to(device) for key, value in batch.items()}
             with autocast(device, config):
                 loss_sum, n = forward(batch)
