@@ -316,12 +316,31 @@ def test_api_key_guards_the_ui_as_it_guards_the_api(site, tmp_path):
     try:
         refused = httpx.get(server.url + "/api/tags")
         assert refused.status_code == 401
-        for path in ("/ui", "/ui/runs/demo", "/ui/runs/demo/report.html", "/ui/api/runs/live/metrics", "/ui/chat",
-                     "/ui/static/chat.js"):
-            for headers in ({}, {"Authorization": "Bearer wrong"}):
-                answer = httpx.get(server.url + path, headers=headers)
-                assert (answer.status_code, answer.json()) == (401, refused.json()), path
+        pages = ("/ui", "/ui/runs/demo", "/ui/runs/demo/report.html", "/ui/chat")
+        for path in (*pages, "/ui/api/runs/live/metrics"):
+            for headers, cookies in (({}, {}), ({"Authorization": "Bearer wrong"}, {}), ({}, {"tunesmith_ui": "s3cret"})):
+                answer = httpx.get(server.url + path, headers=headers, cookies=cookies)
+                if path in pages:  # a browser is sent to the login form, and nothing of the page comes back
+                    assert (answer.status_code, answer.headers["location"]) == (303, "/ui/login"), path
+                    assert not answer.content, path
+                else:
+                    assert (answer.status_code, answer.json()) == (401, refused.json()), path
             assert httpx.get(server.url + path, headers={"Authorization": "Bearer s3cret"}).status_code == 200, path
+        # The login form and the UI's own CSS/JS (package files) load without the key; nothing else does.
+        assert httpx.get(server.url + "/ui/login").status_code == 200
+        assert httpx.get(server.url + "/ui/static/chat.js").status_code == 200
+        # A wrong key: 401 and no cookie. The right one: a cookie that is not the key, and that opens the UI and
+        # the API (the chat page's fetches) but not for a forged value.
+        wrong = httpx.post(server.url + "/ui/login", data={"key": "nope"})
+        assert wrong.status_code == 401 and "set-cookie" not in wrong.headers
+        with httpx.Client(base_url=server.url) as browser:
+            login = browser.post("/ui/login", data={"key": "s3cret"})
+            assert (login.status_code, login.headers["location"]) == (303, "/ui")
+            cookie = login.headers["set-cookie"]
+            assert "s3cret" not in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
+            assert browser.get("/ui/runs/demo").status_code == 200
+            assert browser.get("/api/tags").status_code == 200
+        assert httpx.get(server.url + "/api/tags", cookies={"tunesmith_ui": "0" * 64}).status_code == 401
     finally:
         server.stop()
 

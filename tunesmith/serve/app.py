@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -241,18 +241,38 @@ def create_app(config: ServeConfig, store: Store | None = None) -> FastAPI:
     install_openai_routes(app, server)
     from tunesmith.ui import install_ui
 
-    install_ui(app, Path(config.runs_dir), server.store)
+    install_ui(app, Path(config.runs_dir), server.store, api_key)
     return app
+
+
+# A browser cannot add an Authorization header to page loads, so on a server with an API key the web UI logs
+# in once (/ui/login) and gets this cookie: an HMAC of the key, never the key itself; HttpOnly, SameSite=Strict
+# (another site's page cannot make the browser send it). It opens the API too, for the UI's own fetches.
+UI_COOKIE = "tunesmith_ui"
+# Open without a key: the login form, and the UI's CSS and JavaScript (package files, nothing of the user's).
+OPEN_PATHS = ("/ui/login", "/ui/static/")
+
+
+def ui_token(api_key: str) -> str:
+    return hmac.new(api_key.encode(), b"tunesmith web UI", hashlib.sha256).hexdigest()
+
+
+def authorized(request: Request, api_key: str) -> bool:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        return True
+    cookie = request.cookies.get(UI_COOKIE, "")
+    return hmac.compare_digest(cookie.encode(), ui_token(api_key).encode())
 
 
 def _install_guards(app: FastAPI, api_key: str | None) -> None:
     @app.middleware("http")
     async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if api_key is not None:
-            header = request.headers.get("authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-                return error_response(request, 401, "unauthorized: missing or wrong API key")
+        path = request.url.path
+        if api_key is not None and not path.startswith(OPEN_PATHS) and not authorized(request, api_key):
+            if request.method == "GET" and (path == "/ui" or path.startswith("/ui/")) and "/api/" not in path:
+                return RedirectResponse("/ui/login", status_code=303)  # a person at a browser: ask for the key
+            return error_response(request, 401, "unauthorized: missing or wrong API key")
         if not request.url.path.startswith("/api/blobs/"):
             length = request.headers.get("content-length")
             if length and length.isdigit() and int(length) > MAX_BODY_BYTES:

@@ -152,3 +152,15 @@ def chat_page(model: str | None) -> str:
 </form>
 <p id="chat-status" class="muted"></p>"""
     return layout("Chat", body, script="chat.js")
+
+
+def login_page(wrong: bool) -> str:
+    note = '<p class="error">That is not this server\'s API key.</p>' if wrong else ""
+    body = f"""<h1>API key</h1>
+<p>This server was started with an API key (<code>--api-key</code> or <code>TUNESMITH_API_KEY</code>). Enter it once;
+the browser keeps a cookie for this server.</p>{note}
+<form method="post" action="/ui/login" class="settings">
+<label class="wide">key <input id="key" name="key" type="password" autocomplete="current-password" autofocus></label>
+<div class="buttons"><button type="submit" id="login">Log in</button></div>
+</form>"""
+    return layout("Log in", body)

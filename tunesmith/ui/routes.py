@@ -5,6 +5,7 @@
     GET /ui/runs/<name>/report.html           the run's report.html (that one file of that run folder only)
     GET /ui/api/runs/<name>/metrics?after=N   metrics.jsonl records from line N on, and the run's state
     GET /ui/chat                              chat with a model of the store through /api/chat
+    GET, POST /ui/login                       on a server with an API key: the key, once, for a cookie
     GET /ui/static/...                        the pages' CSS and JavaScript (package data)
 
 Handlers are plain functions, so FastAPI runs their file reads in its thread pool, off the event loop that
@@ -14,14 +15,16 @@ streams tokens.
 from __future__ import annotations
 
 import contextlib
+import hmac
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
-from fastapi import FastAPI, Query
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from tunesmith.serve.app import ApiError
+from tunesmith.serve.app import UI_COOKIE, ApiError, ui_token
 from tunesmith.serve.store import Store, StoreError, full_name
 from tunesmith.ui import pages, runs
 
@@ -32,8 +35,9 @@ PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self'; scri
 REPORT_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'"
 
 
-def install_ui(app: FastAPI, runs_dir: Path, store: Store) -> None:
-    """Add the /ui pages to `app`: runs read from `runs_dir`, chat models from `store`."""
+def install_ui(app: FastAPI, runs_dir: Path, store: Store, api_key: str | None = None) -> None:
+    """Add the /ui pages to `app`: runs read from `runs_dir`, chat models from `store`; `api_key` is the
+    server's (the guard in serve/app.py checks every request; the login here hands browsers a cookie)."""
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")
 
     def run_dir(name: str) -> Path:
@@ -82,6 +86,27 @@ def install_ui(app: FastAPI, runs_dir: Path, store: Store) -> None:
     @app.get("/ui/chat")
     def chat(model: str | None = None) -> HTMLResponse:
         return page(pages.chat_page(model))
+
+    @app.get("/ui/login", response_model=None)
+    def login_form() -> Response:
+        if api_key is None:
+            return RedirectResponse("/ui", status_code=303)
+        return page(pages.login_page(wrong=False))
+
+    @app.post("/ui/login", response_model=None)
+    async def login(request: Request) -> Response:
+        if api_key is None:
+            return RedirectResponse("/ui", status_code=303)
+        # a plain urlencoded form: parsed here rather than pulling in python-multipart for one field
+        fields = parse_qs((await request.body()).decode("utf-8", "replace"))
+        given = (fields.get("key") or [""])[0]
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            response = page(pages.login_page(wrong=True))
+            response.status_code = 401
+            return response
+        response = RedirectResponse("/ui", status_code=303)
+        response.set_cookie(UI_COOKIE, ui_token(api_key), httponly=True, samesite="strict", path="/")
+        return response
 
 
 def _model_of(store: Store, run_name: str) -> str | None:
