@@ -21,7 +21,7 @@ def test_widths_are_rounded_up_and_the_padding_is_masked():
     assert batch["attention_mask"].sum(dim=1).tolist() == [9, 13, 17]
     assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
     assert batches.collate(_examples(), pad_id=0)["input_ids"].shape == (3, 17)
-    assert batches.pad_multiple("cpu") == 32 and batches.pad_multiple("cuda") == 1
+    assert batches.pad_multiple("cpu") == 8 and batches.pad_multiple("cuda") == 1
 
 
 def test_rounded_widths_give_the_same_loss(tiny_qwen3):

@@ -29,13 +29,16 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) ->
 
 
 def pad_multiple(device: str) -> int:
-    """Batch widths are rounded up to this many tokens on CPU.
+    """Batch widths are rounded up to this many tokens on CPU, so that steps see a few shapes, not a new one
+    each time (oneDNN picks kernels and the allocator keeps blocks per shape).
 
-    Measured (2-core Sapphire Rapids VM, SmolLM2-135M, bf16, goDrive batches of 4, same process): with exact
-    widths every step brings a new shape, and steps slowed from 2.7 to 3.5 s over 100 steps (RSS 5.2 GB);
-    widths rounded to 32 held 2.5-2.7 s throughout (RSS 3.6 GB), for ~6% more padded tokens. A few distinct
-    shapes keep oneDNN's kernels and the allocator's blocks reusable. GPUs have no such cliff: exact widths."""
-    return 32 if device == "cpu" else 1
+    Measured on the 2-core Sapphire Rapids VM (SmolLM2-135M, bf16, goDrive; one process per variant, one after
+    the other; bench/RESULTS.md): batches of 4 over 100 steps, exact widths slowed from 380 to 294 tokens/s
+    (RSS 5.2 GB) while widths rounded to 32 held 381-402 (RSS 3.6 GB); batches of 8 over 40 steps, exact
+    370 -> 342, rounded to 8 382 -> 375, to 32 366 -> 331 (32 pads goDrive's 258-token median to 288).
+    Run-to-run noise on these VMs is ~10%, so the gain is modest; 8 costs at most 7 pad tokens a sequence.
+    GPUs need none of it: exact widths."""
+    return 8 if device == "cpu" else 1
 
 
 def collate(examples: list[dict[str, list[int]]], pad_id: int, multiple: int = 1) -> dict[str, Any]:
