@@ -155,6 +155,44 @@ def test_fast_path_through_tunesmith_train_resumes_and_saves_a_peft_adapter(tmp_
         torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_time_budget_fits_the_schedule_and_a_resume_keeps_its_length(tmp_path, tiny_qwen3):
+    """train.max_minutes: after the timed steps the run's length is set to what fits, the learning rate decays
+    to zero over it, and a resumed run keeps that length even with another budget."""
+    import re
+    import shutil
+
+    import torch
+
+    config = _config(tmp_path, tiny_qwen3, "budget", max_steps=100_000, max_minutes=0.15, save_steps=4,
+                     log_steps=1, eval_steps=20)
+    done = run_cli("train", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    found = re.search(r"time budget 0.15 min: (\d+) steps fit", done.stdout)
+    assert found, done.stdout
+    run = tmp_path / "runs" / "budget"
+    steps = json.loads((run / "run.json").read_text())["final"]["steps"]
+    fitted = int(found.group(1))
+    assert 10 <= steps <= fitted < 100_000
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [record for record in logged if "loss" in record][-1]
+    assert last["step"] == steps
+    if "spent at step" not in done.stdout:  # the loop kept to its timing: the schedule ended where it fitted
+        assert steps == fitted and last["learning_rate"] == 0.0
+    reference = _adapter(run)
+
+    # Lose everything after the newest checkpoint before the end, then resume under a budget 100x larger.
+    checkpoints = sorted((run / "checkpoints").iterdir())
+    shutil.rmtree(checkpoints[-1])
+    shutil.rmtree(run / "adapter")
+    resumed = run_cli("train", "--config", str(config), "--resume", "--set", "train.max_minutes=15")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {checkpoints[-2].name} (step {int(checkpoints[-2].name[5:])} of {steps})" in resumed.stdout
+    assert json.loads((run / "run.json").read_text())["final"]["steps"] == steps
+    for key, value in _adapter(run).items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(("setting", "device", "expected"), [
     ("auto", "cpu", None), (True, "cpu", True), (False, "cpu", False), (False, "cuda", False)])
 def test_bf16_auto_follows_the_cpus_bf16_instructions(setting, device, expected):

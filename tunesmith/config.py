@@ -77,6 +77,14 @@ class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
+    max_minutes: float | None = Field(None, gt=0)
+    """A time budget for the training loop (model loading and data preparation not counted). After the warm-up
+    steps the loop times its steps and trains as many as fit, eval-loss passes included, never more than
+    max_steps or epochs allow; the learning rate schedule decays over the steps that fit. The number chosen is
+    kept in run.json and in every checkpoint, so a resumed run keeps it; to repeat a run exactly on another
+    machine, set that number as max_steps and drop max_minutes. Why: CPU speed differs 2x between machines of
+    the same kind (goDrive: 373 to 710 input tokens/s on this project's VMs), so a fixed step count either
+    overruns a budget or wastes it."""
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
     learning_rate: float = Field(2e-3, gt=0)

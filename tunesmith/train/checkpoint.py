@@ -33,6 +33,8 @@ class TrainState:
     """The losses summed since the last logged step: a run resumed between two log steps then logs the same
     mean over the same steps as an uninterrupted run (otherwise the first line after a resume would average
     only the steps after the checkpoint)."""
+    total_steps: int | None = None
+    """The run's length once a time budget (train.max_minutes) has fixed it; None until then, or without one."""
 
 
 def save(directory: Path, trainable: dict[str, Any], optimizer_state: dict[str, Any], scheduler: Any,

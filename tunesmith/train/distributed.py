@@ -53,6 +53,14 @@ class World:
         dist.all_reduce(tensor)
         return float(tensor.item())
 
+    def first(self, value: T) -> T:
+        """Rank 0's value on every rank: decisions taken from one rank's clock (the time budget) must agree."""
+        if self.size == 1:
+            return value
+        found = [value]
+        dist.broadcast_object_list(found, src=0)
+        return found[0]
+
     def weight_digests(self, weights: dict[str, torch.Tensor]) -> list[str]:
         """Every rank's sha256 of its trainable weights, rank order. Data parallelism is correct only if these
         are all equal at the end; recorded in run.json, so a desynchronized run shows."""

@@ -124,6 +124,9 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
         trainable, optimizer_state, state = checkpoint.load(latest, scheduler)
         engine.load_trainable(trainable)
         engine.load_optimizer_state(optimizer_state)
+        if state.total_steps:  # a time budget had fixed the run's length before it stopped
+            total_steps = state.total_steps
+            scheduler = _rescheduled(scheduler, engine.optimizer, config, total_steps)
         console.print(f"resuming from {latest.name} (step {state.step} of {total_steps})")
     elif checkpoints.exists() and world.main:
         _clear_previous(run_dir)
@@ -135,6 +138,10 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
     metrics = MetricsLog(run_dir, state.step, write=world.main)
     window_loss, window_steps, last_eval = state.window_loss, state.window_steps, None
     t0, tokens_at_start, seen_inputs = time.perf_counter(), state.tokens, 0
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else None
+    # Steps timed before fitting the budget: enough to average out the first step's one-off costs, few enough
+    # that a long nominal run (max_steps 100,000) gets its schedule fitted while still warming up.
+    timed_steps = 10
     with TrainProgress(console, total_steps, state.step) as progress:
         while state.step < total_steps:
             loss_value, grad_norm, inputs, targets = engine.step(state.step)
@@ -145,6 +152,23 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
             window_loss, window_steps = window_loss + loss_value, window_steps + 1
 
             elapsed = time.perf_counter() - t0
+            if budget is not None:
+                spent = world.first(state.elapsed + elapsed)  # rank 0's clock decides for every rank
+                if state.total_steps is None and state.step >= min(timed_steps, total_steps):
+                    fitted = _steps_in_budget(budget, spent / state.step, len(data.eval), config)
+                    state.total_steps = max(state.step, min(total_steps, fitted))
+                    progress.print(f"time budget {cfg.max_minutes:g} min: {state.total_steps} steps fit "
+                                   f"({spent / state.step:.2f} s a step over the first {state.step}; "
+                                   f"{'max_steps' if cfg.max_steps else 'epochs'} allow {total_steps})")
+                    if state.total_steps < total_steps:
+                        total_steps = state.total_steps
+                        scheduler = _rescheduled(scheduler, engine.optimizer, config, total_steps)
+                        progress.resize(total_steps)
+                elif spent > budget and state.step < total_steps:  # slower than timed: stop here, saved
+                    progress.print(f"time budget {cfg.max_minutes:g} min spent at step {state.step} of "
+                                   f"{total_steps}: stopping (the learning rate had not decayed to its end)")
+                    total_steps = state.total_steps = state.step
+                    progress.resize(total_steps)
             tokens_per_second = seen_inputs / elapsed if elapsed else 0.0
             # float(): the fast path's CUDA optimizer keeps its learning rate in a device tensor (CUDA graphs)
             learning_rate = float(scheduler.get_last_lr()[0])
@@ -316,6 +340,34 @@ def _scheduler(optimizer: Any, config: Config, total_steps: int):
     warmup = math.ceil(config.train.warmup_ratio * total_steps)
     name = {"constant": "constant_with_warmup"}.get(config.train.lr_scheduler, config.train.lr_scheduler)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def _rescheduled(scheduler: Any, optimizer: Any, config: Config, total_steps: int):
+    """The same schedule over `total_steps`, at the step the old one had reached. The optimizer keeps the
+    learning rate already set for the next step (a resumed run restores that same rate from its checkpoint)."""
+    import torch
+
+    rates = [float(group["lr"]) for group in optimizer.param_groups]
+    fitted = _scheduler(optimizer, config, total_steps)  # a new scheduler sets its step-0 rate: put ours back
+    fitted.load_state_dict(scheduler.state_dict())
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        if isinstance(group["lr"], torch.Tensor):  # the fast path's rate lives in a device tensor (CUDA graphs)
+            group["lr"].fill_(rate)
+        else:
+            group["lr"] = rate
+    return fitted
+
+
+def _steps_in_budget(budget: float, step_seconds: float, eval_examples: int, config: Config) -> int:
+    """How many steps fit in `budget` seconds at `step_seconds` each, with an eval-loss pass every eval_steps
+    and at the end. An eval pass is forward only over the eval split: about a third of a training step per
+    batch (backward costs about twice the forward)."""
+    cfg = config.train
+    eval_pass = math.ceil(eval_examples / cfg.batch_size) * step_seconds / (3 * cfg.grad_accum)
+    steps = int(budget / step_seconds)
+    while steps > 1 and steps * step_seconds + (steps // cfg.eval_steps + 1) * eval_pass * bool(eval_examples) > budget:
+        steps -= 1
+    return steps
 
 
 def _clear_previous(run_dir: Path) -> None:

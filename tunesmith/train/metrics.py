@@ -96,5 +96,8 @@ class TrainProgress:
         self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}",
                              tps=f"{tokens_per_second:,.0f}")
 
+    def resize(self, total: int) -> None:
+        self.progress.update(self.task, total=total)
+
     def print(self, text: str) -> None:
         self.progress.console.print(text, highlight=False, soft_wrap=True)
