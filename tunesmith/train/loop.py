@@ -30,6 +30,7 @@ from tunesmith.atomic import atomic_path, write_json
 from tunesmith.config import Config
 from tunesmith.errors import DataError, ModelError
 from tunesmith.train import batches, checkpoint, distributed
+from tunesmith.train.budget import TimeBudget
 from tunesmith.train.checkpoint import TrainState
 from tunesmith.train.engines import FastEngine, HFEngine, fast_path_wanted
 from tunesmith.train.metrics import MetricsLog, TrainProgress, article_line
@@ -138,10 +139,7 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
     metrics = MetricsLog(run_dir, state.step, write=world.main)
     window_loss, window_steps, last_eval = state.window_loss, state.window_steps, None
     t0, tokens_at_start, seen_inputs = time.perf_counter(), state.tokens, 0
-    budget = cfg.max_minutes * 60 if cfg.max_minutes else None
-    # Steps timed before fitting the budget: enough to average out the first step's one-off costs, few enough
-    # that a long nominal run (max_steps 100,000) gets its schedule fitted while still warming up.
-    timed_steps = 10
+    budget = TimeBudget(cfg.max_minutes * 60, cfg, len(data.eval)) if cfg.max_minutes else None
     with TrainProgress(console, total_steps, state.step) as progress:
         while state.step < total_steps:
             loss_value, grad_norm, inputs, targets = engine.step(state.step)
@@ -152,24 +150,25 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
             window_loss, window_steps = window_loss + loss_value, window_steps + 1
 
             elapsed = time.perf_counter() - t0
+            tokens_per_second = seen_inputs / elapsed if elapsed else 0.0
             if budget is not None:
                 spent = world.first(state.elapsed + elapsed)  # rank 0's clock decides for every rank
-                if state.total_steps is None and state.step >= min(timed_steps, total_steps):
-                    fitted = _steps_in_budget(budget, spent / state.step, len(data.eval), config)
-                    state.total_steps = max(state.step, min(total_steps, fitted))
+                fitted = budget.fit(state.step, spent) if state.total_steps is None else None
+                if fitted is not None:
+                    state.total_steps = max(state.step, min(total_steps, fitted[0]))
                     progress.print(f"time budget {cfg.max_minutes:g} min: {state.total_steps} steps fit "
-                                   f"({spent / state.step:.2f} s a step over the first {state.step}; "
-                                   f"{'max_steps' if cfg.max_steps else 'epochs'} allow {total_steps})")
+                                   f"({fitted[1]:.2f} s a step; {'max_steps' if cfg.max_steps else 'epochs'} "
+                                   f"allow {total_steps})")
                     if state.total_steps < total_steps:
                         total_steps = state.total_steps
                         scheduler = _rescheduled(scheduler, engine.optimizer, config, total_steps)
                         progress.resize(total_steps)
-                elif spent > budget and state.step < total_steps:  # slower than timed: stop here, saved
+                elif spent > budget.seconds and state.step < total_steps:  # slower than timed: stop, saved
                     progress.print(f"time budget {cfg.max_minutes:g} min spent at step {state.step} of "
                                    f"{total_steps}: stopping (the learning rate had not decayed to its end)")
                     total_steps = state.total_steps = state.step
                     progress.resize(total_steps)
-            tokens_per_second = seen_inputs / elapsed if elapsed else 0.0
+
             # float(): the fast path's CUDA optimizer keeps its learning rate in a device tensor (CUDA graphs)
             learning_rate = float(scheduler.get_last_lr()[0])
             progress.update(state.step, loss_value, learning_rate, tokens_per_second)
@@ -356,18 +355,6 @@ def _rescheduled(scheduler: Any, optimizer: Any, config: Config, total_steps: in
         else:
             group["lr"] = rate
     return fitted
-
-
-def _steps_in_budget(budget: float, step_seconds: float, eval_examples: int, config: Config) -> int:
-    """How many steps fit in `budget` seconds at `step_seconds` each, with an eval-loss pass every eval_steps
-    and at the end. An eval pass is forward only over the eval split: about a third of a training step per
-    batch (backward costs about twice the forward)."""
-    cfg = config.train
-    eval_pass = math.ceil(eval_examples / cfg.batch_size) * step_seconds / (3 * cfg.grad_accum)
-    steps = int(budget / step_seconds)
-    while steps > 1 and steps * step_seconds + (steps // cfg.eval_steps + 1) * eval_pass * bool(eval_examples) > budget:
-        steps -= 1
-    return steps
 
 
 def _clear_previous(run_dir: Path) -> None:
