@@ -163,7 +163,7 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path, tiny_q
         assert float((value - a[key]).norm() / a[key].norm()) < 2e-2, key
 
     # SIGKILL the launcher (`tunesmith train --gpus 2`) once the step-4 checkpoint exists: its workers must die
-    # with it, not train on orphaned (they did, on 2 H200s, before train/distributed.die_with_parent); then
+    # with it, not train on orphaned (they did, on 2 H200s, before children.die_with_parent); then
     # every rank resumes from rank 0's checkpoint and lands on the uninterrupted run's adapter.
     killed = _forty_one(_config(tmp_path, tiny_qwen3, "killed", batch_size=2, **settings))
     run_killed = tmp_path / "runs" / "killed"

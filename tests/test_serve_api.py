@@ -491,6 +491,33 @@ def test_ensure_server_starts_a_local_one(tmp_path, smollm2_gguf, monkeypatch):
         proc.wait(timeout=30)
 
 
+def test_a_started_server_dies_with_the_process_that_started_it(tmp_path):
+    """A pipeline killed with SIGKILL runs no cleanup: its local server must not keep the port (one did, and the
+    next pipeline found a server it had not started, and did not serve)."""
+    import os
+    import signal
+    import sys
+
+    from tests.serve_fixtures import free_port
+
+    host = f"127.0.0.1:{free_port()}"
+    starter = subprocess.Popen(
+        [sys.executable, "-c", ("import sys, time; from tunesmith.serve import client; "
+                                "client.start_local_server(sys.argv[1]); print('up', flush=True); time.sleep(600)"),
+         host],
+        env={**os.environ, "TUNESMITH_HOME": str(tmp_path)}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert starter.stdout.readline().strip() == "up" and ts_client.heartbeat(host)
+        os.kill(starter.pid, signal.SIGKILL)
+        starter.wait()
+        deadline = time.monotonic() + 30
+        while ts_client.heartbeat(host) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not ts_client.heartbeat(host), "the server outlived the process that started it"
+    finally:
+        starter.kill()
+
+
 def test_lora_adapter_from_a_modelfile_changes_the_answers(live, tmp_path, smollm2_gguf):
     from tests.serve_fixtures import write_lora
 

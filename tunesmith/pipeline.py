@@ -95,22 +95,36 @@ def _create(ctx: Context) -> None:
     ctx.console.print(f"  created {ctx.config.name} on {host}")
 
 
+SAMPLES = 5
+"""Held-out prompts the serve stage sends: one answer right or wrong says little about a model that gets half of
+them exactly right (goDrive after 14 minutes on CPU); five show what to expect."""
+
+
 def _serve(ctx: Context) -> None:
     from tunesmith.serve import client
 
     host = ctx.deploy or _host(ctx.config)
     with contextlib.nullcontext() if ctx.deploy else client.server_at(host) as server:
-        prompt, reference = _sample_prompt(ctx)
-        reply = _ask(host, ctx.config.name, prompt)
-        ctx.console.print(f"  prompt: {prompt}", highlight=False)
-        ctx.console.print(f"  answer: {reply}", highlight=False)
-        if reference is not None:  # a held-out example: say plainly whether the served model got it right
-            same = reply.strip() == reference.strip()
-            ctx.console.print(f"  expected: {reference}  {'✓ exact match' if same else '✗ differs'}",
-                              highlight=False)
-        body = json.dumps({"model": ctx.config.name, "prompt": prompt, "stream": False}, ensure_ascii=False)
+        asked = []
+        for prompt, reference in _sample_prompts(ctx):
+            reply = _ask(host, ctx.config.name, prompt)
+            right = reference is not None and reply.strip() == reference.strip()
+            asked.append((prompt, right))
+            ctx.console.print(f"  prompt: {prompt}", highlight=False)
+            if reference is None:
+                ctx.console.print(f"  answer: {reply}", highlight=False)
+            else:  # held out: say plainly whether the served model got it right
+                ctx.console.print(f"  answer: {reply}  " + ("✓ exact match" if right else f"✗ expected: {reference}"),
+                                  highlight=False)
+        shown = next((prompt for prompt, right in asked if right), asked[0][0])
+        if any(right for _, right in asked):
+            ctx.console.print(f"  {sum(right for _, right in asked)} of {len(asked)} held-out prompts answered "
+                              "exactly as expected")
+        body = json.dumps({"model": ctx.config.name, "prompt": shown, "stream": False}, ensure_ascii=False)
         ctx.console.print(f"\ntry it:\n  curl {host}/api/generate -d '{body}'", highlight=False, soft_wrap=True)
-        if server is not None and ctx.serve:
+        if server is None and not ctx.deploy:
+            ctx.console.print(f"\nthe server already running at {host} serves {ctx.config.name}")
+        elif server is not None and ctx.serve:
             ctx.console.print(f"\nserving on {host} (Ctrl-C to stop)")
             try:
                 server.wait()
@@ -133,13 +147,14 @@ def _host(config: Config) -> str:
     return f"http://{config.serve.host}:{config.serve.port}"
 
 
-def _sample_prompt(ctx: Context) -> tuple[str, str | None]:
-    """The first held-out example's prompt, and its reference answer (None when only training data exists)."""
+def _sample_prompts(ctx: Context) -> list[tuple[str, str | None]]:
+    """The first SAMPLES held-out prompts with their reference answers; training prompts (reference None) when
+    there is no held-out file."""
     from tunesmith.evaluate.run import load_cases
 
     held_out = ctx.config.eval.file or ctx.config.data.test_file
-    case = load_cases(held_out or ctx.config.data.train_file, ctx.config, 1)[0]
-    return case.messages[-1]["content"], case.reference if held_out else None
+    cases = load_cases(held_out or ctx.config.data.train_file, ctx.config, SAMPLES)
+    return [(case.messages[-1]["content"], case.reference if held_out else None) for case in cases]
 
 
 def _exist(*names: str) -> Callable[[Path], bool]:

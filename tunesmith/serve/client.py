@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from tunesmith.children import die_with_parent
 from tunesmith.errors import TunesmithError
 from tunesmith.serve import modelfile
 from tunesmith.serve.store import file_digest
@@ -290,7 +291,11 @@ def start_local_server(host: str | None = None, *, config: str | Path | None = N
         command += ["--config", str(config)]
     for override in overrides or []:
         command += ["--set", override]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # A session of its own, so Ctrl-C in the terminal reaches the caller, which stops the server in order; and
+    # dies with the caller, so a killed caller leaves no server holding the port. (preexec_fn is unsafe only
+    # when other threads hold locks at fork time: every caller starts the server from its main thread.)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=die_with_parent)  # noqa: PLW1509
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if heartbeat(host):

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tunesmith.children import die_with_parent
+
 T = TypeVar("T")
 
 
@@ -100,24 +102,6 @@ def relaunch(processes: int, argv: list[str]) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                "-m", "tunesmith.cli", *argv]
     return subprocess.call(command, preexec_fn=die_with_parent)
-
-
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (prctl PR_SET_PDEATHSIG).
-
-    torchrun starts each worker in a session of its own, so killing `tunesmith train --gpus N` (SIGKILL, the
-    OOM killer, a lost terminal) would leave the workers training on, orphaned, writing checkpoints after
-    the user thinks the run stopped; a later `--resume` would then find a run finished behind its back
-    (seen on 2 H200s). Called in torchrun's process (relaunch) and in every worker (init)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def init(device: str) -> World:
