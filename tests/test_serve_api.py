@@ -333,6 +333,39 @@ def test_full_queue_answers_503_at_once_and_disconnect_stops_generation(small_se
     assert r.status_code == 200 and "Paris" in r.json()["response"]
 
 
+def test_a_stream_whose_client_leaves_during_send_is_closed_at_once():
+    """The other half of the test above, made deterministic: the client leaves while the server is stuck
+    sending to it (a client that stopped reading). The body's clean-up (stop generating, give the model back)
+    must run then, not whenever the garbage collector reaches the abandoned generator."""
+    import asyncio
+
+    from tunesmith.serve.app import stream_response
+
+    async def scenario() -> bool:
+        closed = asyncio.Event()
+
+        async def body():
+            try:
+                while True:
+                    yield b"{}\n"
+            finally:
+                closed.set()
+
+        async def send(message):
+            if message["type"] == "http.response.body":
+                await asyncio.sleep(3600)
+
+        async def receive():
+            await asyncio.sleep(0.2)
+            return {"type": "http.disconnect"}
+
+        response = stream_response(body())  # kept alive here, so only an explicit close runs the finally
+        await response({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+        return closed.is_set()
+
+    assert asyncio.run(scenario())
+
+
 def test_least_recently_used_model_unloads(small_server):
     oc = ollama.Client(host=small_server.url)
     oc.generate(model="smol", prompt="Hi", options={"num_predict": 2})

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from tunesmith.errors import TunesmithError
 from tunesmith.serve import api_types as t
@@ -108,7 +108,7 @@ def _finish_reason(stats: Any, tool_calls: bool) -> str:
 
 
 def install_openai_routes(app: FastAPI, server: Server) -> None:
-    from tunesmith.serve.app import ApiError, collect, primed, read_json
+    from tunesmith.serve.app import ApiError, collect, primed, read_json, stream_response
 
     store, engine = server.store, server.engine
 
@@ -205,7 +205,7 @@ def install_openai_routes(app: FastAPI, server: Server) -> None:
                 job.cancel.set()
                 await events.aclose()
 
-        return StreamingResponse(body(), media_type="text/event-stream")
+        return stream_response(body(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -251,7 +251,7 @@ def install_openai_routes(app: FastAPI, server: Server) -> None:
                 job.cancel.set()
                 await events.aclose()
 
-        return StreamingResponse(body(), media_type="text/event-stream")
+        return stream_response(body(), media_type="text/event-stream")
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> dict[str, Any]:
