@@ -68,7 +68,8 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_qwen3, store):
     # Every held-out prompt (4 here: fewer than pipeline.SAMPLES), each answer marked right or shown with the
     # reference it missed.
     assert done.stdout.count("answer:") == 4
-    assert done.stdout.count("✓ exact match") + done.stdout.count("✗ expected: ") == 4
+    right = done.stdout.count("✓ exact match")
+    assert right + done.stdout.count("✗ expected: ") == 4 and f"{right} of 4 held-out prompts answered" in done.stdout
     assert (store / "manifests").exists()
     timings = json.loads((run / "timings.json").read_text())
     assert {"data", "train", "eval", "export", "eval-gguf", "create", "serve"} <= timings.keys()
