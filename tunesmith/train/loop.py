@@ -155,7 +155,7 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
                 spent = world.first(state.elapsed + elapsed)  # rank 0's clock decides for every rank
                 fitted = budget.fit(state.step, spent) if state.total_steps is None else None
                 if fitted is not None:
-                    state.total_steps = max(state.step, min(total_steps, fitted[0]))
+                    state.total_steps = min(total_steps, fitted[0])  # fitted[0] >= state.step: fit adds to it
                     progress.print(f"time budget {cfg.max_minutes:g} min: {state.total_steps} steps fit "
                                    f"({fitted[1]:.2f} s a step; {'max_steps' if cfg.max_steps else 'epochs'} "
                                    f"allow {total_steps})")
