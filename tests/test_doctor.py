@@ -19,4 +19,5 @@ def test_doctor_reports_a_missing_converter_with_its_fix(tmp_path):
     done = run_cli("doctor", env={"TUNESMITH_HOME": str(tmp_path)})
     assert done.returncode == 1
     assert "problem gguf converter: python -m tunesmith.export.llama_cpp install" in done.stdout
-    assert "smollm2-135m: built on first use" in done.stdout
+    assert "built-in smollm2-135m" in done.stdout and "built on first use" in done.stdout
+    assert "built-in gemma3-270m" in done.stdout and "Gemma Terms of Use" in done.stdout

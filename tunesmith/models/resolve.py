@@ -15,10 +15,10 @@ from typing import Any
 from tunesmith.errors import ModelError
 from tunesmith.models import builtin
 
-BUILTINS = {f"builtin:{builtin.SMOLLM2}": builtin.materialize_smollm2}
+BUILTINS = {f"builtin:{name}": (lambda name=name: builtin.materialize(name)) for name in builtin.BUILTINS}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _OFFLINE_HINT = (
-    "offline alternatives: model.base: builtin:smollm2-135m, or the path of a checkpoint directory "
+    "offline alternatives: model.base: builtin:smollm2-135m or builtin:gemma3-270m, or the path of a checkpoint directory "
     "downloaded elsewhere (e.g. one made with `huggingface-cli download Qwen/Qwen3-0.6B --local-dir DIR`)"
 )
 
