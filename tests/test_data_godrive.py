@@ -78,6 +78,19 @@ def test_dataset_sizes_answers_and_held_out_combinations():
     assert seen == {r.id for r in godrive.RULES}  # every rule is taught
 
 
+def test_held_out_states_share_no_answer_relevant_features_with_training():
+    train, test = read("train.jsonl"), read("test.jsonl")
+    taught = {godrive.relevant_key(r["input"]) for r in train}
+    held_out = [godrive.relevant_key(r["input"]) for r in test]
+    assert not taught & set(held_out)
+    assert len(set(held_out)) == len(held_out)  # and no two test states share them either
+    # The key is every feature but the distractors: changing a distractor keeps it, anything else changes it.
+    assert godrive.relevant_key(CALM | {"刹车": "踩下", "油门": "踩下"}) == godrive.relevant_key(CALM)
+    for feature in set(godrive.FEATURES) - set(godrive.DISTRACTORS):
+        other = next(v for r in train for v in [godrive.parse_features(r["input"])[feature]] if v != CALM[feature])
+        assert godrive.relevant_key(CALM | {feature: other}) != godrive.relevant_key(CALM), feature
+
+
 def test_the_example_config_loads_the_dataset(tmp_path):
     cfg = load_config(HERE / "config.yaml")
     assert cfg.name == "goDrive" and cfg.model.base == "builtin:smollm2-135m"
@@ -90,7 +103,7 @@ def test_the_example_config_loads_the_dataset(tmp_path):
     assert test_report.ignored_fields == {"rules": 300}
 
 
-def test_score_exact_match_and_per_rule():
+def test_score_exact_match_and_per_rule_recall_and_precision():
     from tunesmith.evaluate.scorers import load_scorer
 
     # load_config pins `examples.godrive.generate:score` to the file beside the config
@@ -99,15 +112,25 @@ def test_score_exact_match_and_per_rule():
     score = load_scorer(spec)
     reference = "请系好安全带。倒车入库看后视镜。请减速慢行。"
     perfect = score(reference, reference)
-    rule_keys = {f"rule:{r.id}" for r in godrive.RULES} | {"rule:all_good"}
+    rules = [r.id for r in godrive.RULES] + ["all_good"]
+    rule_keys = {f"{kind}:{rule}" for rule in rules for kind in ("recall", "precision")}
     assert set(perfect) == {"exact_match", "rule_precision", "rule_recall", "rule_f1"} | rule_keys
-    assert all(value == 1.0 for value in perfect.values())
+    assert {key: value for key, value in perfect.items() if value is not None} == {
+        "exact_match": 1.0, "rule_precision": 1.0, "rule_recall": 1.0, "rule_f1": 1.0,
+        **{f"{kind}:{rule}": 1.0 for rule in ("seatbelt", "item:倒车入库", "speeding")
+           for kind in ("recall", "precision")}}
     partial = score("请系好安全带。请开启近光灯。", reference)
     assert set(partial) == set(perfect)  # the same keys for every answer, so an evaluator can average them
     assert partial["exact_match"] == 0.0
-    assert partial["rule:seatbelt"] == 1.0 and partial["rule:speeding"] == 0.0 and partial["rule:night"] == 0.0
-    assert partial["rule:door"] == 1.0  # neither mentions the door
+    assert (partial["recall:seatbelt"], partial["precision:seatbelt"]) == (1.0, 1.0)
+    assert (partial["recall:speeding"], partial["precision:speeding"]) == (0.0, None)  # left out: a miss
+    assert (partial["recall:night"], partial["precision:night"]) == (None, 0.0)  # added: a false instruction
+    # Neither mentions the door: that says nothing about the door rule (it counted as right before).
+    assert (partial["recall:door"], partial["precision:door"]) == (None, None)
     assert (partial["rule_precision"], partial["rule_recall"]) == (0.5, 1 / 3)
+    empty = score("", reference)
+    assert all(empty[f"recall:{rule}"] == 0.0 for rule in ("seatbelt", "item:倒车入库", "speeding"))
+    assert all(empty[f"precision:{rule}"] is None for rule in rules)
     assert score("请开启近光灯。", ISSUE_LINE)["exact_match"] == 1.0  # a feature line as the reference
     assert score("请开启近光灯。\n", {"input": ISSUE_LINE, "output": "请开启近光灯。"})["exact_match"] == 1.0
     assert score("胡说八道", reference)["rule_f1"] == 0.0

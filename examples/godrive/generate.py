@@ -1,9 +1,16 @@
 """goDrive, the reference article's task: a car's sensor features in, a driving coach's instruction out.
 
-Run `python examples/godrive/generate.py` to rewrite train.jsonl (7,799 examples) and test.jsonl
-(300 examples whose feature combinations never occur in training) next to this file; the output is the
-same on every run (seeded). The evaluator imports `expected(features) -> str` and
-`score(prediction, reference) -> dict` (`eval.scorer: examples.godrive.generate:score`).
+Run `python examples/godrive/generate.py` to rewrite train.jsonl (7,799 examples) and test.jsonl (300 held-out
+examples) next to this file; the output is the same on every run (seeded). The evaluator imports
+`expected(features) -> str` and `score(prediction, reference) -> dict` (`eval.scorer: examples.godrive.generate:score`).
+
+What "held out" means here: a test state's answer-relevant features, every feature but the distractors 刹车 and
+油门 (`relevant_key`), never occur together in any training state, and no two test states share them. So no test
+answer can be recalled from a training neighbour that differs only in a distractor: the model has to apply the
+rules to a combination it has not seen. Test states come from the same sampler as training (later draws of the
+same seeded stream), keeping only such unseen combinations; they are therefore rarer states than the average
+training one (more rules fire: 2.5 instructions an answer against 2.1 in training; 22% of test states fire more
+than three rules, 10% of training states).
 
 Input, one line:
   <特征>场地类型:科目二; 当前项目:非项目区域; 车辆类型:手动挡; 挡位:1挡; 手刹:放下; 发动机:打火; 安全带:系上;
@@ -65,6 +72,8 @@ ITEM_WORDING = {
     "靠边停车": "靠边停车打右转向灯。",
     "掉头": "掉头前打左转向灯。",
 }
+DISTRACTORS = ("刹车", "油门")
+"""Features no rule reads: they make a state realistic, and the model has to learn to ignore them."""
 NO_ITEM = "非项目区域"
 ALL_GOOD = "状态良好，继续保持。"
 MAX_INSTRUCTIONS = 3
@@ -148,14 +157,16 @@ def split_instructions(text: str) -> list[str]:
         [text.rsplit("。", 1)[-1]] if text and not text.endswith("。") else [])
 
 
-def score(prediction: str, reference: str | dict[str, Any]) -> dict[str, float]:
+def score(prediction: str, reference: str | dict[str, Any]) -> dict[str, float | None]:
     """Exact match plus per-rule scores for one answer.
 
     `reference` is the expected answer, a feature line (its `expected` answer is used), or a record with
-    "output" (or "input"). Returned keys, the same for every answer so they can be averaged: exact_match
-    (0/1); rule_precision, rule_recall, rule_f1 over the instructions; and for every rule (and all_good)
-    "rule:<id>" = 1.0 when answer and reference agree on it (both give its instruction, or neither does),
-    so its mean over a test file is that rule's accuracy.
+    "output" (or "input"). Returned keys, the same for every answer: exact_match (0/1); rule_precision,
+    rule_recall, rule_f1 over the instructions; and for every rule (and all_good) "recall:<id>" and
+    "precision:<id>". A rule counts only where it matters: its recall is 1/0 where the reference gives it
+    (None elsewhere), its precision 1/0 where the answer gives it (None elsewhere). Averaged over a test file
+    with the Nones left out, they are the rule's recall and precision; an answer that leaves a rule out where
+    the reference does too says nothing about that rule.
     """
     if isinstance(reference, dict):
         reference = reference.get("output") or expected(reference["input"])
@@ -166,14 +177,15 @@ def score(prediction: str, reference: str | dict[str, Any]) -> dict[str, float]:
     hits = len(set(predicted) & set(wanted) - {"unknown"})
     precision = hits / len(predicted) if predicted else 0.0
     recall = hits / len(wanted) if wanted else 0.0
-    result = {
+    result: dict[str, float | None] = {
         "exact_match": float(prediction.strip() == reference.strip()),
         "rule_precision": precision,
         "rule_recall": recall,
         "rule_f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
     }
     for rule_id in WORDING_TO_RULE.values():
-        result[f"rule:{rule_id}"] = float((rule_id in predicted) == (rule_id in wanted))
+        result[f"recall:{rule_id}"] = float(rule_id in predicted) if rule_id in wanted else None
+        result[f"precision:{rule_id}"] = float(rule_id in wanted) if rule_id in predicted else None
     return result
 
 
@@ -224,19 +236,35 @@ def sample_features(rng: random.Random) -> Features:
     }
 
 
+def relevant_key(features: Features | str) -> tuple[str, ...]:
+    """The answer-relevant part of a state: every feature but the distractors. Held-out states never share it
+    with a training state."""
+    f = parse_features(features) if isinstance(features, str) else features
+    return tuple(f[key] for key in FEATURES if key not in DISTRACTORS)
+
+
 def generate(train_size: int = TRAIN_SIZE, test_size: int = TEST_SIZE, seed: int = SEED) -> tuple[list[dict], list[dict]]:
-    """Distinct feature states: the first `train_size` for training, the next `test_size` for testing."""
+    """Distinct feature states: the first `train_size` for training; then, from the same stream, `test_size`
+    states whose `relevant_key` occurs neither in training nor earlier in the test set."""
     rng = random.Random(seed)
     seen: set[str] = set()
     lines: list[str] = []
-    while len(lines) < train_size + test_size:
+    while len(lines) < train_size:
         line = format_features(sample_features(rng))
         if line not in seen:
             seen.add(line)
             lines.append(line)
-    train = [{"input": line, "output": expected(line)} for line in lines[:train_size]]
+    taken = {relevant_key(line) for line in lines}
+    held_out: list[str] = []
+    while len(held_out) < test_size:
+        features = sample_features(rng)
+        key = relevant_key(features)
+        if key not in taken:
+            taken.add(key)
+            held_out.append(format_features(features))
+    train = [{"input": line, "output": expected(line)} for line in lines]
     test = [{"input": line, "output": expected(line), "rules": fired_rules(line)[:MAX_INSTRUCTIONS]}
-            for line in lines[train_size:]]
+            for line in held_out]
     return train, test
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.atomic import write_text
+from tunesmith.evaluate.scorers import mean_scores
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
@@ -72,6 +73,8 @@ def _table(headers: list[str], rows: list[list[Any]], table_id: str) -> str:
                 cells.append(f'<td class="num">{value:.3f}</td>')
             elif isinstance(value, int):
                 cells.append(f'<td class="num">{value}</td>')
+            elif value is None:  # a score that applies to none of the answers
+                cells.append('<td class="num">–</td>')
             else:
                 cells.append(f"<td>{html.escape(str(value))}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
@@ -144,9 +147,16 @@ def _eval_section(rows: list[dict[str, Any]]) -> str:
     headline = [key for key in keys if ":" not in key]
     table_rows = []
     for model, model_rows in by_model.items():
-        means = [sum(r["scores"].get(key, 0.0) for r in model_rows) / len(model_rows) for key in headline]
-        table_rows.append([_label(model), len(model_rows), *means])
+        means = mean_scores([r["scores"] for r in model_rows])
+        table_rows.append([_label(model), len(model_rows), *[means.get(key) for key in headline]])
     out = [_table(["model", "n", *headline], table_rows, "eval-table")]
+    detail = [key for key in keys if ":" in key]  # a task scorer's per-rule scores, e.g. recall:seatbelt
+    if detail:
+        model_means = {model: mean_scores([r["scores"] for r in model_rows]) for model, model_rows in by_model.items()}
+        out.append("<h3>Per-rule scores (mean over the answers each applies to)</h3>")
+        out.append(_table(["score", *[_label(model) for model in by_model]],
+                          [[key, *[model_means[model].get(key) for model in by_model]] for key in detail],
+                          "rule-table"))
     base = {r["index"]: r for r in by_model.get("base", [])}
     tuned = {r["index"]: r for r in by_model.get("finetuned", [])}
     differ = [(base[i], tuned[i]) for i in sorted(base.keys() & tuned.keys()) if base[i]["answer"] != tuned[i]["answer"]]

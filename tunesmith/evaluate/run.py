@@ -21,7 +21,7 @@ from tunesmith import inference
 from tunesmith.atomic import atomic_path
 from tunesmith.config import Config
 from tunesmith.errors import ConfigError
-from tunesmith.evaluate.scorers import load_scorer, score_all
+from tunesmith.evaluate.scorers import load_scorer, mean_scores, score_all
 
 
 @dataclass
@@ -72,8 +72,7 @@ def summarize(run_dir: Path) -> list[ModelScores]:
         by_model.setdefault(row["model"], []).append(row)
     results = []
     for model, rows in by_model.items():
-        keys = rows[0]["scores"].keys()
-        means = {key: sum(row["scores"][key] for row in rows) / len(rows) for key in keys}
+        means = mean_scores([row["scores"] for row in rows])
         results.append(ModelScores(model, len(rows), means, rows[0].get("seconds", 0.0),
                                    [row["answer"] for row in rows]))
     return results
@@ -94,8 +93,7 @@ def evaluate(config: Config, run_dir: Path, file: str | Path | None, models: lis
         answers = _answers(name, config, run_dir, cases)
         seconds = time.perf_counter() - started
         per_case = [score_all(answer, case.reference, config.eval.expect, task) for answer, case in zip(answers, cases)]
-        keys = per_case[0].keys() if per_case else []
-        means = {key: sum(scores[key] for scores in per_case) / len(per_case) for key in keys}
+        means = mean_scores(per_case)
         results.append(ModelScores(name, len(cases), means, seconds, answers))
         for index, (case, answer, scores) in enumerate(zip(cases, answers, per_case)):
             rows.append({"index": index, "model": name, "prompt": case.messages[-1]["content"],
@@ -162,7 +160,8 @@ def print_summary(results: list[ModelScores], console: Console) -> None:
         table.add_column(_label(result.model), justify="right")
     table.add_row("examples", *[str(result.n) for result in results])
     for key in headline + [key for key in keys if ":" in key]:
-        table.add_row(key, *[f"{result.means[key]:.3f}" if key in result.means else "–" for result in results],
+        table.add_row(key, *[f"{result.means[key]:.3f}" if result.means.get(key) is not None else "–"
+                             for result in results],
                       end_section=key == headline[-1] if headline else False)
     table.add_row("seconds", *[f"{result.seconds:.0f}" for result in results])
     console.print(table)

@@ -83,6 +83,17 @@ def _load_file(path: Path, search: list[Path]) -> Any:
     raise ImportError(f"no file {path}")
 
 
+def mean_scores(per_case: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The mean of each score over the answers that have it: a task scorer returns None where a score does not
+    apply (goDrive's recall of a rule the reference does not give), and that answer then does not count."""
+    keys = list(dict.fromkeys(key for scores in per_case for key in scores))
+    means: dict[str, float | None] = {}
+    for key in keys:
+        values = [scores[key] for scores in per_case if scores.get(key) is not None]
+        means[key] = sum(values) / len(values) if values else None
+    return means
+
+
 def score_all(prediction: str, reference: str, expect: str, task: Scorer | None) -> dict[str, Any]:
     scores: dict[str, Any] = {
         "exact_match": exact_match(prediction, reference),
