@@ -62,9 +62,10 @@ def test_bad_feature_lines_are_refused():
 
 
 def test_committed_files_are_what_the_generator_writes():
-    train, test = godrive.generate()
+    train, test, valid = godrive.generate()
     assert read("train.jsonl") == train
     assert read("test.jsonl") == test
+    assert read("valid.jsonl") == valid
 
 
 def test_dataset_sizes_answers_and_held_out_combinations():
@@ -79,9 +80,9 @@ def test_dataset_sizes_answers_and_held_out_combinations():
 
 
 def test_held_out_states_share_no_answer_relevant_features_with_training():
-    train, test = read("train.jsonl"), read("test.jsonl")
+    train, test, valid = read("train.jsonl"), read("test.jsonl"), read("valid.jsonl")
     taught = {godrive.relevant_key(r["input"]) for r in train}
-    held_out = [godrive.relevant_key(r["input"]) for r in test]
+    held_out = [godrive.relevant_key(r["input"]) for r in test + valid]
     assert not taught & set(held_out)
     assert len(set(held_out)) == len(held_out)  # and no two test states share them either
     # The key is every feature but the distractors: changing a distractor keeps it, anything else changes it.

@@ -66,15 +66,28 @@ def stream(model: Any, tokenizer: Any, messages: list[dict[str, str]], config: C
     worker.join()
 
 
+def stop_ids(tokenizer: Any) -> set[int]:
+    """Token ids that end an answer: EOS and the end-of-turn markers of the chat families tunesmith knows. A base
+    model given a chat template (Gemma 3 270M) has only `<eos>` as its EOS, while its turns end in `<end_of_turn>`."""
+    ids = {tokenizer.eos_token_id} - {None}
+    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "</s>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    return ids
+
+
 def generate_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], config: Config,
                    max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Greedy answers for many prompts, left-padded in batches of similar length."""
+    """Greedy answers for many prompts, left-padded in batches of similar length, each cut at its first stop
+    token (`stop_ids`)."""
     import torch
 
     encoded = [prompt_ids(tokenizer, messages, config) for messages in conversations]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(encoded)
     pad = tokenizer.pad_token_id
+    stops = stop_ids(tokenizer)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         width = max(len(encoded[i]) for i in chunk)
@@ -84,8 +97,11 @@ def generate_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str
             ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]):] = 1
         with torch.no_grad():
+            # use_cache: a model being trained has it off in its config (no KV cache is needed for a loss)
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad)
+                                 do_sample=False, pad_token_id=pad, eos_token_id=sorted(stops), use_cache=True)
         for row, i in enumerate(chunk):
-            answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+            answer = out[row, width:].tolist()
+            end = next((at for at, token in enumerate(answer) if token in stops), len(answer))
+            answers[i] = tokenizer.decode(answer[:end], skip_special_tokens=True).strip()
     return answers

@@ -1,7 +1,7 @@
 """goDrive, the reference article's task: a car's sensor features in, a driving coach's instruction out.
 
-Run `python examples/godrive/generate.py` to rewrite train.jsonl (7,799 examples) and test.jsonl (300 held-out
-examples) next to this file; the output is the same on every run (seeded). The evaluator imports
+Run `python examples/godrive/generate.py` to rewrite train.jsonl (7,799 examples), test.jsonl (300 held-out
+examples) and valid.jsonl (100 more, held out the same way, for watching training) next to this file; the output is the same on every run (seeded). The evaluator imports
 `expected(features) -> str` and `score(prediction, reference) -> dict` (`eval.scorer: examples.godrive.generate:score`).
 
 What "held out" means here: a test state's answer-relevant features, every feature but the distractors 刹车 and
@@ -80,6 +80,7 @@ MAX_INSTRUCTIONS = 3
 MOVING_FAST = ("适中", "过快")
 TRAIN_SIZE = 7799
 TEST_SIZE = 300
+VALID_SIZE = 100
 SEED = 7799
 HERE = Path(__file__).resolve().parent
 
@@ -243,9 +244,12 @@ def relevant_key(features: Features | str) -> tuple[str, ...]:
     return tuple(f[key] for key in FEATURES if key not in DISTRACTORS)
 
 
-def generate(train_size: int = TRAIN_SIZE, test_size: int = TEST_SIZE, seed: int = SEED) -> tuple[list[dict], list[dict]]:
-    """Distinct feature states: the first `train_size` for training; then, from the same stream, `test_size`
-    states whose `relevant_key` occurs neither in training nor earlier in the test set."""
+def generate(train_size: int = TRAIN_SIZE, test_size: int = TEST_SIZE, seed: int = SEED,
+             valid_size: int = VALID_SIZE) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, test, valid): `train_size` distinct feature states for training; then, from the same stream,
+    `test_size` states and then `valid_size` more whose `relevant_key` occurs neither in training nor in any
+    state drawn before them. The validation states are held out like the test states and disjoint from them:
+    training watches its accuracy on them (data.eval_file) and the test set stays untouched until the end."""
     rng = random.Random(seed)
     seen: set[str] = set()
     lines: list[str] = []
@@ -255,17 +259,22 @@ def generate(train_size: int = TRAIN_SIZE, test_size: int = TEST_SIZE, seed: int
             seen.add(line)
             lines.append(line)
     taken = {relevant_key(line) for line in lines}
-    held_out: list[str] = []
-    while len(held_out) < test_size:
-        features = sample_features(rng)
-        key = relevant_key(features)
-        if key not in taken:
-            taken.add(key)
-            held_out.append(format_features(features))
+
+    def held_out(size: int) -> list[str]:
+        drawn: list[str] = []
+        while len(drawn) < size:
+            features = sample_features(rng)
+            key = relevant_key(features)
+            if key not in taken:
+                taken.add(key)
+                drawn.append(format_features(features))
+        return drawn
+
+    test_lines, valid_lines = held_out(test_size), held_out(valid_size)
     train = [{"input": line, "output": expected(line)} for line in lines]
-    test = [{"input": line, "output": expected(line), "rules": fired_rules(line)[:MAX_INSTRUCTIONS]}
-            for line in held_out]
-    return train, test
+    test, valid = ([{"input": line, "output": expected(line), "rules": fired_rules(line)[:MAX_INSTRUCTIONS]}
+                    for line in part] for part in (test_lines, valid_lines))
+    return train, test, valid
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -273,10 +282,10 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def main(out: Path = HERE) -> None:
-    train, test = generate()
-    write_jsonl(out / "train.jsonl", train)
-    write_jsonl(out / "test.jsonl", test)
-    print(f"wrote {len(train)} examples to {out / 'train.jsonl'} and {len(test)} to {out / 'test.jsonl'}")
+    train, test, valid = generate()
+    for name, records in (("train", train), ("test", test), ("valid", valid)):
+        write_jsonl(out / f"{name}.jsonl", records)
+    print(f"wrote {len(train)} training, {len(test)} test and {len(valid)} validation examples to {out}")
 
 
 if __name__ == "__main__":

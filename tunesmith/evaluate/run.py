@@ -122,7 +122,7 @@ def _gguf_answers(gguf: Path, config: Config, conversations: list[list[dict[str,
     tokenizer = load_tokenizer(resolve_base(config.model.base, config.model.revision))
     # open_llama: the thread settings the server uses (llama.cpp's default spin-waits on busy cores)
     llm = open_llama(gguf, n_ctx=2048)
-    stop = _stop_ids(tokenizer) | {llm.token_eos()}
+    stop = inference.stop_ids(tokenizer) | {llm.token_eos()}
     answers = []
     for messages in conversations:
         ids = inference.prompt_ids(tokenizer, messages, config)
@@ -138,15 +138,6 @@ def _gguf_answers(gguf: Path, config: Config, conversations: list[list[dict[str,
 def gguf_models(run_dir: Path) -> list[str]:
     """The exported model files of a run, as eval names them (not the LoRA-only GGUF, which needs its base)."""
     return sorted(str(path) for path in (run_dir / "gguf").glob("*.gguf") if ".lora." not in path.name.lower())
-
-
-def _stop_ids(tokenizer: Any) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "</s>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-            ids.add(token_id)
-    return ids
 
 
 def print_summary(results: list[ModelScores], console: Console) -> None:

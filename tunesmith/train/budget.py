@@ -26,27 +26,42 @@ class TimeBudget:
     eval_examples: int
     warm_spent: float | None = None
 
-    def fit(self, step: int, spent: float) -> tuple[int, float] | None:
+    eval_seconds: float | None = None
+    """What one eval pass (eval loss and the accuracy probe) took, measured at the fit step; None: estimated."""
+
+    @property
+    def fit_step(self) -> int:
+        return WARM_STEPS + TIMED_STEPS
+
+    def fit(self, step: int, spent: float, eval_seconds: float | None = None) -> tuple[int, float] | None:
         """After step `step`, `spent` seconds into the run: the run's length and the step time it was fitted
-        with, once enough steps are timed; None before."""
+        with, once enough steps are timed; None before. `eval_seconds`: an eval pass timed at this step (its
+        time is part of `spent` and is not counted as training)."""
         if step == WARM_STEPS:
             self.warm_spent = spent
         if step < WARM_STEPS + TIMED_STEPS:
             return None
-        if self.warm_spent is None:  # resumed past the warm-up steps: their cost is in the average, a bit slower
-            step_seconds = spent / step
+        if eval_seconds is not None:
+            self.eval_seconds = eval_seconds
+            spent_training = spent - eval_seconds
         else:
-            step_seconds = (spent - self.warm_spent) / (step - WARM_STEPS)
+            spent_training = spent
+        if self.warm_spent is None:  # resumed past the warm-up steps: their cost is in the average, a bit slower
+            step_seconds = spent_training / step
+        else:
+            step_seconds = (spent_training - self.warm_spent) / (step - WARM_STEPS)
         # 3% kept back: step times drift by a few percent over a run, and a run that overruns is cut short
         # before its learning rate has decayed.
         return step + self._steps_in(0.97 * (self.seconds - spent), step_seconds, step), step_seconds
 
     def _steps_in(self, seconds: float, step_seconds: float, step: int) -> int:
-        """Steps that fit in `seconds` after `step`, with an eval-loss pass every eval_steps and at the end. An
-        eval pass is forward only over the eval split: about a third of a training step per batch (the backward
-        costs about twice the forward)."""
+        """Steps that fit in `seconds` after `step`, with an eval pass every eval_steps and at the end. An eval
+        pass is timed at the fit step when the loop ran one there; otherwise estimated as the eval-loss pass alone,
+        forward only over the eval split: about a third of a training step per batch (the backward costs about
+        twice the forward)."""
         cfg = self.train
-        eval_pass = math.ceil(self.eval_examples / cfg.batch_size) * step_seconds / (3 * cfg.grad_accum)
+        eval_pass = self.eval_seconds if self.eval_seconds is not None else (
+            math.ceil(self.eval_examples / cfg.batch_size) * step_seconds / (3 * cfg.grad_accum))
         steps = max(0, int(seconds / step_seconds))
         while steps > 0:
             evals = (step + steps) // cfg.eval_steps - step // cfg.eval_steps + 1 if self.eval_examples else 0

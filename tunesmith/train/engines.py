@@ -93,6 +93,10 @@ class HFEngine:
         return evaluate_loss(self.forward, self.data.eval, self.config.train.batch_size, self.pad_id, self.device,
                              self.config)
 
+    def generation_model(self) -> Any:
+        """The model with its adapter, as `generate()` takes it (the accuracy probe)."""
+        return self.model
+
     def trainable(self) -> dict[str, Any]:
         from tunesmith.train import distributed
         from tunesmith.train.checkpoint import trainable_of
@@ -199,6 +203,10 @@ class FastEngine:
                 count += buffer.num_targets
         return total / max(1, count)
 
+    def generation_model(self) -> Any:
+        """The Hugging Face model, whose linear layers the fast path's LoRA modules wrap in place."""
+        return self.fast.model
+
     def trainable(self) -> dict[str, Any]:
         return self.fast.adapter_state_dict()
 
@@ -231,6 +239,11 @@ def fast_path_wanted(config: Config, device: str, model: Any) -> bool:
     from tunesmith.train.fast import FastPathUnsupported, check_supported
 
     wanted = config.train.fast
+    if wanted is True and (config.lora.layers_to_transform or config.train.loraplus_lr_ratio):
+        raise ConfigError("train.fast: true does not take lora.layers_to_transform or train.loraplus_lr_ratio",
+                          "the GPU fast path adapts every layer with one learning rate; set train.fast: auto")
+    if config.lora.layers_to_transform or config.train.loraplus_lr_ratio:
+        return False
     if wanted is True and config.train.fsdp:
         raise ConfigError("train.fast: true and train.fsdp: true don't go together",
                           "FSDP2 shards the transformers + peft model; set train.fast: auto or false")

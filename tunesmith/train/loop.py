@@ -30,6 +30,7 @@ from tunesmith.atomic import atomic_path, write_json
 from tunesmith.config import Config
 from tunesmith.errors import DataError, ModelError
 from tunesmith.train import batches, checkpoint, distributed
+from tunesmith.train.accuracy import AccuracyProbe, stop_reached
 from tunesmith.train.budget import TimeBudget
 from tunesmith.train.checkpoint import TrainState
 from tunesmith.train.engines import FastEngine, HFEngine, fast_path_wanted
@@ -113,7 +114,7 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
             model = apply_lora(model, config.lora, cfg.seed)
         # DDP or FSDP2 around the loss on several ranks; before the optimizer, which must see FSDP2's shards.
         forward = distributed.wrap(model, completion_loss, world, device, cfg.fsdp, use_bf16(config, device))
-        optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], config, device, console)
+        optimizer = _optimizer(model, config, device, console)
         engine = HFEngine(model, data, config, device, pad_id, optimizer, forward, world)
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * engine.steps_per_epoch)
     scheduler = _scheduler(engine.optimizer, config, total_steps)
@@ -140,6 +141,23 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
     window_loss, window_steps, last_eval = state.window_loss, state.window_steps, None
     t0, tokens_at_start, seen_inputs = time.perf_counter(), state.tokens, 0
     budget = TimeBudget(cfg.max_minutes * 60, cfg, len(data.eval)) if cfg.max_minutes else None
+    probe = AccuracyProbe(config, tokenizer, data.eval_examples) if cfg.eval_accuracy and data.eval else None
+    stopped_early = None
+
+    def evaluation(progress: TrainProgress) -> tuple[float, float]:
+        """Eval loss and, with a probe, the accuracy of greedy answers, logged; returns (loss, seconds taken)."""
+        started = time.perf_counter()
+        loss = engine.eval_loss()
+        record = {"step": state.step, "eval_loss": round(loss, 4)}
+        if probe is not None:
+            record |= probe(engine.generation_model(), autocast(device, config))
+        metrics.write(record)
+        progress.print("{" + ", ".join(f"'{key}': {value}" for key, value in record.items()
+                                       if key != "eval_accuracy_seconds") + "}")
+        nonlocal stopped_early
+        stopped_early = stopped_early or stop_reached(cfg.stop_when, record)
+        return loss, time.perf_counter() - started
+
     with TrainProgress(console, total_steps, state.step) as progress:
         while state.step < total_steps:
             loss_value, grad_norm, inputs, targets = engine.step(state.step)
@@ -149,11 +167,16 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
             seen_inputs += inputs
             window_loss, window_steps = window_loss + loss_value, window_steps + 1
 
+            eval_seconds = None
+            if budget is not None and state.total_steps is None and state.step == budget.fit_step and data.eval:
+                # One eval pass here, timed, so the fit counts what the eval passes to come will cost (the
+                # accuracy probe generates answers: far more than a forward pass over the eval split).
+                last_eval, eval_seconds = evaluation(progress)
             elapsed = time.perf_counter() - t0
             tokens_per_second = seen_inputs / elapsed if elapsed else 0.0
             if budget is not None:
                 spent = world.first(state.elapsed + elapsed)  # rank 0's clock decides for every rank
-                fitted = budget.fit(state.step, spent) if state.total_steps is None else None
+                fitted = budget.fit(state.step, spent, eval_seconds) if state.total_steps is None else None
                 if fitted is not None:
                     state.total_steps = min(total_steps, fitted[0])  # fitted[0] >= state.step: fit adds to it
                     progress.print(f"time budget {cfg.max_minutes:g} min: {state.total_steps} steps fit "
@@ -185,10 +208,12 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
                 metrics.write(record)
                 progress.print(article_line(record))
                 window_loss, window_steps = 0.0, 0
-            if data.eval and (state.step % cfg.eval_steps == 0 or state.step == total_steps):
-                last_eval = engine.eval_loss()
-                metrics.write({"step": state.step, "eval_loss": round(last_eval, 4)})
-                progress.print(f"{{'eval_loss': {last_eval:.4f}, 'step': {state.step}}}")
+            if data.eval and eval_seconds is None and (state.step % cfg.eval_steps == 0 or state.step == total_steps):
+                last_eval, _ = evaluation(progress)
+            if stopped_early and state.step < total_steps:  # the run ends here, as if this were its last step
+                progress.print(f"stopping early: {stopped_early}")
+                total_steps = state.total_steps = state.step
+                progress.resize(total_steps)
             if state.step % cfg.save_steps == 0 or state.step == total_steps:
                 state.elapsed += time.perf_counter() - t0
                 state.window_loss, state.window_steps = window_loss, window_steps
@@ -220,6 +245,8 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
     }
     if digests:
         final["rank_weight_sha256"] = digests
+    if stopped_early:
+        final["stopped_early"] = stopped_early
     if world.main:
         write_json(run_dir / "run.json", _run_record(config, device, data, started_at, final, world))
     return TrainResult(run_dir, adapter_dir, state.step, final["train_loss"], final["eval_loss"], seconds,
@@ -313,13 +340,14 @@ def autocast(device: str, config: Config):
     return contextlib.nullcontext()
 
 
-def _optimizer(params: list[Any], config: Config, device: str, console: Console):
+def _optimizer(model: Any, config: Config, device: str, console: Console):
     import torch
 
     cfg = config.train
     wanted = cfg.optimizer
     if wanted == "auto":
         wanted = "adamw_8bit" if device == "cuda" else "adamw"
+    optimizer_class = torch.optim.AdamW
     if wanted == "adamw_8bit":
         if device != "cuda":
             console.print("train.optimizer: adamw_8bit needs a CUDA GPU (bitsandbytes); using AdamW on CPU")
@@ -327,10 +355,16 @@ def _optimizer(params: list[Any], config: Config, device: str, console: Console)
             try:
                 import bitsandbytes as bnb
 
-                return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+                optimizer_class = bnb.optim.AdamW8bit
             except ImportError:
                 console.print("bitsandbytes is not installed: using AdamW instead of 8-bit AdamW")
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.loraplus_lr_ratio and cfg.method in ("lora", "qlora"):
+        from peft.optimizers import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(model, optimizer_class, lr=cfg.learning_rate,
+                                         loraplus_lr_ratio=cfg.loraplus_lr_ratio, weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return optimizer_class(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
 def _scheduler(optimizer: Any, config: Config, total_steps: int):

@@ -41,6 +41,22 @@ def apply_lora(model: Any, lora: LoraConfig, seed: int) -> Any:
         bias=lora.bias,
         target_modules=lora.target_modules,
         use_rslora=lora.use_rslora,
+        layers_to_transform=layer_indices(model, lora.layers_to_transform),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_config)
+
+
+def layer_indices(model: Any, wanted: list[int] | None) -> list[int] | None:
+    """`lora.layers_to_transform` with negative numbers counted from the top, checked against the model."""
+    if wanted is None:
+        return None
+    count = getattr(model.config, "num_hidden_layers", None)
+    if count is None:
+        raise ModelError("lora.layers_to_transform: the model's config does not say how many layers it has",
+                         "leave lora.layers_to_transform unset")
+    resolved = sorted({index + count if index < 0 else index for index in wanted})
+    if not resolved or resolved[0] < 0 or resolved[-1] >= count:
+        raise ModelError(f"lora.layers_to_transform: {wanted} is outside the model's {count} layers (0..{count - 1})",
+                         f"use numbers from 0 to {count - 1}, or -1 for the last layer")
+    return resolved

@@ -1,0 +1,67 @@
+"""Accuracy during training: greedy answers to a fixed sample of the eval set, scored as `tunesmith eval` scores.
+
+A falling loss says the model moves toward the references; whether its answers are right is another matter (on
+goDrive the loss flattens long before exact match does). At every eval step the loop asks this probe, and logs
+`eval_exact_match` and friends beside `eval_loss`; `train.stop_when` can end the run on them.
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+from typing import Any
+
+from tunesmith.config import Config, parse_stop_rule
+from tunesmith.evaluate.scorers import load_scorer, mean_scores, score_all
+
+_COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+class AccuracyProbe:
+    def __init__(self, config: Config, tokenizer: Any, examples: list[Any]):
+        """`examples`: the eval split (validated `Example`s, the last turn the reference answer); the first
+        `train.eval_accuracy` of them, always the same, are answered at every eval step."""
+        self.config, self.tokenizer = config, tokenizer
+        chosen = [e for e in examples if e.messages and e.messages[-1]["role"] == "assistant"]
+        chosen = chosen[:config.train.eval_accuracy]
+        self.conversations = [list(e.messages[:-1]) for e in chosen]
+        self.references = [e.messages[-1]["content"] for e in chosen]
+        self.task = load_scorer(config.eval.scorer) if config.eval.scorer else None
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __call__(self, model: Any, autocast: Any) -> dict[str, float]:
+        """Headline scores (`eval_exact_match`, `eval_edit_similarity`, a task scorer's `eval_rule_f1`...) of
+        `model`'s greedy answers, and `eval_accuracy_seconds`. The model is put back in training mode."""
+        import torch
+
+        from tunesmith.inference import generate_batch
+
+        started = time.perf_counter()
+        model.eval()
+        try:
+            with torch.no_grad(), autocast:
+                answers = generate_batch(model, self.tokenizer, self.conversations, self.config,
+                                         self.config.eval.max_new_tokens)
+        finally:
+            model.train()
+        per_case = [score_all(answer, reference, self.config.eval.expect, self.task)
+                    for answer, reference in zip(answers, self.references)]
+        means = mean_scores(per_case)
+        scores = {f"eval_{key}": round(value, 4) for key, value in means.items() if ":" not in key and value is not None}
+        scores["eval_accuracy_seconds"] = round(time.perf_counter() - started, 1)
+        return scores
+
+
+def stop_reached(rule: str | None, record: dict[str, Any]) -> str | None:
+    """The reason to stop when an eval record meets `train.stop_when` (`exact_match>=0.95` reads
+    `eval_exact_match`), else None."""
+    if not rule:
+        return None
+    name, op, bound = parse_stop_rule(rule)
+    key = name if name.startswith("eval_") else f"eval_{name}"
+    value = record.get(key)
+    if value is None or not _COMPARE[op](value, bound):
+        return None
+    return f"train.stop_when {rule}: {key} {value:g} at step {record['step']}"
