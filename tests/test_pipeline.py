@@ -72,7 +72,16 @@ def test_pipeline_runs_every_stage_then_skips_them(tmp_path, tiny_qwen3, store):
     assert right + done.stdout.count("✗ expected: ") == 4 and f"{right} of 4 held-out prompts answered" in done.stdout
     assert (store / "manifests").exists()
     timings = json.loads((run / "timings.json").read_text())
-    assert {"data", "train", "eval", "export", "eval-gguf", "create", "serve"} <= timings.keys()
+    assert {"data", "train", "eval", "export", "create", "serve"} <= timings.keys()
+    # Export answered the held-out prompts once with each GGUF: those answers are the eval-gguf results and
+    # the fidelity check, so the eval-gguf stage had nothing left to do.
+    assert "eval-gguf" not in timings and "✓ eval-gguf: complete, skipped" in done.stdout
+    rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    gguf_answers = [row["answer"] for row in rows if row["model"].endswith("tiny.q8_0.gguf")]
+    fidelity = json.loads((run / "fidelity.json").read_text())["quantizations"][0]
+    finetuned = [row["answer"] for row in rows if row["model"] == "finetuned"]
+    assert len(gguf_answers) == len(finetuned) == 4 and fidelity["n"] == 2  # export.fidelity_prompts
+    assert fidelity["exact"] == sum(a == b for a, b in zip(gguf_answers[:2], finetuned[:2])) / 2
 
     again = run_cli("pipeline", "--config", str(config), "--no-serve", env=env, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -112,10 +112,23 @@ def _answers(name: str, config: Config, run_dir: Path, cases: list[Case]) -> lis
         if name == "finetuned":
             model = model.merge_and_unload()  # same answers, no per-layer adapter overhead while generating
         return inference.generate_batch(model, tokenizer, conversations, config, max_new)
-    return _gguf_answers(Path(name), config, conversations, max_new)
+    return gguf_answers(Path(name), config, conversations, max_new)
 
 
-def _gguf_answers(gguf: Path, config: Config, conversations: list[list[dict[str, str]]], max_new: int) -> list[str]:
+def stored_answers(run_dir: Path, model: str, cases: list[Case]) -> list[str] | None:
+    """`model`'s answers to exactly these cases from eval.jsonl, or None when it has not answered them all."""
+    rows = {row["index"]: row for row in _rows(run_dir) if row["model"] == model}
+    answers = []
+    for index, case in enumerate(cases):
+        row = rows.get(index)
+        if row is None or row["prompt"] != case.messages[-1]["content"] or row["reference"] != case.reference:
+            return None
+        answers.append(row["answer"])
+    return answers
+
+
+def gguf_answers(gguf: Path, config: Config, conversations: list[list[dict[str, str]]], max_new: int) -> list[str]:
+    """Greedy answers of a GGUF through llama.cpp, prompted with the training template's token ids."""
     from tunesmith.models import load_tokenizer, resolve_base
     from tunesmith.serve.engine import open_llama
 

@@ -28,6 +28,7 @@ from tunesmith.config import ExportConfig
 from tunesmith.errors import ModelError, TunesmithError
 from tunesmith.export import convert, fidelity, merge, quantize
 from tunesmith.export import modelfile as modelfiles
+from tunesmith.models import load_model
 from tunesmith.serve.modelfile import format_value, typed_parameter
 
 
@@ -158,24 +159,61 @@ def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict
 
 def _fidelity(run_dir: Path, config: Any, merged: Path, tokenizer: Any, ggufs: dict[str, Path],
               settings: ExportConfig, console: Console) -> tuple[list[fidelity.QuantFidelity], dict]:
-    cases = fidelity.held_out_cases(run_dir, config, settings.fidelity_prompts)
+    """One greedy pass per GGUF. With a test file (eval.file or data.test_file) the pass answers the
+    evaluation's held-out prompts and is recorded as that GGUF's eval rows, so `tunesmith eval` (the pipeline's
+    eval-gguf stage) need not answer them again; the fine-tuned model's answers come from the eval stage when it
+    has answered the same prompts. Without one, the run's eval split is used and nothing is recorded."""
+    from tunesmith.evaluate import run as evaluation
+
+    if not settings.fidelity_prompts:
+        console.print("[yellow]export: fidelity check skipped (export.fidelity_prompts is 0)[/]")
+        return [], {"prompts": 0, "skipped": "export.fidelity_prompts is 0", "quantizations": []}
+    answers: dict[str, list[str]] = {}
+    seconds: dict[str, float] = {}
+    reference: list[str] | None = None
+    if config.eval.file or config.data.test_file:
+        for quant, scores in zip(ggufs, evaluation.evaluate(config, run_dir, None, [str(p) for p in ggufs.values()],
+                                                          console, keep_existing=True)):
+            answers[quant], seconds[quant] = scores.answers, scores.seconds
+        cases = evaluation.load_cases(config.eval.file or config.data.test_file, config, config.eval.limit)
+        reference = evaluation.stored_answers(run_dir, "finetuned", cases)
+    else:
+        cases = fidelity.held_out_cases(run_dir, config, settings.fidelity_prompts)
+        for quant, path in ggufs.items():
+            clock = time.perf_counter()
+            answers[quant] = evaluation.gguf_answers(path, config, [c.messages for c in cases],
+                                                     config.eval.max_new_tokens)
+            seconds[quant] = time.perf_counter() - clock
     if not cases:
-        why = "export.fidelity_prompts is 0" if not settings.fidelity_prompts else "no held-out examples"
-        console.print(f"[yellow]export: fidelity check skipped ({why})[/]")
-        return [], {"prompts": 0, "skipped": why, "quantizations": []}
-    prompts, answers = fidelity.encode_cases(tokenizer, cases, config)
-    stop = _stop_ids(tokenizer, config)
-    max_new = config.eval.max_new_tokens
-    console.print(f"export: fidelity check on {len(cases)} held-out prompts (greedy, up to {max_new} tokens)")
-    reference = fidelity.merged_outputs(merged, prompts, answers, stop, max_new, tokenizer.pad_token_id)
-    console.print(f"  merged model (transformers): {reference.seconds:.0f} s")
+        console.print("[yellow]export: fidelity check skipped (no held-out examples)[/]")
+        return [], {"prompts": 0, "skipped": "no held-out examples", "quantizations": []}
+    n = min(settings.fidelity_prompts, len(cases))
+    cases = cases[:n]
+    clock = time.perf_counter()
+    if reference is None:
+        model = load_model(merged)
+        model.eval()
+        reference = inference.generate_batch(model, tokenizer, [c.messages for c in cases], config,
+                                             config.eval.max_new_tokens)
+        del model
+    reference = reference[:n]
+    console.print(f"export: fidelity check on {n} held-out prompts (greedy, up to {config.eval.max_new_tokens} "
+                  "tokens; the GGUFs' answers are their eval answers)")
+    prompts, reference_ids = fidelity.prompt_and_reference_ids(tokenizer, cases, config)
+    merged_logliks = fidelity.merged_logliks(merged, prompts, reference_ids)
+    reference_seconds = time.perf_counter() - clock
+
+    def first_ids(texts: list[str]) -> list[list[int]]:
+        return [tokenizer(text, add_special_tokens=False)["input_ids"][:1] for text in texts]
+
     results = []
     for quant, path in ggufs.items():
-        outputs = fidelity.gguf_outputs(path, prompts, answers, stop, max_new)
-        results.append(fidelity.compare(quant, path, reference, outputs, settings.min_agreement))
-        console.print(f"  {path.name} (llama.cpp): {outputs.seconds:.0f} s")
+        logliks = fidelity.gguf_logliks(path, prompts, reference_ids)
+        results.append(fidelity.compare(quant, path, reference, answers[quant][:n],
+                                        (first_ids(reference), first_ids(answers[quant][:n])),
+                                        (merged_logliks, logliks), settings.min_agreement, seconds[quant]))
     fidelity.print_table(results, console, settings.min_agreement)
-    return results, fidelity.report(results, reference.seconds, len(cases), settings.min_agreement)
+    return results, fidelity.report(results, reference_seconds, n, settings.min_agreement)
 
 
 def _choose(names: list[str], results: list[fidelity.QuantFidelity]) -> str:
@@ -225,17 +263,6 @@ def _family_or_none(tokenizer: Any) -> str | None:
         return modelfiles.detect_family(getattr(tokenizer, "chat_template", None))
     except TunesmithError:
         return None
-
-
-def _stop_ids(tokenizer: Any, config: Any) -> set[int]:
-    """Token ids that end an answer: EOS and the family's end-of-turn tokens that are single tokens."""
-    stop = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    family = _family_or_none(tokenizer)
-    for token in modelfiles.FAMILIES.get(family, {}).get("stop", []):
-        ids = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(ids, int) and ids != tokenizer.unk_token_id:
-            stop.add(ids)
-    return stop
 
 
 # ------------------------------------------------------------------------------------------------ disk
