@@ -151,9 +151,10 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
         record = {"step": state.step, "eval_loss": round(loss, 4)}
         if probe is not None:
             record |= probe(engine.generation_model(), autocast(device, config))
+        record["seconds"] = round(state.elapsed + time.perf_counter() - t0, 1)
         metrics.write(record)
         progress.print("{" + ", ".join(f"'{key}': {value}" for key, value in record.items()
-                                       if key != "eval_accuracy_seconds") + "}")
+                                       if key not in ("eval_accuracy_seconds", "seconds")) + "}")
         nonlocal stopped_early
         stopped_early = stopped_early or stop_reached(cfg.stop_when, record)
         return loss, time.perf_counter() - started
@@ -204,6 +205,7 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
                     "epoch": round(state.step / engine.steps_per_epoch, 2),
                     "tokens_per_second": round(tokens_per_second, 1),
                     "trained_tokens": state.tokens,
+                    "seconds": round(state.elapsed + time.perf_counter() - t0, 1),  # since training began
                 }
                 metrics.write(record)
                 progress.print(article_line(record))
