@@ -56,8 +56,9 @@ def make_run(runs: Path, name: str, steps: int, *, ended: bool, started: datetim
     log = MetricsLog(run, 0)
     for step in range(1, steps + 1):
         log.write(train_record(step))
-        if step % 5 == 0:
-            log.write({"step": step, "eval_loss": round(2.6 / (1 + 0.25 * step), 4)})
+        if step % 5 == 0:  # the eval record's keys as the loop writes them with train.eval_accuracy on
+            log.write({"step": step, "eval_loss": round(2.6 / (1 + 0.25 * step), 4),
+                       "eval_exact_match": round(min(1.0, step / 40), 4), "eval_edit_similarity": 0.5})
     log.close()
     return run
 
@@ -180,10 +181,13 @@ def test_loss_curve_has_a_point_per_step_and_grows_while_training(site, page, tm
     log = MetricsLog(run, steps[-1])
     for step in (steps[-1] + 1, steps[-1] + 2):
         log.write(train_record(step))
-    log.write({"step": steps[-1] + 2, "eval_loss": 0.5})
+    log.write({"step": steps[-1] + 2, "eval_loss": 0.5, "eval_exact_match": 0.875})
     log.close()
     page.wait_for_function(points, arg=len(steps) + 2, timeout=10_000)
     assert page.eval_on_selector_all("#loss-plot circle.eval-point", "c => c.length") == len(evals) + 1
+    # Answers right during training: a point per eval step on the accuracy axis, the latest in the status line.
+    assert page.eval_on_selector_all("#loss-plot circle.accuracy-point", "c => c.length") == len(evals) + 1
+    assert "exact match 88%" in page.inner_text("#loss-latest")
     assert f"step {steps[-1] + 2}" in page.inner_text("#loss-latest")
     assert page.evaluate("window.notReloaded") is True
     screenshot(page, tmp_path / "run-training.png")

@@ -55,7 +55,16 @@ def loss_plot_png(metrics: list[dict[str, Any]]) -> bytes | None:
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.grid(alpha=0.3)
-    axes.legend()
+    handles, labels = axes.get_legend_handles_labels()
+    exact = [(m["step"], m["eval_exact_match"]) for m in metrics if m.get("eval_exact_match") is not None]
+    if exact:  # answers right during training (train.eval_accuracy), on its own axis
+        accuracy = axes.twinx()
+        accuracy.plot(*zip(*exact), "s-", label="exact match (eval set)", color="#2ca02c")
+        accuracy.set_ylim(0, 1)
+        accuracy.set_ylabel("exact match")
+        more_handles, more_labels = accuracy.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    axes.legend(handles, labels)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")

@@ -35,12 +35,13 @@
   }
 
   function draw() {
-    const train = series("loss"), evals = series("eval_loss");
+    const train = series("loss"), evals = series("eval_loss"), exact = series("eval_exact_match");
     const svg = document.createElementNS(SVG, "svg");
     svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
     svg.setAttribute("role", "img");
     svg.setAttribute("aria-label", "loss curves");
     const all = train.concat(evals);
+    if (!all.length && exact.length) all.push(...exact.map((p) => [p[0], 0]));
     if (!all.length) {
       node("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "empty" }, svg, "no metrics.jsonl lines yet");
       plot.replaceChildren(svg);
@@ -48,6 +49,7 @@
     }
     let [x0, x1] = [Math.min(...all.map((p) => p[0])), Math.max(...all.map((p) => p[0]))];
     let [y0, y1] = [Math.min(...all.map((p) => p[1])), Math.max(...all.map((p) => p[1]))];
+    for (const p of exact) { x0 = Math.min(x0, p[0]); x1 = Math.max(x1, p[0]); }
     if (x0 === x1) { x0 -= 1; x1 += 1; }
     const pad = (y1 - y0 || Math.abs(y1) || 1) * 0.06;
     y0 -= pad; y1 += pad;
@@ -72,17 +74,33 @@
       node("polyline", { class: "eval", points: line(evals) }, svg);
       for (const p of evals) node("circle", { class: "eval-point", cx: x(p[0]), cy: y(p[1]), r: 3.5 }, svg);
     }
-    const legend = node("g", { class: "legend", transform: `translate(${W - M.right - 170}, ${M.top + 8})` }, svg);
+    // Exact match of greedy answers (train.eval_accuracy) on its own axis, 0 to 100%, at the right.
+    if (exact.length) {
+      const ya = (v) => H - M.bottom - v * (H - M.top - M.bottom);
+      for (const v of [0, 0.5, 1]) {
+        node("text", { x: W - M.right + 2, y: ya(v) + 4, "text-anchor": "start", class: "tick accuracy-tick" }, svg,
+             `${Math.round(v * 100)}%`);
+      }
+      node("polyline", { class: "accuracy", points: exact.map((p) => `${x(p[0]).toFixed(1)},${ya(p[1]).toFixed(1)}`)
+        .join(" ") }, svg);
+      for (const p of exact) node("circle", { class: "accuracy-point", cx: x(p[0]), cy: ya(p[1]), r: 3.5 }, svg);
+    }
+    const legend = node("g", { class: "legend", transform: `translate(${W - M.right - 190}, ${M.top + 8})` }, svg);
     node("rect", { x: 0, y: -8, width: 14, height: 3, class: "legend-train" }, legend);
     node("text", { x: 20, y: -2 }, legend, `train loss (${train.length})`);
     node("rect", { x: 0, y: 10, width: 14, height: 3, class: "legend-eval" }, legend);
     node("text", { x: 20, y: 16 }, legend, `eval loss (${evals.length})`);
+    if (exact.length) {
+      node("rect", { x: 0, y: 28, width: 14, height: 3, class: "legend-accuracy" }, legend);
+      node("text", { x: 20, y: 34 }, legend, `exact match, right axis (${exact.length})`);
+    }
     plot.replaceChildren(svg);
 
     const last = (key) => { const s = series(key); return s.length ? s[s.length - 1][1] : null; };
     const parts = [`step ${all.reduce((m, p) => Math.max(m, p[0]), 0)}`];
     if (last("loss") !== null) parts.push(`train loss ${last("loss").toFixed(4)}`);
     if (last("eval_loss") !== null) parts.push(`eval loss ${last("eval_loss").toFixed(4)}`);
+    if (last("eval_exact_match") !== null) parts.push(`exact match ${(100 * last("eval_exact_match")).toFixed(0)}%`);
     if (last("learning_rate") !== null) parts.push(`lr ${last("learning_rate").toExponential(2)}`);
     if (last("tokens_per_second") !== null) parts.push(`${Math.round(last("tokens_per_second"))} tokens/s`);
     latest.textContent = parts.join(" · ");
