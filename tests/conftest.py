@@ -27,6 +27,14 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma_checkpoint() -> Path:
+    """The built-in Gemma 3 270M (materialized once per machine, about a minute)."""
+    from tunesmith.models import resolve_base
+
+    return resolve_base("builtin:gemma3-270m")
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen3(builtin_checkpoint, tmp_path_factory) -> Path:
     from tunesmith.testing import tiny_checkpoint
 

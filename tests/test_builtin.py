@@ -16,7 +16,7 @@ from tunesmith.models import load_model, load_tokenizer, resolve_base
 from tunesmith.models.builtin import COMPLETE_MARKER
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-MATERIALIZE = "from tunesmith.models import resolve_base; print(resolve_base('builtin:smollm2-135m'))"
+MATERIALIZE = "import sys; from tunesmith.models import resolve_base; print(resolve_base(sys.argv[1]))"
 
 
 def _greedy_answer(checkpoint: Path) -> str:
@@ -28,27 +28,39 @@ def _greedy_answer(checkpoint: Path) -> str:
     return tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def _greedy_completion(checkpoint: Path) -> str:
+    """Gemma 3 270M is a pretrained (base) model: asked as a text to continue, not as a chat."""
+    tokenizer = load_tokenizer(checkpoint)
+    model = load_model(checkpoint)
+    inputs = tokenizer("Question: What is the capital of France?\nAnswer:", return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    return tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 @pytest.mark.slow
-def test_crash_mid_materialization_leaves_nothing_that_loads_then_a_rerun_completes(tmp_path):
+@pytest.mark.parametrize("name, answer", [("smollm2-135m", _greedy_answer), ("gemma3-270m", _greedy_completion)])
+def test_crash_mid_materialization_leaves_nothing_that_loads_then_a_rerun_completes(tmp_path, name, answer):
     env = {**os.environ, "TUNESMITH_HOME": str(tmp_path)}
-    target = tmp_path / "base" / "smollm2-135m"
-    process = subprocess.Popen([sys.executable, "-c", MATERIALIZE], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    target = tmp_path / "base" / name
+    command = [sys.executable, "-c", MATERIALIZE, f"builtin:{name}"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     # Kill it once it has started writing its temporary directory, i.e. mid-conversion.
     deadline = time.monotonic() + 120
-    while not list((tmp_path / "base").glob(".tmp-smollm2-135m-*")) and time.monotonic() < deadline:
+    while not list((tmp_path / "base").glob(f".tmp-{name}-*")) and time.monotonic() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    assert list((tmp_path / "base").glob(f".tmp-{name}-*")), "killed before it began writing"
     assert not target.exists(), "a killed materialization left a directory under the final name"
 
-    done = subprocess.run([sys.executable, "-c", MATERIALIZE], check=False, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     assert (target / COMPLETE_MARKER).exists()
     assert not list((tmp_path / "base").glob(".tmp-*")), "stale temporary directory kept"
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in target.iterdir()}
-    assert "Paris" in _greedy_answer(target)
+    assert {p.name for p in target.iterdir()} == {"config.json", "generation_config.json", "model.safetensors",
+                                                  "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                                                  COMPLETE_MARKER}
+    assert "Paris" in answer(target)
 
 
 def test_builtin_answers_paris_in_transformers_and_through_llama_cpp(builtin_checkpoint, tmp_path):
