@@ -75,7 +75,8 @@ def best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
     Open bins are kept by room left: a sorted list of the distinct rooms (at most capacity + 1 of them,
     so bisecting and inserting cost O(log capacity) and a bounded move, whatever the number of bins) and,
-    per room, a heap of bin numbers. Scanning every open bin instead made 200k examples take minutes.
+    per room, a heap of bin numbers. Scanning every bin instead took 22 s for 200k goDrive-length examples
+    (0.15 s this way; bench/packing.py).
     """
     bins: list[list[int]] = []
     rooms: list[int] = []  # sorted, distinct
