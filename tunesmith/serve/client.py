@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import ollama
+from gguf import Keys
 
 from tunesmith.children import die_with_parent
 from tunesmith.errors import TunesmithError
@@ -236,8 +237,8 @@ def show_text(host: str | None, name: str, *, modelfile_only: bool = False, api_
     lines = ["  Model",
              f"    architecture        {arch}",
              f"    parameters          {d.get('parameter_size', '')}",
-             f"    context length      {meta.get(f'{arch}.context_length', '')}",
-             f"    embedding length    {meta.get(f'{arch}.embedding_length', '')}",
+             f"    context length      {meta.get(Keys.LLM.CONTEXT_LENGTH.format(arch=arch), '')}",
+             f"    embedding length    {meta.get(Keys.LLM.EMBEDDING_LENGTH.format(arch=arch), '')}",
              f"    quantization        {d.get('quantization_level', '')}",
              "", "  Capabilities", *[f"    {c}" for c in info.capabilities or []]]
     if info.parameters:
