@@ -5,6 +5,7 @@ Same model (the built-in SmolLM2-135M), same goDrive examples in the same chat t
 training only on the completion. Measures trained-on tokens per second (non-pad input tokens fed to the
 model / wall time of the training steps, warm-up step excluded) and appends a table to bench/RESULTS.md.
 
+    .venv/bin/pip install -e '.[bench]'   # TRL, which tunesmith itself does not need
     .venv/bin/python bench/train_cpu.py [--steps 12] [--batch-size 8]
 """
 

@@ -67,3 +67,11 @@ def test_create_list_show_run_cp_rm(server, tmp_path, smollm2_gguf):
 
     missing = run_cli("show", "nope", env=env)
     assert missing.returncode == 2 and "not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_client_commands_say_in_one_line_when_no_server_answers():
+    host = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    for args in (["list"], ["show", "smol"], ["rm", "smol"]):
+        done = run_cli(*args, env={"TUNESMITH_HOST": host})
+        assert done.returncode == 2, (args, done.stderr)
+        assert f"could not reach the server at http://{host}" in done.stderr and "Traceback" not in done.stderr

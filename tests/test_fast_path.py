@@ -203,3 +203,31 @@ def test_unsupported_architecture_is_a_clear_error():
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64))
     with pytest.raises(FastPathUnsupported, match="gpt2"):
         prepare_fast_model(model, LoraConfig())
+
+
+def _scan_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best fit by scanning every bin (the quadratic way packing used to do it): the reference."""
+    bins, room = [], []
+    for i, n in enumerate(lengths):
+        best = min((j for j, r in enumerate(room) if r >= n), key=lambda j: room[j], default=None)
+        if best is None:
+            bins.append([i])
+            room.append(capacity - n)
+        else:
+            bins[best].append(i)
+            room[best] -= n
+    return bins
+
+
+@pytest.mark.parametrize(("low", "high", "capacity"), [(1, 40, 40), (129, 154, 4096), (150, 320, 4096), (1, 9, 10)])
+def test_best_fit_places_every_example_as_the_full_scan_does(low, high, capacity):
+    import random
+
+    from tunesmith.train.fast.packing import best_fit
+
+    rng = random.Random(low * 1000 + high)
+    for count in (0, 1, 7, 500):
+        lengths = sorted((rng.randint(low, high) for _ in range(count)), reverse=True)
+        assert best_fit(lengths, capacity) == _scan_best_fit(lengths, capacity)
+        shuffled = rng.sample(lengths, len(lengths))  # best fit (not decreasing) too: ties and reuse of rooms
+        assert best_fit(shuffled, capacity) == _scan_best_fit(shuffled, capacity)

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rapidfuzz.distance import Levenshtein
+
 from tunesmith.errors import ConfigError
 
 Scorer = Callable[[str, str], dict[str, float]]
@@ -25,16 +27,8 @@ def exact_match(prediction: str, reference: str) -> float:
 
 def edit_similarity(prediction: str, reference: str) -> float:
     """1 - Levenshtein distance / length of the longer string (characters, so it suits Chinese too)."""
-    a, b = normalize(prediction), normalize(reference)
-    if not a and not b:
-        return 1.0
-    previous = list(range(len(b) + 1))
-    for i, char_a in enumerate(a, 1):
-        current = [i]
-        for j, char_b in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char_a != char_b)))
-        previous = current
-    return 1.0 - previous[-1] / max(len(a), len(b))
+    # rapidfuzz normalizes unit-cost Levenshtein by the longer length, and two empty strings score 1.
+    return Levenshtein.normalized_similarity(normalize(prediction), normalize(reference))
 
 
 def json_valid(prediction: str, reference: str) -> float:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
+from gguf import Keys
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -542,7 +543,7 @@ def _ollama_routes(app: FastAPI, server: Server) -> None:
                 if not gguf_meta.is_gguf(store.blob_path(digest)):
                     raise ApiError(400, f"{label} {file_name} is not GGUF; convert it with `tunesmith export`")
                 meta, _ = gguf_meta.read_metadata(store.blob_path(digest))
-                if meta.get("general.type") != "adapter":
+                if meta.get(Keys.General.TYPE) != "adapter":
                     raise ApiError(400, f"{label} {file_name} is a GGUF model, not a LoRA adapter")
                 manifest.adapters = [digest]  # llama.cpp applies one LoRA here, as Ollama supports one
         if req.template is not None:
@@ -674,7 +675,7 @@ def _manifest_from_files(store: Store, files: dict[str, str], statuses: list[str
     path = store.blob_path(ggufs[0])
     meta, _ = gguf_meta.read_metadata(path)
     manifest = Manifest(model=ggufs[0], details=gguf_meta.details(path))
-    known = known_templates.detect(meta.get("tokenizer.chat_template"))
+    known = known_templates.detect(meta.get(Keys.Tokenizer.CHAT_TEMPLATE))
     if known is not None:
         manifest.template, manifest.parameters = known
     return manifest

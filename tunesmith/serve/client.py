@@ -1,14 +1,15 @@
-"""Client side of `tunesmith create/run/list/show/ps/cp/rm/deploy`: talks to any server speaking Ollama's API.
+"""Client side of `tunesmith create/run/list/show/ps/cp/rm/deploy`: the official `ollama` Python client.
 
-`create` works as Ollama's CLI does: hash the local files, upload them to `/api/blobs/<digest>`, then
-`/api/create` with `files={name: digest}`; so it works against a real Ollama too.
+Every command goes through `ollama.Client`, so each one a user runs also proves the server speaks Ollama's API,
+and `deploy --to` talks to a real Ollama exactly as Ollama's own client does. `create` works as Ollama's CLI
+does: upload the local files to `/api/blobs/<digest>`, then `/api/create` with `files={name: digest}`.
+Starting a local server when none answers (`server_at`) is tunesmith's own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import os
 import subprocess
 import sys
@@ -19,11 +20,12 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 import httpx
+import ollama
+from gguf import Keys
 
 from tunesmith.children import die_with_parent
 from tunesmith.errors import TunesmithError
 from tunesmith.serve import modelfile
-from tunesmith.serve.store import file_digest
 
 DEFAULT_PORT = 11434
 HOST_ENV = "TUNESMITH_HOST"
@@ -53,55 +55,40 @@ def host_url(host: str | None = None) -> str:
     return f"{parts.scheme}://{hostname}:{port}{parts.path.rstrip('/')}"
 
 
-def _client(host: str | None, api_key: str | None = None, timeout: float | None = 600) -> httpx.Client:
+@contextlib.contextmanager
+def _client(host: str | None, api_key: str | None = None, *, what: str,
+            timeout: float | None = 600) -> Iterator[ollama.Client]:
+    """An `ollama.Client` for `host` whose failures, while the block runs, become one-line ClientErrors.
+
+    `what` names the request in messages. Without an API key here or in $TUNESMITH_API_KEY the client
+    falls back to $OLLAMA_API_KEY, as Ollama's does. Streams have no time limit (`timeout=None`): a long
+    answer or a large upload is not a failure.
+    """
     key = api_key or os.environ.get(API_KEY_ENV)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=host_url(host), headers=headers, timeout=timeout)
-
-
-def _check(response: httpx.Response) -> httpx.Response:
-    if response.status_code >= 400:
-        response.read()
-        try:
-            message = response.json().get("error", response.text)
-            if isinstance(message, dict):
-                message = message.get("message", str(message))
-        except (json.JSONDecodeError, AttributeError):
-            message = response.text
-        raise ClientError(f"{response.request.method} {response.request.url.path}: {message} "
-                          f"(HTTP {response.status_code})")
-    return response
-
-
-def _request(host: str | None, method: str, path: str, api_key: str | None = None, **kwargs: Any) -> httpx.Response:
+    url = host_url(host)
     try:
-        with _client(host, api_key) as client:
-            return _check(client.request(method, path, **kwargs))
-    except httpx.TransportError as exc:
-        raise ClientError(f"could not reach the server at {host_url(host)}: {exc}",
-                          "start it with `tunesmith serve` or set TUNESMITH_HOST") from exc
-
-
-def _stream_lines(host: str | None, path: str, body: dict[str, Any], api_key: str | None = None) -> Iterator[dict]:
-    try:
-        with _client(host, api_key, timeout=None) as client, client.stream("POST", path, json=body) as response:
-            _check(response)
-            for line in response.iter_lines():
-                if not line.strip():
-                    continue
-                data = json.loads(line)
-                if data.get("error"):
-                    raise ClientError(f"{path}: {data['error']}")
-                yield data
-    except httpx.TransportError as exc:
-        raise ClientError(f"could not reach the server at {host_url(host)}: {exc}",
+        with ollama.Client(host=url, timeout=timeout,
+                           headers={"Authorization": f"Bearer {key}"} if key else None) as client:
+            yield client
+    except ollama.ResponseError as exc:
+        message = exc.error.get("message", exc.error) if isinstance(exc.error, dict) else exc.error
+        status = f" (HTTP {exc.status_code})" if exc.status_code > 0 else ""  # -1: an error inside a stream
+        raise ClientError(f"{what}: {message}{status}") from exc
+    except (ConnectionError, httpx.TransportError) as exc:
+        # ollama turns a refused connection into ConnectionError("Failed to connect to Ollama ..."); other
+        # transport failures (a reset, a timeout) come through as httpx's own.
+        detail = "" if isinstance(exc, ConnectionError) else f": {exc}"
+        raise ClientError(f"could not reach the server at {url}{detail}",
                           "start it with `tunesmith serve` or set TUNESMITH_HOST") from exc
 
 
 def heartbeat(host: str | None = None, api_key: str | None = None) -> bool:
-    """True when a server answers `HEAD /` at `host`."""
+    """True when a server answers `HEAD /` at `host` (Ollama's CLI checks the same way before it starts one;
+    the Python client has no call for it)."""
+    key = api_key or os.environ.get(API_KEY_ENV)
     try:
-        with _client(host, api_key, timeout=2) as client:
+        with httpx.Client(base_url=host_url(host), timeout=2,
+                          headers={"Authorization": f"Bearer {key}"} if key else None) as client:
             return client.head("/").status_code == 200
     except httpx.HTTPError:
         return False
@@ -111,15 +98,17 @@ def heartbeat(host: str | None = None, api_key: str | None = None) -> bool:
 
 def upload_blob(host: str | None, path: str | Path, api_key: str | None = None) -> str:
     """Upload a local file to `/api/blobs/<digest>` (the server verifies it); returns the digest."""
-    digest = file_digest(path)
+    with _client(host, api_key, what=f"upload {Path(path).name}", timeout=None) as client:
+        return client.create_blob(path)
 
-    def chunks() -> Iterator[bytes]:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                yield chunk
 
-    _request(host, "POST", f"/api/blobs/{digest}", api_key, content=chunks())
-    return digest
+def _create(host: str | None, name: str, progress: Callable[[str], None] | None, api_key: str | None,
+            **request: Any) -> None:
+    """`/api/create` for `name`, streaming its status lines to `progress`."""
+    with _client(host, api_key, what=f"create {name}", timeout=None) as client:
+        for status in client.create(name, stream=True, **{k: v for k, v in request.items() if v}):
+            if progress is not None and status.status:
+                progress(status.status)
 
 
 def create_model(host: str | None, name: str, gguf: str | Path, *, adapter: str | Path | None = None,
@@ -127,16 +116,10 @@ def create_model(host: str | None, name: str, gguf: str | Path, *, adapter: str 
                  messages: list[dict[str, str]] | None = None, license: list[str] | None = None,
                  progress: Callable[[str], None] | None = None, api_key: str | None = None) -> None:
     """Upload a GGUF (and LoRA adapter) and create `name` on the server. `tunesmith deploy` calls this."""
-    body: dict[str, Any] = {"model": name, "files": {Path(gguf).name: upload_blob(host, gguf, api_key)}}
-    if adapter is not None:
-        body["adapters"] = {Path(adapter).name: upload_blob(host, adapter, api_key)}
-    for key, value in (("template", template), ("system", system), ("parameters", parameters),
-                       ("messages", messages), ("license", license)):
-        if value:
-            body[key] = value
-    for status in _stream_lines(host, "/api/create", {**body, "stream": True}, api_key):
-        if progress is not None and status.get("status"):
-            progress(status["status"])
+    files = {Path(gguf).name: upload_blob(host, gguf, api_key)}
+    adapters = {Path(adapter).name: upload_blob(host, adapter, api_key)} if adapter is not None else None
+    _create(host, name, progress, api_key, files=files, adapters=adapters, template=template, system=system,
+            parameters=parameters, messages=messages, license=license)
 
 
 def create_from_modelfile(host: str | None, name: str, path: str | Path, *,
@@ -171,35 +154,36 @@ def create_from_modelfile(host: str | None, name: str, path: str | Path, *,
         create_model(host, name, gguf, adapter=adapter, progress=progress, api_key=api_key, **options)
         return
     # FROM names an existing model on the server.
-    body: dict[str, Any] = {"model": name, "from": mf.from_, "stream": True,
-                            **{k: v for k, v in options.items() if v}}
-    if adapter is not None:
-        body["adapters"] = {adapter.name: upload_blob(host, adapter, api_key)}
-    for status in _stream_lines(host, "/api/create", body, api_key):
-        if progress is not None and status.get("status"):
-            progress(status["status"])
+    adapters = {adapter.name: upload_blob(host, adapter, api_key)} if adapter is not None else None
+    _create(host, name, progress, api_key, from_=mf.from_, adapters=adapters, **options)
 
 
 # ---------------------------------------------------------------------------------------- management
 
 def list_models(host: str | None = None, api_key: str | None = None) -> list[dict[str, Any]]:
-    return _request(host, "GET", "/api/tags", api_key).json()["models"]
+    """The models as /api/tags lists them (`name` as well as the client's `model`, as the wire has both)."""
+    with _client(host, api_key, what="list") as client:
+        return [{**m.model_dump(), "name": m.model} for m in client.list().models]
 
 
-def show(host: str | None, name: str, api_key: str | None = None) -> dict[str, Any]:
-    return _request(host, "POST", "/api/show", api_key, json={"model": name}).json()
+def show(host: str | None, name: str, api_key: str | None = None) -> ollama.ShowResponse:
+    with _client(host, api_key, what=f"show {name}") as client:
+        return client.show(name)
 
 
-def ps(host: str | None = None, api_key: str | None = None) -> list[dict[str, Any]]:
-    return _request(host, "GET", "/api/ps", api_key).json()["models"]
+def ps(host: str | None = None, api_key: str | None = None) -> list[ollama.ProcessResponse.Model]:
+    with _client(host, api_key, what="ps") as client:
+        return list(client.ps().models)
 
 
 def copy(host: str | None, source: str, destination: str, api_key: str | None = None) -> None:
-    _request(host, "POST", "/api/copy", api_key, json={"source": source, "destination": destination})
+    with _client(host, api_key, what=f"cp {source} {destination}") as client:
+        client.copy(source, destination)
 
 
 def delete(host: str | None, name: str, api_key: str | None = None) -> None:
-    _request(host, "DELETE", "/api/delete", api_key, json={"model": name})
+    with _client(host, api_key, what=f"rm {name}") as client:
+        client.delete(name)
 
 
 def _size(n: int) -> str:
@@ -210,13 +194,14 @@ def _size(n: int) -> str:
     return str(n)
 
 
-def _ago(iso: str) -> str:
-    when = datetime.datetime.fromisoformat(iso)
+def _human(when: datetime.datetime) -> str:
+    """`4 minutes ago`, `4 minutes from now`: Ollama's format.HumanTime, as `ollama list` and `ps` print."""
     seconds = (datetime.datetime.now(datetime.UTC) - when).total_seconds()
+    suffix = "ago" if seconds >= 0 else "from now"
     for unit, span in (("days", 86400), ("hours", 3600), ("minutes", 60)):
-        if seconds >= span:
-            return f"{int(seconds // span)} {unit} ago"
-    return "just now"
+        if abs(seconds) >= span:
+            return f"{int(abs(seconds) // span)} {unit} {suffix}"
+    return "just now" if seconds >= 0 else "less than a minute from now"
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -228,7 +213,7 @@ def list_table(host: str | None = None, api_key: str | None = None) -> str:
     """`tunesmith list` output, as `ollama list` prints it."""
     rows = [["NAME", "ID", "SIZE", "MODIFIED"]]
     for m in list_models(host, api_key):
-        rows.append([m["name"], m["digest"][:12], _size(m["size"]), _ago(m["modified_at"])])
+        rows.append([m["name"], m["digest"][:12], _size(m["size"]), _human(m["modified_at"])])
     return _table(rows)
 
 
@@ -236,8 +221,8 @@ def ps_table(host: str | None = None, api_key: str | None = None) -> str:
     """`tunesmith ps` output, as `ollama ps` prints it."""
     rows = [["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]]
     for m in ps(host, api_key):
-        rows.append([m["name"], m["digest"][:12], _size(m["size"]), "100% CPU", str(m.get("context_length", "")),
-                     m["expires_at"]])
+        rows.append([m.name or m.model, (m.digest or "")[:12], _size(m.size or 0), "100% CPU",
+                     str(m.context_length or ""), _human(m.expires_at) if m.expires_at else "Never"])
     return _table(rows)
 
 
@@ -245,35 +230,35 @@ def show_text(host: str | None, name: str, *, modelfile_only: bool = False, api_
     """`tunesmith show NAME` (or `--modelfile`)."""
     info = show(host, name, api_key)
     if modelfile_only:
-        return info["modelfile"]
-    d = info.get("details", {})
-    meta = info.get("model_info") or {}
+        return info.modelfile or ""
+    d = info.details.model_dump(exclude_none=True) if info.details else {}
+    meta = info.modelinfo or {}
     arch = d.get("family", "")
     lines = ["  Model",
              f"    architecture        {arch}",
              f"    parameters          {d.get('parameter_size', '')}",
-             f"    context length      {meta.get(f'{arch}.context_length', '')}",
-             f"    embedding length    {meta.get(f'{arch}.embedding_length', '')}",
+             f"    context length      {meta.get(Keys.LLM.CONTEXT_LENGTH.format(arch=arch), '')}",
+             f"    embedding length    {meta.get(Keys.LLM.EMBEDDING_LENGTH.format(arch=arch), '')}",
              f"    quantization        {d.get('quantization_level', '')}",
-             "", "  Capabilities", *[f"    {c}" for c in info.get("capabilities", [])]]
-    if info.get("parameters"):
-        lines += ["", "  Parameters", *[f"    {p}" for p in info["parameters"].splitlines()]]
-    if info.get("system"):
-        lines += ["", "  System", f"    {info['system']}"]
-    if info.get("license"):
-        lines += ["", "  License", f"    {info['license'].splitlines()[0]}"]
+             "", "  Capabilities", *[f"    {c}" for c in info.capabilities or []]]
+    if info.parameters:
+        lines += ["", "  Parameters", *[f"    {p}" for p in info.parameters.splitlines()]]
+    # The client's ShowResponse drops the wire's `system`; the Modelfile the server sends carries it.
+    system = modelfile.parse(info.modelfile).system if info.modelfile else None
+    if system:
+        lines += ["", "  System", f"    {system}"]
+    if info.license:
+        lines += ["", "  License", f"    {info.license.splitlines()[0]}"]
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------- run
 
 def chat_stream(host: str | None, name: str, messages: list[dict[str, Any]], *,
-                options: dict[str, Any] | None = None, api_key: str | None = None) -> Iterator[dict[str, Any]]:
+                options: dict[str, Any] | None = None, api_key: str | None = None) -> Iterator[ollama.ChatResponse]:
     """Streamed /api/chat chunks."""
-    body: dict[str, Any] = {"model": name, "messages": messages, "stream": True}
-    if options:
-        body["options"] = options
-    yield from _stream_lines(host, "/api/chat", body, api_key)
+    with _client(host, api_key, what=f"chat with {name}", timeout=None) as client:
+        yield from client.chat(name, messages, stream=True, options=options or None)
 
 
 def start_local_server(host: str | None = None, *, config: str | Path | None = None, overrides: list[str] | None = None,
@@ -333,7 +318,7 @@ def run(host: str | None, name: str, prompt: str | None = None, *, stdin: IO[str
         messages.append({"role": "user", "content": text})
         reply = []
         for chunk in chat_stream(host, name, messages, options=options, api_key=api_key):
-            piece = chunk.get("message", {}).get("content", "")
+            piece = chunk.message.content or ""
             reply.append(piece)
             stdout.write(piece)
             stdout.flush()
