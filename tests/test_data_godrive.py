@@ -94,7 +94,7 @@ def test_held_out_states_share_no_answer_relevant_features_with_training():
 
 def test_the_example_config_loads_the_dataset(tmp_path):
     cfg = load_config(HERE / "config.yaml")
-    assert cfg.name == "goDrive" and cfg.model.base == "builtin:smollm2-135m"
+    assert cfg.name == "goDrive" and cfg.model.base == "builtin:gemma3-270m"
     report = LoadReport(cfg.data.train_file)
     examples = load_examples(cfg.data.train_file, cfg.data, report)
     assert (len(examples), report.shape, report.system_prompt_added) == (7799, "input_output", 7799)
