@@ -41,7 +41,7 @@ import random_tokens
 ARTICLE_BATCH, ARTICLE_ACCUM = 2, 4
 
 
-def run_tunesmith(a, work: Path) -> dict:
+def run_tunesmith(a, work: Path, low_memory: bool) -> dict:
     from train_gpu import make_model_dir
 
     lengths = json.loads(Path(a.lengths).read_text())
@@ -53,15 +53,15 @@ def run_tunesmith(a, work: Path) -> dict:
         "name": "article5", "runs_dir": str(work / "runs"), "model": {"base": str(base)},
         "data": {"train_file": str(data), "eval_fraction": 0.0},
         "train": {"epochs": a.epochs, "learning_rate": 2e-4, "weight_decay": 0.01, "loss_on": "all",
-                  "device": a.device, "low_memory": a.low_memory, **({"max_steps": a.max_steps} if a.max_steps else {})},
+                  "device": a.device, "low_memory": low_memory, **({"max_steps": a.max_steps} if a.max_steps else {})},
     }
     path = work / "config.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
-    code, wall, lines = random_tokens.timed_lines([sys.executable, "-m", "tunesmith.cli", "train", "--config",
-                                                   str(path)], timeout=a.timeout)
     if a.log:
         with open(a.log, "a") as f:
-            f.write("==== tunesmith train\n" + "".join(f"{t:8.2f} {line}\n" for t, line in lines))
+            f.write(f"==== tunesmith train ({'low_memory' if low_memory else 'normal'})\n")
+    code, wall, lines = random_tokens.timed_lines([sys.executable, "-m", "tunesmith.cli", "train", "--config",
+                                                   str(path)], timeout=a.timeout, log=a.log)
     text = "\n".join(line for _, line in lines)
     done = re.search(r"adapter saved to (\S+) \((\d+) steps", text)
     adapter = work / "runs" / "article5" / "adapter" / "adapter_model.safetensors"
@@ -87,11 +87,11 @@ def run_article(a) -> dict:
     site = os.environ.get("UNSLOTH_SITE")
     if site:  # Unsloth's packages only in its own process: they shadow others
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")]))
-    code, wall, lines = random_tokens.timed_lines([sys.executable, a.recipe, a.lengths, str(a.article_epochs)],
-                                                  env=env, timeout=a.timeout)
     if a.log:
         with open(a.log, "a") as f:
-            f.write("==== article recipe\n" + "".join(f"{t:8.2f} {line}\n" for t, line in lines))
+            f.write("==== article recipe\n")
+    code, wall, lines = random_tokens.timed_lines([sys.executable, a.recipe, a.lengths, str(a.article_epochs)],
+                                                  env=env, timeout=a.timeout, log=a.log)
     found = [json.loads(line) for _, line in lines if line.startswith("{\"epochs\"")]
     if code or not found:
         return {"error": f"exit {code}: " + " | ".join(line for _, line in lines[-3:])[-400:]}
@@ -114,32 +114,40 @@ def main() -> None:
     ap.add_argument("--article-epochs", type=float, default=0.05)
     ap.add_argument("--max-steps", type=int, help="cap tunesmith's run (a quick check, not the measurement)")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--low-memory", action="store_true")
+    ap.add_argument("--modes", default="normal", help="tunesmith's runs: normal, low_memory or both (comma)")
     ap.add_argument("--skip-article", action="store_true")
     ap.add_argument("--timeout", type=int, default=400)
     ap.add_argument("--log")
     ap.add_argument("--json")
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        ours = run_tunesmith(a, Path(tmp))
-    print("tunesmith", json.dumps(ours), flush=True)
+    ours = {}
+    for mode in a.modes.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            ours[mode] = run_tunesmith(a, Path(tmp), mode == "low_memory")
+        print("tunesmith", mode, json.dumps(ours[mode]), flush=True)
     theirs = {"error": "skipped"} if a.skip_article else run_article(a)
     print("article", json.dumps(theirs), flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps({"tunesmith": ours, "article": theirs, "args": vars(a)}, indent=1))
     rows = ["| run | wall time | how | steps | steady step |", "|---|---|---|---|---|"]
-    if "wall_to_adapter_s" in ours:
-        rows.append(f"| tunesmith train, {a.epochs:g} epochs | {ours['wall_to_adapter_s']} s | measured whole, "
-                    f"command to saved adapter | {ours['steps']} of {ours['seq_len']} tokens | "
-                    f"{ours['steady_ms_per_step']} ms |")
+    for mode, r in ours.items():
+        if "wall_to_adapter_s" in r:
+            rows.append(f"| tunesmith train ({mode}), {a.epochs:g} epochs | {r['wall_to_adapter_s']} s | measured "
+                        f"whole, command to saved adapter | {r['steps']} of {r['seq_len']} tokens | "
+                        f"{r['steady_ms_per_step']} ms |")
+        else:
+            rows.append(f"| tunesmith train ({mode}) | ERROR {r.get('error')} | | | |")
     if "extrapolated_wall_s" in theirs:
         rows.append(f"| article recipe, {a.epochs:g} epochs | {theirs['extrapolated_wall_s']} s | extrapolated from "
                     f"{theirs['timed_steady_steps']} steady steps ({theirs['steps']} run, {theirs['process_wall_s']} s) "
                     f"| {theirs['steps_per_epoch'] * a.epochs:g} of 8 sequences | "
                     f"{1000 * theirs['steady_s_per_step']:.0f} ms |")
-        if "wall_to_adapter_s" in ours:
-            rows.append(f"\ntunesmith takes {theirs['extrapolated_wall_s'] / ours['wall_to_adapter_s']:.1f}x less "
-                        "wall time (target: >= 10x)")
+        for mode, r in ours.items():
+            if "wall_to_adapter_s" in r:
+                rows.append(f"- tunesmith ({mode}) takes {theirs['extrapolated_wall_s'] / r['wall_to_adapter_s']:.1f}x "
+                            "less wall time (target: >= 10x)")
+    else:
+        rows.append(f"| article recipe | ERROR {theirs.get('error')} | | | |")
     print("\n".join(rows))
 
 

@@ -71,10 +71,11 @@ def random_sequences(lengths: list[int], seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(WORD_IDS) for _ in range(n)] for n in lengths]
 
 
-def timed_lines(command: list[str], env: dict[str, str] | None = None,
-                timeout: float | None = None) -> tuple[int, float, list[tuple[float, str]]]:
+def timed_lines(command: list[str], env: dict[str, str] | None = None, timeout: float | None = None,
+                log: str | None = None) -> tuple[int, float, list[tuple[float, str]]]:
     """Run `command`, stamping each line of its output (stdout and stderr together) with the seconds since the
-    start as it arrives; returns (exit code, wall seconds, [(seconds, line)])."""
+    start as it arrives; returns (exit code, wall seconds, [(seconds, line)]). Each line is also appended to
+    `log` as it comes, so a command killed from outside still leaves what it printed."""
     import subprocess
     import threading
 
@@ -84,8 +85,14 @@ def timed_lines(command: list[str], env: dict[str, str] | None = None,
     lines: list[tuple[float, str]] = []
 
     def read() -> None:
+        sink = open(log, "a", encoding="utf-8") if log else None  # noqa: SIM115 (closed below, in this thread)
         for line in proc.stdout:
             lines.append((time.perf_counter() - start, line.rstrip("\n")))
+            if sink:
+                sink.write(f"{lines[-1][0]:8.2f} {lines[-1][1]}\n")
+                sink.flush()
+        if sink:
+            sink.close()
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()

@@ -220,7 +220,8 @@ def worker_unsloth_packed(a) -> dict:
     cfg = SFTConfig(output_dir=os.path.join(tempfile.gettempdir(), "unsloth_packed"), per_device_train_batch_size=16,
                     max_steps=a.steps, learning_rate=2e-4, logging_steps=10, bf16=True, report_to=[],
                     save_strategy="no", padding_free=True, max_length=1024, dataset_num_proc=1, seed=3407,
-                    optim="adamw_torch_fused", weight_decay=0.0, warmup_steps=0)
+                    optim="adamw_torch_fused", weight_decay=0.0, warmup_steps=0,
+                    gradient_accumulation_steps=1)  # Unsloth's patched trainer made it 2 when left out
     trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=Dataset.from_dict(
         {"input_ids": [ids for ids, _ in docs]}), args=cfg, callbacks=[Clock()])
     t_loaded = time.perf_counter()
