@@ -211,7 +211,7 @@ def test_two_nodes_on_loopback_match_one_process_with_the_same_global_batch(tmp_
     launchers = [subprocess.Popen(launch, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True) for _ in range(2)]
     try:
-        outputs = [launcher.communicate(timeout=300) for launcher in launchers]
+        outputs = [launcher.communicate(timeout=600) for launcher in launchers]  # a loaded 2-core CI machine
     finally:
         for launcher in launchers:
             launcher.kill()
