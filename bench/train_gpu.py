@@ -1,13 +1,22 @@
-"""GPU training speed: tunesmith's fast path vs transformers + peft vs Unsloth, one run, one card.
+"""GPU training speed: tunesmith's fast path vs Unsloth (and transformers + peft), one command, one card.
 
 The workload of issue 8 (and ../shared/bench/anchor_sft.py): the Qwen3-0.6B architecture with random
 weights, LoRA r=16 alpha=16 on the seven projections, bf16, AdamW, lr 2e-4, batches of 16 sequences with
 lengths uniform in 64-512 and random tokens, every token trained. Reports useful (non-pad) tokens/s after
-warm-up, peak GPU memory, MFU (model FLOPs of the useful tokens over 989 TFLOP/s dense bf16) and the
-equivalence of the fast path with transformers + peft. Each stack runs in its own process.
+warm-up, ms per optimizer step, peak GPU memory, MFU (model FLOPs of the useful tokens over 989 TFLOP/s dense
+bf16), load and warm-up seconds, and the equivalence of the fast path with transformers + peft. Each stack
+runs in its own process, all in one command: Unsloth and transformers + peft move 20-45% between commands on
+the same card (their steps are host-bound), so a ratio holds only between rows of one command.
+
+The pairs it compares (issue 18): normal mode (`fast`) against Unsloth's fastest configuration (no gradient
+checkpointing, `unsloth`, or its padding-free mode through TRL, `unsloth_packed`, whichever is faster), and
+`low_memory` (`fast_low`) against Unsloth with its own gradient checkpointing (`unsloth_gc`), the matched-memory
+pair. `fast` times `FastEngine`, the engine `tunesmith train` runs, step by step as the loop calls it; `cli` runs
+`tunesmith train` itself on the same sequences (random_tokens.py) and times its steps from its log lines, so
+the two rows show what the CLI costs over the engine.
 
     python bench/train_gpu.py                      # every stack; Unsloth if importable
-    python bench/train_gpu.py --stacks fast,hf --record bench/RESULTS.md
+    python bench/train_gpu.py --stacks fast,cli --profile --record bench/RESULTS.md
     python bench/train_gpu.py --scaling --record bench/RESULTS.md   # fast path on 1 and 2 GPUs (issue 9)
 
 `--scaling`: the fast path, data-parallel as `tunesmith train --gpus N` runs it (train/distributed.py: each rank
@@ -27,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -41,11 +51,15 @@ QWEN3_06B = {
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PEAK_BF16 = 989e12  # H100/H200 SXM dense bf16, datasheet
 STACKS = {
-    "fast": "tunesmith fast path",
-    "fast_low": "tunesmith fast path, low_memory",
-    "hf": "transformers + peft, SDPA, padded per batch",
-    "unsloth": "Unsloth (FastLanguageModel + its gradient checkpointing), plain loop",
+    "fast": "tunesmith normal (FastEngine)",
+    "cli": "`tunesmith train`, normal",
+    "fast_low": "tunesmith low_memory (FastEngine)",
+    "unsloth": "Unsloth, no gradient checkpointing, padded",
+    "unsloth_packed": "Unsloth + TRL SFTTrainer, padding_free",
+    "unsloth_gc": "Unsloth, its gradient checkpointing, padded",
+    "hf": "transformers + peft, SDPA, padded",
 }
+T0 = time.perf_counter()  # a worker's start: its load and warm-up seconds count from here
 
 
 # Workload -------------------------------------------------------------------------------------------
@@ -99,11 +113,12 @@ def model_flops(lengths: list[int]) -> float:
 
 
 # Workers ----------------------------------------------------------------------------------------------
-def load_model(path: str, attn: str = "sdpa"):
+def load_model(path: str, attn: str = "sdpa", device: str = "cuda"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation=attn).cuda()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device)
 
 
 def peft_model(model):
@@ -121,7 +136,7 @@ def run_padded(model, a, all_batches) -> dict:
     opt = torch.optim.AdamW(params, lr=2e-4, fused=True)
     model.train()
     torch.cuda.reset_peak_memory_stats()
-    lengths, t0 = [], None
+    lengths, t0, t_start = [], None, time.perf_counter()
     for step, (ids, mask, labels, _n) in enumerate(all_batches[: a.steps]):
         if step == a.warm:
             torch.cuda.synchronize()
@@ -133,15 +148,16 @@ def run_padded(model, a, all_batches) -> dict:
         lengths += mask.sum(1).tolist()
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    return measured(lengths, dt, a.steps - a.warm, float(out.loss.detach()))
+    return {**measured(lengths, dt, a.steps - a.warm, float(out.loss.detach())), "warmup_s": round(t0 - t_start, 1)}
 
 
 def measured(lengths: list[int], dt: float, steps: int, loss: float) -> dict:
     import torch
 
+    gpu = torch.cuda.is_available()  # `--device cpu` checks the workers on a machine without one
     return {"tokens_per_s": round(sum(lengths) / dt), "step_ms": round(1000 * dt / steps, 1),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else 0.0,
+            "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if gpu else 0.0,
             "mfu": round(model_flops(lengths) / dt / PEAK_BF16, 3), "loss": round(loss, 3)}
 
 
@@ -150,7 +166,16 @@ def worker_hf(a) -> dict:
     return run_padded(model, a, list(batches(a.steps)))
 
 
-def worker_unsloth(a) -> dict:
+def run_padded_timed(model, a, t_loaded: float) -> dict:
+    """run_padded, with the load and warm-up seconds of this process."""
+    out = run_padded(model, a, list(batches(a.steps)))
+    out.update(load_s=round(t_loaded - T0, 1))
+    return out
+
+
+def worker_unsloth(a, gc: bool) -> dict:
+    """Unsloth in the plain loop: with its offloaded gradient checkpointing (its least memory) or without
+    (its fastest; the issue measured 26-32k tokens/s at 11.5 GiB)."""
     import torch
     import unsloth  # before transformers: it patches it
     from unsloth import FastLanguageModel
@@ -158,60 +183,234 @@ def worker_unsloth(a) -> dict:
     model, _ = FastLanguageModel.from_pretrained(a.model, max_seq_length=1024, dtype=torch.bfloat16,
                                                  load_in_4bit=False)
     model = FastLanguageModel.get_peft_model(model, r=16, target_modules=MODULES, lora_alpha=16, lora_dropout=0,
-                                             bias="none", use_gradient_checkpointing="unsloth",
+                                             bias="none", use_gradient_checkpointing="unsloth" if gc else False,
                                              random_state=3407)
-    out = run_padded(model, a, list(batches(a.steps)))
+    out = run_padded_timed(model, a, time.perf_counter())
     out["version"] = unsloth.__version__
     return out
 
 
+def worker_unsloth_packed(a) -> dict:
+    """Unsloth's padding-free mode, which it runs through TRL's SFTTrainer (its documented path): each batch of
+    16 sequences flattened into one row with position ids restarting per sequence; no gradient checkpointing."""
+    import torch
+    import unsloth
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+    from unsloth import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(a.model, max_seq_length=1024, dtype=torch.bfloat16,
+                                                   load_in_4bit=False)
+    model = FastLanguageModel.get_peft_model(model, r=16, target_modules=MODULES, lora_alpha=16, lora_dropout=0,
+                                             bias="none", use_gradient_checkpointing=False, random_state=3407)
+    docs = documents(list(batches(a.steps)))
+    lengths = [len(ids) for ids, _ in docs]
+    marks = {}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            marks["begin"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == a.warm:
+                torch.cuda.synchronize()
+                marks["warm"] = time.perf_counter()
+
+    cfg = SFTConfig(output_dir=os.path.join(tempfile.gettempdir(), "unsloth_packed"), per_device_train_batch_size=16,
+                    max_steps=a.steps, learning_rate=2e-4, logging_steps=10, bf16=True, report_to=[],
+                    save_strategy="no", padding_free=True, max_length=1024, dataset_num_proc=1, seed=3407,
+                    optim="adamw_torch_fused", weight_decay=0.0, warmup_steps=0,
+                    gradient_accumulation_steps=1)  # Unsloth's patched trainer made it 2 when left out
+    trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=Dataset.from_dict(
+        {"input_ids": [ids for ids, _ in docs]}), args=cfg, callbacks=[Clock()])
+    t_loaded = time.perf_counter()
+    torch.cuda.reset_peak_memory_stats()
+    result = trainer.train()
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - marks["warm"]
+    # The trainer shuffles: the timed steps hold (steps - warm) / steps of the sequences, on average.
+    share = (a.steps - a.warm) / a.steps
+    tokens = sum(lengths) * share
+    return {"tokens_per_s": round(tokens / dt), "step_ms": round(1000 * dt / (a.steps - a.warm), 1),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+            "mfu": round(model_flops(lengths) * share / dt / PEAK_BF16, 3), "loss": round(result.training_loss, 3),
+            "load_s": round(t_loaded - T0, 1), "warmup_s": round(marks["warm"] - t_loaded, 1),
+            "version": unsloth.__version__}
+
+
+def doc_lengths(buffer) -> list[int]:
+    """The documents of a packed buffer (its padding tail is none)."""
+    lengths = (buffer.cu_seqlens[1:] - buffer.cu_seqlens[:-1]).tolist()
+    return lengths[:-1] if buffer.num_tokens < buffer.input_ids.shape[0] else lengths
+
+
 def worker_fast(a, low_memory: bool) -> dict:
-    """tunesmith's path on the same sequences, packed into buffers of seq_len tokens."""
+    """tunesmith's path on the same sequences through FastEngine, the engine `tunesmith train` runs: packed
+    into buffers of 4,096 tokens (8,192 with low_memory), one buffer per optimizer step, as the CLI's loop
+    calls it (`engine.step(i)`, nothing read back between steps)."""
+    from types import SimpleNamespace
+
     import torch
 
-    from tunesmith.config import LoraConfig
-    from tunesmith.train.fast import make_optimizer, make_train_step, pack, prepare_fast_model
+    from tunesmith.config import Config
+    from tunesmith.train.engines import FastEngine
 
-    seq_len = a.low_seq_len if low_memory else a.seq_len
     docs = documents(list(batches(a.docs_batches)))
-    packed = pack(docs, seq_len)
+    config = Config.model_validate({"model": {"base": a.model}, "train": {
+        "low_memory": low_memory, "learning_rate": 2e-4, "weight_decay": 0.0, "loss_on": "all"}})
+    data = SimpleNamespace(train=[{"input_ids": ids, "labels": labels} for ids, labels in docs], eval=[])
     torch.manual_seed(3407)
-    fast = prepare_fast_model(load_model(a.model), LoraConfig(), low_memory=low_memory)
-    opt = make_optimizer(fast, lr=2e-4)
-    step = make_train_step(fast, opt)
-    torch.cuda.reset_peak_memory_stats()
-    t_start = time.perf_counter()
-    warm = min(a.warm, len(packed) // 4)
-    for batch in packed[:warm]:
-        loss = step(batch)
-    torch.cuda.synchronize()
-    t0, warm_s = time.perf_counter(), time.perf_counter() - t_start
+    engine = FastEngine(load_model(a.model, device=a.device), data, config, a.device, pad_id=0)
+    t_loaded = time.perf_counter()
+    steps = engine.steps_per_epoch
+    warm = min(a.warm, steps // 4)
+    sync = torch.cuda.synchronize if a.device == "cuda" else lambda: None
+    if a.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warm):
+        engine.step(i)
+    sync()
+    t0 = time.perf_counter()
     lengths = []
-    for batch in packed[warm:]:
-        loss = step(batch)
-        docs_here = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
-        lengths += docs_here[:-1] if batch.num_tokens < seq_len else docs_here  # the padding tail is no document
-    torch.cuda.synchronize()
+    for i in range(warm, steps):
+        loss, *_ = engine.step(i)
+        lengths += [n for index in engine._global_buffers(i) for n in doc_lengths(engine.buffers[index])]
+    sync()
     dt = time.perf_counter() - t0
-    out = measured(lengths, dt, len(packed) - warm, float(loss))
+    out = measured(lengths, dt, steps - warm, float(loss))
+    out.update(seq_len=engine.seq_len, load_s=round(t_loaded - T0, 1), warmup_s=round(t0 - t_loaded, 1),
+               graphed=getattr(engine._step, "graphed", False), steps=steps - warm,
+               fill=round(sum(b.num_tokens for b in engine.buffers) / (len(engine.buffers) * engine.seq_len), 3))
     if a.profile:
-        profile(lambda: step(packed[warm]), 3)
-    out.update(seq_len=seq_len, warmup_s=round(warm_s, 1), graphed=getattr(step, "graphed", False),
-               fill=round(sum(b.num_tokens for b in packed) / (len(packed) * seq_len), 3))
+        out["profile"] = profile(lambda: engine.step(0), 5, 1000 * dt / (steps - warm))
+        out["gemm_floor"] = gemm_floor(engine.seq_len, sum(lengths) / (steps - warm), model_flops(lengths) / (steps - warm))
     return out
 
 
-def profile(fn, steps: int) -> None:
-    """Print where the GPU time of `steps` calls goes (to stderr, i.e. the worker log)."""
+def worker_cli(a) -> dict:
+    """`tunesmith train` itself, as a user runs it, on the sequences `fast` trains (the same token ids, the
+    same lengths), normal mode, one epoch; its step time from the arrival times of its log lines (every 10
+    steps; the loop reads the loss back there, so the GPU has caught up at each line)."""
+    import random_tokens
+
+    from tunesmith.train.fast import DEFAULT_SEQ_LEN, pack
+
+    docs = documents(list(batches(a.docs_batches)))
+    steps = len(pack(docs, DEFAULT_SEQ_LEN))  # one epoch: one buffer a step, as `fast` runs it
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        base = random_tokens.with_word_tokenizer(a.model, work / "base")
+        lengths = random_tokens.write_records(work / "train.jsonl", [ids for ids, _ in docs])
+        config = {"name": "cli", "runs_dir": str(work / "runs"), "model": {"base": str(base)},
+                  "data": {"train_file": str(work / "train.jsonl"), "eval_fraction": 0.0},
+                  "train": {"max_steps": steps, "learning_rate": 2e-4, "loss_on": "all", "device": a.device,
+                            "fast": True,
+                            "log_steps": 10, "save_steps": 10**6, "eval_steps": 10**6}}
+        (work / "config.yaml").write_text(json.dumps(config))
+        code, wall, lines = random_tokens.timed_lines(
+            [sys.executable, "-m", "tunesmith.cli", "train", "--config", str(work / "config.yaml")],
+            timeout=a.timeout - 10)
+    print("\n".join(f"{t:8.2f} {line}" for t, line in lines), file=sys.stderr)
+    logs = random_tokens.log_times(lines)[: steps // 10]  # the full 10-step windows
+    first = max(1, -(-a.warm // 10))  # the first log line at or after the warm-up steps
+    if code or len(logs) <= first:
+        raise RuntimeError(f"tunesmith train: exit {code}, {len(logs)} log lines")
+    timed = 10 * (len(logs) - 1 - first)
+    dt = logs[-1] - logs[first]
+    share = timed / steps  # every step trains one buffer of the epoch: the timed ones hold this share
+    return {"tokens_per_s": round(sum(lengths) * share / dt), "step_ms": round(1000 * dt / timed, 1),
+            "mfu": round(model_flops(lengths) * share / dt / PEAK_BF16, 3), "steps": timed,
+            "first_log_s": round(logs[0], 1), "wall_s": round(wall, 1)}
+
+
+KERNEL_KINDS = [  # (what, pattern of kernel names), first match wins
+    ("GEMM (cuBLAS)", r"gemm|nvjet|cutlass|xmma|cublas|splitKreduce"),
+    ("flex attention (Triton)", r"flex|triton_tem"),
+    ("optimizer, clip, master copy", r"multi_tensor|adam|foreach|norm_kernel|_amp_"),
+    ("fused elementwise / norms / loss (Triton)", r"^triton_"),
+    ("copies and fills", r"[Mm]emcpy|[Mm]emset|copy|fill|CatArray"),
+    ("other", r"."),
+]
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense")
+
+
+def profile(fn, steps: int, step_ms: float) -> dict:
+    """Where a step's GPU time goes: `steps` calls of `fn` under torch.profiler (CUDA graphs replayed: CUPTI
+    sees their kernels), each kernel's time per step and its share of the measured step; kernels grouped by
+    kind; host reads (synchronizations) per step. Printed to stderr (the worker log) and returned."""
+    import re
+
     import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
 
+    torch.cuda.synchronize()
     with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
-    print(table, file=sys.stderr)
+    kernels: dict[str, list[float]] = {}
+    syncs = -1  # the synchronize after the steps
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            entry = kernels.setdefault(e.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += e.time_range.elapsed_us() / 1000
+        elif e.name in SYNC_CALLS:
+            syncs += 1
+    rows = sorted(((name, n / steps, ms / steps) for name, (n, ms) in kernels.items()), key=lambda r: -r[2])
+    kinds: dict[str, float] = {}
+    for name, _, ms in rows:
+        kind = next(k for k, pattern in KERNEL_KINDS if re.search(pattern, name))
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    busy = sum(ms for _, _, ms in rows)
+    out = {"step_ms": round(step_ms, 2), "gpu_busy_ms": round(busy, 2), "host_syncs_per_step": syncs / steps,
+           "kinds": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+           "top": [(name[:90], round(n, 1), round(ms, 3)) for name, n, ms in rows[:25]],
+           "kernels_per_step": round(sum(n for _, n, _ in rows))}
+    lines = [(f"profile: {steps} steps, step {step_ms:.1f} ms measured, GPU busy {busy:.1f} ms "
+              f"({100 * busy / step_ms:.0f}%), host synchronizations per step {syncs / steps:g}")]
+    lines += [f"{ms:8.3f} ms {100 * ms / step_ms:5.1f}%  {kind}" for kind, ms in out["kinds"].items()]
+    lines += [f"{ms:8.3f} ms {100 * ms / step_ms:5.1f}% x{n:<5g} {name}" for name, n, ms in out["top"]]
+    print("\n".join(lines), file=sys.stderr)
+    return out
+
+
+def gemm_floor(seq_len: int, tokens_per_step: float, flops_per_step: float) -> dict:
+    """The frozen matmuls of one step at this buffer size, each timed alone (cuBLAS, bf16, random data): forward
+    and input-gradient of the 7 projections x 28 layers, and the lm_head in the loss's 2,048-token chunks. Their
+    sum is a floor under the step no kernel fusion elsewhere can go below, and the MFU that floor would give."""
+    import torch
+    from triton.testing import do_bench
+
+    c = QWEN3_06B
+    d, f, q, kv = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"] * c["head_dim"], \
+        c["num_key_value_heads"] * c["head_dim"]
+    shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]  # (in, out) per projection
+    layer_ms = 0.0
+    rows = []
+    for k, n in shapes:
+        for m_in, m_out in ((k, n), (n, k)):  # forward x W^T, then gradient g W
+            x = torch.randn(seq_len, m_in, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(m_out, m_in, device="cuda", dtype=torch.bfloat16)
+            ms = do_bench(lambda x=x, w=w: x @ w.T, warmup=25, rep=100, return_mode="median")
+            layer_ms += ms
+            rows.append((seq_len, m_in, m_out, round(ms * 1000, 1), round(2 * seq_len * m_in * m_out / ms / 1e9)))
+    chunk = 2048
+    h = torch.randn(chunk, d, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(c["vocab_size"], d, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(chunk, c["vocab_size"], device="cuda", dtype=torch.bfloat16)
+    head_ms = (do_bench(lambda: h @ w.T, warmup=25, rep=100, return_mode="median")
+               + do_bench(lambda: g @ w, warmup=25, rep=100, return_mode="median")) * seq_len / chunk
+    floor = layer_ms * c["num_hidden_layers"] + head_ms
+    out = {"frozen_gemm_ms": round(floor, 2), "lm_head_ms": round(head_ms, 2),
+           "mfu_if_only_these": round(flops_per_step / (floor / 1000) / PEAK_BF16, 3),
+           "shapes_us_tflops": rows}
+    print(f"GEMM floor: {floor:.2f} ms a step ({head_ms:.2f} lm_head), MFU at that floor "
+          f"{100 * out['mfu_if_only_these']:.1f}%; (M, K, N, us, TFLOP/s): {rows}", file=sys.stderr)
+    return out
 
 
 def worker_scale(a) -> dict:
@@ -374,25 +573,34 @@ def versions() -> dict:
     import torch
     import transformers
     import triton
+    from triton.testing import do_bench
 
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    matmul_ms = do_bench(lambda a=a, b=b: a @ b, warmup=50, rep=200, return_mode="median")  # the card's ceiling, today
+    del a, b
+    torch.cuda.empty_cache()
     return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "transformers": transformers.__version__, "peft": peft.__version__, "triton": triton.__version__}
+            "transformers": transformers.__version__, "peft": peft.__version__, "triton": triton.__version__,
+            "matmul_8192_tflops": round(2 * 8192**3 / matmul_ms / 1e9)}
 
 
 def run_worker(stack: str, a) -> dict:
-    """Run one stack in a fresh process; `fast:4096` runs the fast path with buffers of 4096 tokens."""
-    name, _, seq_len = stack.partition(":")
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--model", a.model,
-           "--steps", str(a.steps), "--warm", str(a.warm), "--seq-len", seq_len or str(a.seq_len),
-           "--low-seq-len", seq_len or str(a.low_seq_len), "--docs-batches", str(a.docs_batches),
-           "--curve-steps", str(a.curve_steps)] + (["--profile"] if a.profile else [])
+    """Run one stack in a fresh process."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", stack, "--model", a.model, "--device", a.device,
+           "--steps", str(a.steps), "--warm", str(a.warm), "--seq-len", str(a.seq_len),
+           "--docs-batches", str(a.docs_batches), "--curve-steps", str(a.curve_steps), "--timeout", str(a.timeout)]
+    cmd += ["--profile"] if a.profile and stack == "fast" else []
     env = dict(os.environ)
-    if name == "unsloth" and UNSLOTH_SITE:  # Unsloth's packages only where it runs: they shadow others
+    if stack.startswith("unsloth") and UNSLOTH_SITE:  # Unsloth's packages only where it runs: they shadow others
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [UNSLOTH_SITE, env.get("PYTHONPATH")]))
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=a.timeout, env=env)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as exc:
+        if a.log:
+            with open(a.log, "a") as f:
+                f.write(f"==== {stack} (timed out)\n{exc.stdout or ''}{exc.stderr or ''}")
         return {"error": f"timed out after {a.timeout} s"}
     if a.log:
         with open(a.log, "a") as f:
@@ -406,39 +614,76 @@ def run_worker(stack: str, a) -> dict:
     return out
 
 
-def table(results: dict, unsloth_speed: float | None) -> str:
-    rows = ["| stack | useful tokens/s | vs Unsloth | step ms | peak GiB | MFU |", "|---|---|---|---|---|---|"]
+def table(results: dict) -> str:
+    rows = ["| stack | useful tokens/s | step ms | peak GiB (reserved) | MFU | load s | warm-up s |",
+            "|---|---|---|---|---|---|---|"]
     for stack, r in results.items():
         if stack == "equiv" or "tokens_per_s" not in r:
             continue
-        name = STACKS[stack.partition(":")[0]] + (f" (packed {r['seq_len']})" if "seq_len" in r else "")
-        ratio = f"{r['tokens_per_s'] / unsloth_speed:.2f}x" if unsloth_speed else "-"
-        rows.append(f"| {name} | {r['tokens_per_s']:,} | {ratio} | {r['step_ms']} | {r['peak_gib']} | "
-                    f"{100 * r['mfu']:.1f}% |")
+        name = STACKS[stack] + (f", packed {r['seq_len']}" if "seq_len" in r else "")
+        memory = f"{r['peak_gib']} ({r['reserved_gib']})" if "peak_gib" in r else "-"
+        warm = r.get("warmup_s", "-") if stack != "cli" else f"{r['first_log_s']} to step 10"
+        rows.append(f"| {name} | {r['tokens_per_s']:,} | {r['step_ms']} | {memory} | {100 * r['mfu']:.1f}% | "
+                    f"{r.get('load_s', '-')} | {warm} |")
+    return "\n".join(rows) + "\n\n" + "\n".join(pairs(results))
+
+
+def pairs(results: dict) -> list[str]:
+    """The like-for-like ratios: normal vs Unsloth's fastest, low_memory vs Unsloth checkpointed, CLI vs engine."""
+    speed = {k: r["tokens_per_s"] for k, r in results.items() if "tokens_per_s" in r}
+    lines = []
+    fastest = max((k for k in ("unsloth", "unsloth_packed") if k in speed), key=speed.get, default=None)
+    if "fast" in speed and fastest:
+        lines.append(f"- normal vs Unsloth's fastest ({STACKS[fastest]}): {speed['fast'] / speed[fastest]:.2f}x "
+                     f"tokens/s, at {results['fast']['peak_gib']} vs {results[fastest]['peak_gib']} GiB "
+                     "(target: >= 6x)")
+    if "fast_low" in speed and "unsloth_gc" in speed:
+        lines.append(f"- low_memory vs Unsloth with its checkpointing: {speed['fast_low'] / speed['unsloth_gc']:.2f}x "
+                     f"tokens/s, at {results['fast_low']['peak_gib']} vs {results['unsloth_gc']['peak_gib']} GiB "
+                     f"({results['fast_low']['peak_gib'] / results['unsloth_gc']['peak_gib']:.2f}x its memory; "
+                     "target: >= 8x at <= 2x)")
+    if "fast" in speed and "cli" in speed:
+        diff = results["cli"]["step_ms"] / results["fast"]["step_ms"] - 1
+        lines.append(f"- `tunesmith train` step vs the engine's: {100 * diff:+.1f}% ({results['cli']['step_ms']} vs "
+                     f"{results['fast']['step_ms']} ms; target: within 3%)")
+    return lines
+
+
+def profile_table(p: dict) -> str:
+    busy = 100 * p["gpu_busy_ms"] / p["step_ms"]
+    rows = [(f"GPU busy {p['gpu_busy_ms']} of {p['step_ms']} ms a step ({busy:.0f}%), {p['kernels_per_step']} "
+             f"kernels a step, host synchronizations per step: {p['host_syncs_per_step']:g}"),
+            "", "| kernels | ms a step | share of the step |", "|---|---|---|"]
+    rows += [f"| {kind} | {ms} | {100 * ms / p['step_ms']:.1f}% |" for kind, ms in p["kinds"].items()]
+    rows += ["", "| kernel | calls a step | ms a step | share |", "|---|---|---|---|"]
+    rows += [f"| `{name}` | {n:g} | {ms} | {100 * ms / p['step_ms']:.1f}% |" for name, n, ms in p["top"]]
     return "\n".join(rows)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stacks", default="equiv,fast,fast_low,hf,unsloth")
+    ap.add_argument("--stacks", default="equiv,fast,cli,fast_low,unsloth,unsloth_packed,unsloth_gc,hf")
     ap.add_argument("--scaling", action="store_true", help="the fast path on 1 then 2 GPUs, same global batch")
     ap.add_argument("--global-buffers", type=int, default=4, help="--scaling: packed buffers per optimizer step")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model", default=os.path.join(tempfile.gettempdir(), "qwen3-0.6b-random"))
+    ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: check fast/cli without a GPU
     ap.add_argument("--steps", type=int, default=30, help="padded batches per padded stack")
     ap.add_argument("--warm", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=4096, help="fast path buffer (tunesmith's DEFAULT_SEQ_LEN)")
-    ap.add_argument("--low-seq-len", type=int, default=8192, help="low_memory buffer (LOW_MEMORY_SEQ_LEN)")
+    ap.add_argument("--seq-len", type=int, default=4096, help="--scaling: buffer tokens (FastEngine picks its own)")
     ap.add_argument("--docs-batches", type=int, default=60, help="16-sequence batches packed for the fast path")
     ap.add_argument("--curve-steps", type=int, default=20)
     ap.add_argument("--timeout", type=int, default=300)
-    ap.add_argument("--profile", action="store_true", help="profile 3 fast-path steps into the log")
+    ap.add_argument("--profile", action="store_true",
+                    help="fast: each kernel's share of the step (torch.profiler) and the frozen-GEMM floor")
     ap.add_argument("--record", help="append the results as markdown to this file")
     ap.add_argument("--log", help="append each worker's full output to this file")
     ap.add_argument("--json", help="write all results as JSON here")
     a = ap.parse_args()
     if a.worker:
-        worker = {"hf": worker_hf, "unsloth": worker_unsloth, "equiv": worker_equiv, "scale": worker_scale,
+        worker = {"hf": worker_hf, "equiv": worker_equiv, "scale": worker_scale, "cli": worker_cli,
+                  "unsloth": lambda a: worker_unsloth(a, False), "unsloth_gc": lambda a: worker_unsloth(a, True),
+                  "unsloth_packed": worker_unsloth_packed,
                   "fast": lambda a: worker_fast(a, False), "fast_low": lambda a: worker_fast(a, True)}[a.worker]
         print(json.dumps(worker(a)), flush=True)
         return
@@ -459,13 +704,19 @@ def main() -> None:
         return
     results = {}
     for stack in a.stacks.split(","):
-        if stack == "unsloth" and not unsloth_available():
+        if stack.startswith("unsloth") and not unsloth_available():
             results[stack] = {"error": "not importable"}
             continue
         results[stack] = run_worker(stack, a)
         print(stack, json.dumps(results[stack]), flush=True)
-    unsloth_speed = results.get("unsloth", {}).get("tokens_per_s")
-    text = table(results, unsloth_speed)
+    text = table(results)
+    fast = results.get("fast", {})
+    if "profile" in fast:
+        floor = fast["gemm_floor"]
+        text += (f"\n\nWhere the normal step's time goes (torch.profiler, {STACKS['fast']}):\n\n"
+                 f"{profile_table(fast['profile'])}\n\nThe frozen matmuls alone (cuBLAS, each timed apart): "
+                 f"{floor['frozen_gemm_ms']} ms a step ({floor['lm_head_ms']} of it the lm_head): "
+                 f"{100 * floor['mfu_if_only_these']:.1f}% MFU if the step were nothing else.")
     eq = results.get("equiv", {})
     if "loss_rel_diff" in eq:
         text += (f"\n\nequivalence vs transformers+peft (bf16, one 16-sequence batch): loss rel diff "

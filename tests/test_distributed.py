@@ -189,6 +189,54 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(tmp_path, tiny_q
         torch.testing.assert_close(value, b[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_two_nodes_on_loopback_match_one_process_with_the_same_global_batch(tmp_path, tiny_qwen3):
+    """Multi-node as README documents it: one torchrun launcher per node (`--nnodes 2`, c10d rendezvous at one
+    HOST:PORT), here two launchers of one CPU process each on loopback (gloo) with batch_size 2, against one
+    process with batch_size 4: the same 4 sequences per optimizer step, so the same loss curve up to fp32
+    rounding, the same trained tokens, and both ranks end on identical weights."""
+    import socket
+
+    settings = {"device": "cpu", "max_steps": 6, "save_steps": 100, "eval_steps": 100,
+                "gradient_checkpointing": False}
+    one = _forty_one(_config(tmp_path, tiny_qwen3, "one", batch_size=4, **settings))
+    nodes = _forty_one(_config(tmp_path, tiny_qwen3, "nodes", batch_size=2, **settings))
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+              "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes", "--max-restarts=0",
+              "-m", "tunesmith.cli", "train", "--config", str(nodes)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    launchers = [subprocess.Popen(launch, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+    try:
+        outputs = [launcher.communicate(timeout=600) for launcher in launchers]  # a loaded 2-core CI machine
+    finally:
+        for launcher in launchers:
+            launcher.kill()
+    for launcher, (out, err) in zip(launchers, outputs, strict=True):
+        assert launcher.returncode == 0, out + err
+    assert sum(out.count("adapter saved to") for out, _ in outputs) == 1  # global rank 0 alone prints
+    single = run_cli("train", "--config", str(one), env={"OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr
+
+    run_one, run_nodes = tmp_path / "runs" / "one", tmp_path / "runs" / "nodes"
+    record = json.loads((run_nodes / "run.json").read_text())
+    digests = record["final"]["rank_weight_sha256"]
+    assert record["world_size"] == 2 and len(digests) == 2 and digests[0] == digests[1]
+    assert record["final"]["trained_tokens"] == json.loads((run_one / "run.json").read_text())["final"][
+        "trained_tokens"]
+    reference = _losses(run_one)
+    assert [step for step, _ in _losses(run_nodes)] == [step for step, _ in reference] == list(range(1, 7))
+    assert [loss for _, loss in _losses(run_nodes)] == pytest.approx([loss for _, loss in reference], rel=1e-4)
+    assert reference[-1][1] < reference[0][1] - 0.1  # a moving curve, not two flat ones
+    a, b = _adapter(run_one), _adapter(run_nodes)
+    assert a.keys() == b.keys()
+    for key in a:  # Adam amplifies fp32 rounding (see the test above): ~0.5% after a few steps
+        assert float((b[key] - a[key]).norm() / a[key].norm()) < 2e-2, key
+
+
 def _processes_with(text: str) -> list[int]:
     """Live processes whose command line contains `text` (zombies, already dead, excluded)."""
     found = []

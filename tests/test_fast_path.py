@@ -170,7 +170,8 @@ def test_training_tracks_peft_and_accumulation_matches_one_batch():
         curve.append(float(step(halves)))
         out = ref(**padded(exs))
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.requires_grad], 1.0)
+        ref_norm = torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.requires_grad], 1.0)
+        assert abs(float(step.grad_norm) - float(ref_norm)) < 1e-4 * float(ref_norm)  # the norm before clipping
         ref_opt.step()
         ref_opt.zero_grad()
         ref_curve.append(float(out.loss))

@@ -142,6 +142,10 @@ def test_fast_path_through_tunesmith_train_resumes_and_saves_a_peft_adapter(tmp_
     run = tmp_path / "runs" / "fast"
     PeftModel.from_pretrained(load_model(tiny_qwen3), run / "adapter")
     reference = _adapter(run)
+    # The step keeps its loss and gradient norm on the device; the loop reads both at log steps (log_steps 1).
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == list(range(1, 7))
+    assert all(isinstance(r["loss"], float) and r["grad_norm"] > 0 for r in logged if "loss" in r)
 
     # Resume from the step-3 checkpoint of the same run: the adapter must come out the same.
     import shutil

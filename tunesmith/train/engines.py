@@ -3,7 +3,8 @@
 - `HFEngine`: transformers + peft, eager, on CPU or GPU. Length-grouped batches of `train.batch_size`
   sequences; the LM head runs only at trained positions (`completion_loss`).
 - `FastEngine`: tunesmith's GPU path (train/fast): documents packed into fixed 4096/8192-token buffers with
-  per-document attention, compiled layers, bf16 LoRA and CUDA graphs; about 6x Unsloth (bench/RESULTS.md).
+  per-document attention, compiled layers, bf16 LoRA and CUDA graphs; 5.9x Unsloth's fastest configuration
+  (bench/RESULTS.md).
 
 Both expose the same few methods, so checkpoints, resume, logging and eval are written once.
 """
@@ -146,6 +147,8 @@ class FastEngine:
         self.seq_len = max(seq_len, 256 * math.ceil(longest / 256))  # static shape: one buffer size for all
         examples = [(e["input_ids"], e["labels"]) for e in data.train]
         self.buffers = fast.pack(examples, self.seq_len, pad_id)
+        if device == "cuda":
+            self.buffers = [buffer.pin_memory() for buffer in self.buffers]
         self.eval_buffers = fast.pack([(e["input_ids"], e["labels"]) for e in data.eval], self.seq_len, pad_id)
         self.optimizer = fast.make_optimizer(self.fast, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self._step = None  # built on first use, after a resume has loaded its state (CUDA graphs hold it)
@@ -165,7 +168,10 @@ class FastEngine:
         size = self.world.size
         return self._plan[epoch][index * size:(index + 1) * size]
 
-    def step(self, step: int) -> tuple[float, float, int, int]:
+    def step(self, step: int) -> tuple[Any, Any, int, int]:
+        """One optimizer step; returns (loss, grad_norm, input tokens, trained tokens) over all ranks, the loss
+        and the norm as device tensors: reading them waits for the GPU, so the loop reads them only when it
+        logs (measured on an H200: a read every step cost 14% of the step)."""
         from tunesmith.train import distributed, fast
 
         world = self.world
@@ -181,8 +187,9 @@ class FastEngine:
         mine = [self._mine(indices) for indices in group]
         # Normalized by the trained tokens of the whole global group, so the summed gradients are its mean.
         loss = self._step(mine, normalizer=max(1, sum(b.num_targets for b in everything)))
-        # The grad norm would cost a host sync every step; the loss is read only because the log needs it.
-        return (world.sum(float(loss)), float("nan"), sum(b.num_tokens for b in everything),
+        if world.size > 1:  # each rank's loss is its share of the global mean; NCCL sums it without a host read
+            distributed.all_reduce_sum(loss)
+        return (loss, self._step.grad_norm, sum(b.num_tokens for b in everything),
                 sum(b.num_targets for b in everything))
 
     def _mine(self, indices: list[int]) -> Any:

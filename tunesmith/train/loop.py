@@ -167,6 +167,8 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
             state.tokens += targets
             seen_inputs += inputs
             window_loss, window_steps = window_loss + loss_value, window_steps + 1
+            if budget is not None and state.total_steps is None:
+                float(loss_value)  # the budget times these steps: wait until the GPU has run them
 
             eval_seconds = None
             if budget is not None and state.total_steps is None and state.step == budget.fit_step and data.eval:
@@ -193,13 +195,17 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
                     total_steps = state.total_steps = state.step
                     progress.resize(total_steps)
 
-            # float(): the fast path's CUDA optimizer keeps its learning rate in a device tensor (CUDA graphs)
-            learning_rate = float(scheduler.get_last_lr()[0])
-            progress.update(state.step, loss_value, learning_rate, tokens_per_second)
+            progress.update(state.step, tokens_per_second)
             if state.step % cfg.log_steps == 0 or state.step == total_steps:
+                # On the fast path the loss, the gradient norm and the learning rate (CUDA graphs) are device
+                # tensors, read here only: a read waits for the GPU, and the CPU would stop queueing work.
+                loss_mean, grad_norm = float(window_loss) / window_steps, float(grad_norm)
+                learning_rate = float(scheduler.get_last_lr()[0])
+                tokens_per_second = seen_inputs / (time.perf_counter() - t0)  # the GPU has caught up
+                progress.update(state.step, tokens_per_second, loss_mean, learning_rate)
                 record = {
                     "step": state.step,
-                    "loss": round(window_loss / window_steps, 4),
+                    "loss": round(loss_mean, 4),
                     "grad_norm": None if math.isnan(grad_norm) else grad_norm,
                     "learning_rate": learning_rate,
                     "epoch": round(state.step / engine.steps_per_epoch, 2),
@@ -218,7 +224,7 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
                 progress.resize(total_steps)
             if state.step % cfg.save_steps == 0 or state.step == total_steps:
                 state.elapsed += time.perf_counter() - t0
-                state.window_loss, state.window_steps = window_loss, window_steps
+                state.window_loss, state.window_steps = float(window_loss), window_steps
                 t0, seen_inputs = time.perf_counter(), 0
                 trainable, optimizer_state = engine.trainable(), engine.optimizer_state()  # all ranks: FSDP2 gathers
                 if world.main:

@@ -92,9 +92,12 @@ class TrainProgress:
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
-    def update(self, step: int, loss: float, lr: float, tokens_per_second: float) -> None:
-        self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", lr=f"{lr:.2e}",
-                             tps=f"{tokens_per_second:,.0f}")
+    def update(self, step: int, tokens_per_second: float, loss: float | None = None, lr: float | None = None) -> None:
+        """Every step: the step count and tokens/s; the loss and learning rate where they were read (log steps)."""
+        shown = {} if loss is None else {"loss": f"{loss:.4f}"}
+        if lr is not None:
+            shown["lr"] = f"{lr:.2e}"
+        self.progress.update(self.task, completed=step, tps=f"{tokens_per_second:,.0f}", **shown)
 
     def resize(self, total: int) -> None:
         self.progress.update(self.task, total=total)

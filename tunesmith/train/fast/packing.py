@@ -44,6 +44,12 @@ class PackedBatch:
             moved[f.name] = value.to(device, non_blocking=non_blocking) if torch.is_tensor(value) else value
         return PackedBatch(**moved)
 
+    def pin_memory(self) -> PackedBatch:
+        """The same buffer in page-locked memory: its copies to the GPU are then truly asynchronous (from
+        ordinary memory CUDA stages them through a bounce buffer, which can make the CPU wait)."""
+        return PackedBatch(**{f.name: getattr(self, f.name).pin_memory() if torch.is_tensor(getattr(self, f.name))
+                              else getattr(self, f.name) for f in fields(self)})
+
 
 def pack(
     examples: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int, pad_id: int = 0

@@ -11,7 +11,6 @@ import torch
 from tunesmith.train.fast.model import FastCausalLM
 from tunesmith.train.fast.packing import PackedBatch
 
-Step = Callable[..., torch.Tensor]
 AllReduce = Callable[[torch.Tensor], None]
 BLOCK_MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
                       "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
@@ -28,9 +27,11 @@ def make_optimizer(model: FastCausalLM, lr: float, weight_decay: float = 0.0,
 
 
 def make_train_step(model: FastCausalLM, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None,
-                    cuda_graphs: bool | None = None, all_reduce: AllReduce | None = None) -> Step:
+                    cuda_graphs: bool | None = None, all_reduce: AllReduce | None = None) -> EagerStep | CudaGraphStep:
     """Return step(batches) -> mean loss (a device tensor): one optimizer step over one packed batch or
-    several (gradient accumulation, every target token weighted the same).
+    several (gradient accumulation, every target token weighted the same). `step.grad_norm` is then the
+    step's gradient norm before clipping (a device tensor). Nothing in a step reads a number back to the
+    host, so the CPU queues the next step while the GPU runs this one: read the loss only when it is shown.
 
     On CUDA with a capturable optimizer (make_optimizer's), the step is captured as CUDA graphs after
     a few eager steps; `cuda_graphs=False` keeps it eager. The graphs hold the optimizer's state tensors:
@@ -46,13 +47,30 @@ def make_train_step(model: FastCausalLM, optimizer: torch.optim.Optimizer, max_g
         cuda_graphs = model.master.device.type == "cuda" and capturable
     if cuda_graphs:
         return CudaGraphStep(model, optimizer, max_grad_norm, all_reduce=all_reduce)
-    return lambda batches, normalizer=None: eager_step(model, optimizer, batches, max_grad_norm, normalizer,
-                                                       all_reduce)
+    return EagerStep(model, optimizer, max_grad_norm, all_reduce=all_reduce)
+
+
+class EagerStep:
+    """The step, launched op by op (CPU, or CUDA without a capturable optimizer). After each call
+    `grad_norm` is the step's gradient norm before clipping, a device tensor (None without clipping)."""
+
+    def __init__(self, model: FastCausalLM, optimizer: torch.optim.Optimizer, max_grad_norm: float | None,
+                 all_reduce: AllReduce | None = None):
+        self.model, self.optimizer, self.max_grad_norm, self.all_reduce = model, optimizer, max_grad_norm, all_reduce
+        self.grad_norm: torch.Tensor | None = None
+
+    def __call__(self, batches: PackedBatch | Sequence[PackedBatch], normalizer: int | None = None) -> torch.Tensor:
+        loss, self.grad_norm = eager_step(self.model, self.optimizer, batches, self.max_grad_norm, normalizer,
+                                          self.all_reduce)
+        return loss
 
 
 def eager_step(model: FastCausalLM, optimizer: torch.optim.Optimizer,
                batches: PackedBatch | Sequence[PackedBatch], max_grad_norm: float | None,
-               normalizer: int | None = None, all_reduce: AllReduce | None = None) -> torch.Tensor:
+               normalizer: int | None = None,
+               all_reduce: AllReduce | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step; returns (mean loss, gradient norm before clipping or None), both on the device:
+    nothing here waits for the GPU."""
     batches = [batches] if isinstance(batches, PackedBatch) else list(batches)
     device = model.master.device
     targets = normalizer or max(sum(b.num_targets for b in batches), 1)
@@ -64,11 +82,12 @@ def eager_step(model: FastCausalLM, optimizer: torch.optim.Optimizer,
         total += loss.detach()
     if all_reduce is not None:
         all_reduce(model.master.grad)
-    if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(model.master_parameters(), max_grad_norm, foreach=True)
+    grad_norm = None
+    if max_grad_norm is not None:  # on the device: the norm is computed, compared and applied without a host read
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.master_parameters(), max_grad_norm, foreach=True)
     optimizer.step()
     model.master_to_weights()
-    return total
+    return total, grad_norm
 
 
 class CudaGraphStep:
@@ -92,6 +111,8 @@ class CudaGraphStep:
         self.seq_len: int | None = None
         self.graphs: tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph] | None = None
         self.failed = False
+        self.grad_norm: torch.Tensor | None = None
+        """The last step's gradient norm before clipping, on the device; the update graph overwrites it."""
 
     def __call__(self, batches: PackedBatch | Sequence[PackedBatch], normalizer: int | None = None) -> torch.Tensor:
         batches = [batches] if isinstance(batches, PackedBatch) else list(batches)
@@ -124,7 +145,8 @@ class CudaGraphStep:
         # Eager steps run on the side stream the graphs are captured on (lazy cuBLAS/optimizer init).
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            loss = eager_step(self.model, self.optimizer, batches, self.max_grad_norm, normalizer, self.all_reduce)
+            loss, self.grad_norm = eager_step(self.model, self.optimizer, batches, self.max_grad_norm, normalizer,
+                                              self.all_reduce)
             self.model.master.grad.zero_()  # the graphs accumulate into it
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         return loss
@@ -159,11 +181,14 @@ class CudaGraphStep:
             # (a collective captured on one rank only would hang them all); eager, it costs ~0.2 ms a step.
             with torch.cuda.graph(update, pool=micro.pool(), stream=self.stream):
                 if self.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.master_parameters(), self.max_grad_norm, foreach=True)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.master_parameters(), self.max_grad_norm,
+                                                               foreach=True)
                 self.optimizer.step()
                 model.master_to_weights()
                 model.master.grad.zero_()
             self.graphs = (micro, update)
+            if self.max_grad_norm is not None:
+                self.grad_norm = grad_norm
         except (RuntimeError, NotImplementedError, TypeError, ValueError) as exc:  # stay eager
             warnings.warn(f"CUDA graph capture failed, training eagerly: {exc}", stacklevel=2)
             self.failed = True
