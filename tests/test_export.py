@@ -221,3 +221,42 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(kind, tiny_qwen3, tmp
         assert "LlamaForCausalLM" in done.stderr and "Qwen3ForCausalLM" in done.stderr
     if kind == "template":
         assert "export.template" in done.stderr
+
+
+def test_merged_model_computes_what_base_plus_adapter_computes(tiny_qwen3, tmp_path):
+    """The merge is checked by outputs: logits of merged/ (float32) equal the PEFT model's on prompts it never
+    saw, within merge.TOLERANCE (1e-4 of the largest logit); the f16 merge within f16 rounding (5e-3)."""
+    import torch
+    from peft import PeftModel
+
+    from tunesmith.export import merge
+    from tunesmith.models import load_model, load_tokenizer
+
+    run = make_run(tmp_path, tiny_qwen3, "merge", lora_b=0.05)
+    tokenizer = load_tokenizer(tiny_qwen3)
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"]
+               for text in ("Once upon a time", "速度:静止 belt: off", "1 2 3 4 5 6 7 8")]
+    peft_model = PeftModel.from_pretrained(load_model(tiny_qwen3), run / "adapter")
+    expected = merge.logits(peft_model, prompts)
+    base = merge.logits(load_model(tiny_qwen3), prompts)
+    assert max(float((a - b).abs().max()) for a, b in zip(expected, base)) > 0.05, "the adapter changes nothing"
+    for outtype, tolerance in (("f32", merge.TOLERANCE), ("f16", 5e-3)):
+        check = merge.merge_adapter(tiny_qwen3, run / "adapter", tmp_path / outtype, outtype)
+        assert check.relative <= merge.TOLERANCE  # the float32 merge, before the cast to outtype
+        merged = load_model(tmp_path / outtype, dtype=torch.float32)
+        got = merge.logits(merged, prompts)
+        scale = max(float(a.abs().max()) for a in expected)
+        assert max(float((a - b).abs().max()) for a, b in zip(expected, got)) <= tolerance * scale, outtype
+
+
+def test_merge_check_fails_when_the_merged_model_computes_something_else():
+    import torch
+
+    from tunesmith.export import merge
+
+    expected = [torch.tensor([[1.0, -4.0, 2.0]])]
+    assert merge.check_logits(expected, [torch.tensor([[1.0, -4.0, 2.0002]])], merge.TOLERANCE).relative < 1e-4
+    with pytest.raises(merge.MergeMismatch, match="differ from base"):
+        merge.check_logits(expected, [torch.tensor([[1.0, -4.0, 2.01]])], merge.TOLERANCE)
+    with pytest.raises(merge.MergeMismatch):
+        merge.check_logits(expected, [torch.tensor([[1.0, float("nan"), 2.0]])], merge.TOLERANCE)

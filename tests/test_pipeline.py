@@ -125,3 +125,30 @@ def test_killed_in_training_resumes_killed_in_export_redoes_only_export(tmp_path
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "✓ train: complete, skipped" in done.stdout and "✓ eval: complete, skipped" in done.stdout
     assert "▶ export" in done.stdout and (run / "Modelfile").exists()
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_through_the_pipeline_then_skipped(tmp_path, tiny_qwen3, store):
+    """train.method: full writes the whole checkpoint to model/ (no adapter/), which eval, export (no merge, no
+    LoRA GGUF), create and serve use; a second run skips the completed training."""
+    from safetensors.torch import load_file
+
+    config = _config(tmp_path, tiny_qwen3, method="full", learning_rate=1e-3)
+    env = {"TUNESMITH_MODELS": str(store)}
+    done = run_cli("pipeline", "--config", str(config), "--no-serve", env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny"
+    assert (run / "model" / "model.safetensors").is_file() and (run / "model" / "tokenizer.json").is_file()
+    assert not (run / "adapter").exists() and not (run / "merged").exists()
+    assert sorted(p.name for p in (run / "gguf").iterdir()) == ["tiny.q8_0.gguf"]  # no LoRA GGUF
+    tuned, base = load_file(run / "model" / "model.safetensors"), load_file(tiny_qwen3 / "model.safetensors")
+    key = "model.layers.1.mlp.down_proj.weight"
+    assert tuned[key].dtype == base[key].dtype and (tuned[key] - base[key]).abs().max() > 1e-4  # every weight trains
+    models = {json.loads(line)["model"] for line in (run / "eval.jsonl").read_text().splitlines()}
+    assert {"base", "finetuned", str(run / "gguf" / "tiny.q8_0.gguf")} <= models
+    assert done.stdout.count("answer:") == 4 and (store / "manifests").exists()
+
+    again = run_cli("pipeline", "--config", str(config), "--no-serve", env=env, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for stage in ["train", "eval", "export", "eval-gguf"]:
+        assert f"✓ {stage}: complete, skipped" in again.stdout, stage

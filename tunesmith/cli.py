@@ -110,7 +110,7 @@ def train(
         raise typer.Exit(distributed.relaunch(processes, sys.argv[1:]))
     result = run_training(settings, console, resume=resume)
     if distributed.is_main_process():
-        console.print(f"adapter saved to {result.adapter_dir} ({result.steps} steps, {result.seconds:.0f} s, "
+        console.print(f"saved to {result.output_dir} ({result.steps} steps, {result.seconds:.0f} s, "
                       f"train loss {result.train_loss}, eval loss {result.eval_loss})")
 
 
@@ -129,12 +129,12 @@ def _check_gpus(processes: int, device: str) -> None:
 
 @app.command()
 def generate(prompt: str, run: RunOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Answer one prompt with the fine-tuned model (base + adapter), streaming."""
+    """Answer one prompt with the fine-tuned model (base + adapter, or the fully fine-tuned model), streaming."""
     from tunesmith import inference
 
     run_dir = run or _config(config, set_).run_dir
     settings = inference.run_config(run_dir)
-    model, tokenizer = inference.load(settings, run_dir / "adapter")
+    model, tokenizer = inference.load_finetuned(run_dir, settings)
     for piece in inference.stream(model, tokenizer, inference.messages_for(prompt, settings), settings):
         console.out(piece, end="", highlight=False)
     console.out("")

@@ -77,7 +77,8 @@ def _torch() -> list[Check]:
         bf16 = torch.cuda.is_bf16_supported()
         checks.append(Check("bf16", "supported" if bf16 else "not supported (training uses fp16)"))
         if not _version("bitsandbytes"):
-            checks.append(Check("bitsandbytes", "not installed: no 8-bit AdamW or QLoRA",
+            checks.append(Check("bitsandbytes", "not installed: train.optimizer adamw_8bit falls back to AdamW, "
+                                "train.method: qlora stops with an error",
                                 "pip install 'tunesmith[gpu]' (bitsandbytes==0.50.2)"))
     else:
         # Not a problem: tunesmith trains on CPU too, only slower.

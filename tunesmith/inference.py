@@ -24,12 +24,45 @@ def run_config(run_dir: Path) -> Config:
     return Config.model_validate(json.loads(record.read_text(encoding="utf-8"))["config"])
 
 
+ADAPTER = "adapter"
+FULL_MODEL = "model"
+
+
+def trained_dir(run_dir: Path, config: Config) -> Path:
+    """Where training leaves its result: the PEFT adapter (`adapter/`, LoRA and QLoRA), or with
+    `train.method: full` the whole fine-tuned checkpoint (`model/`)."""
+    return Path(run_dir) / (FULL_MODEL if config.train.method == "full" else ADAPTER)
+
+
+def trained(run_dir: Path, config: Config) -> bool:
+    """Whether training completed: its result is written last and atomically, so existing means complete."""
+    directory = trained_dir(run_dir, config)
+    weights = "model.safetensors" if config.train.method == "full" else "adapter_model.safetensors"
+    return (directory / weights).is_file() or (directory / f"{weights}.index.json").is_file()
+
+
+def load_finetuned(run_dir: Path, config: Config) -> tuple[Any, Any]:
+    """(model, tokenizer) as fine-tuned: base + the run's adapter, or the fully fine-tuned checkpoint."""
+    if config.train.method != "full":
+        return load(config, trained_dir(run_dir, config))
+    from tunesmith.models import load_model, load_tokenizer
+
+    directory = trained_dir(run_dir, config)
+    if not (directory / "config.json").is_file():
+        raise ModelError(f"{directory}: no fine-tuned model here", "run `tunesmith train` first")
+    model = load_model(directory, trust_remote_code=config.model.trust_remote_code)
+    model.eval()
+    return model, load_tokenizer(directory)
+
+
 def load(config: Config, adapter: Path | None) -> tuple[Any, Any]:
     """(model, tokenizer) for the run's base model, with the adapter applied when one is given."""
     from tunesmith.models import load_model, load_tokenizer, resolve_base
 
     base = resolve_base(config.model.base, config.model.revision)
-    model = load_model(base, trust_remote_code=config.model.trust_remote_code)
+    # A QLoRA adapter answers on the 4-bit base it was trained on (merging into 4-bit weights would round it away).
+    four_bit = adapter is not None and config.train.method == "qlora"
+    model = load_model(base, trust_remote_code=config.model.trust_remote_code, four_bit=four_bit)
     if adapter is not None:
         from peft import PeftModel
 
@@ -46,8 +79,11 @@ def messages_for(prompt: str, config: Config) -> list[dict[str, str]]:
 
 
 def prompt_ids(tokenizer: Any, messages: list[dict[str, str]], config: Config) -> list[int]:
-    kwargs = {"enable_thinking": False} if config.data.think == "strip" else {}
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+    """The prompt's token ids as training rendered it: the same template variables (data/render.py)."""
+    from tunesmith.data.render import template_kwargs
+
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                         **template_kwargs(config.data))
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -57,7 +93,7 @@ def stream(model: Any, tokenizer: Any, messages: list[dict[str, str]], config: C
     import torch
     from transformers import TextIteratorStreamer
 
-    ids = torch.tensor([prompt_ids(tokenizer, messages, config)])
+    ids = torch.tensor([prompt_ids(tokenizer, messages, config)], device=model.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "max_new_tokens": max_new_tokens,
                   "do_sample": False, "streamer": streamer, "pad_token_id": tokenizer.pad_token_id}
@@ -124,8 +160,9 @@ def generate_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str
             mask[row, width - len(encoded[i]):] = 1
         with torch.no_grad(), contiguous_lm_head(model):
             # use_cache: a model being trained has it off in its config (no KV cache is needed for a loss)
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=pad, eos_token_id=sorted(stops), use_cache=True)
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                 eos_token_id=sorted(stops), use_cache=True)
         for row, i in enumerate(chunk):
             answer = out[row, width:].tolist()
             end = next((at for at, token in enumerate(answer) if token in stops), len(answer))

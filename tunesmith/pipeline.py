@@ -56,7 +56,7 @@ def _train(ctx: Context) -> None:
     from tunesmith.train.loop import train
 
     result = train(ctx.config, ctx.console, resume=True)
-    ctx.console.print(f"  adapter: {result.adapter_dir} ({result.steps} steps, {result.seconds:.0f} s)")
+    ctx.console.print(f"  saved: {result.output_dir} ({result.steps} steps, {result.seconds:.0f} s)")
 
 
 def _eval(ctx: Context) -> None:
@@ -79,11 +79,17 @@ def _eval_gguf(ctx: Context) -> None:
     print_summary(results, ctx.console)
 
 
-def _gguf_evaluated(run_dir: Path) -> bool:
+def _gguf_evaluated(ctx: Context) -> bool:
     from tunesmith.evaluate.run import evaluated_models, gguf_models
 
-    ggufs = gguf_models(run_dir)
-    return bool(ggufs) and set(ggufs) <= evaluated_models(run_dir)
+    ggufs = gguf_models(ctx.run_dir)
+    return bool(ggufs) and set(ggufs) <= evaluated_models(ctx.run_dir)
+
+
+def _trained(ctx: Context) -> bool:
+    from tunesmith import inference
+
+    return inference.trained(ctx.run_dir, ctx.config)
 
 
 def _create(ctx: Context) -> None:
@@ -157,18 +163,18 @@ def _sample_prompts(ctx: Context) -> list[tuple[str, str | None]]:
     return [(case.messages[-1]["content"], case.reference if held_out else None) for case in cases]
 
 
-def _exist(*names: str) -> Callable[[Path], bool]:
-    return lambda run_dir: all((run_dir / name).exists() for name in names)
+def _exist(*names: str) -> Callable[[Context], bool]:
+    return lambda ctx: all((ctx.run_dir / name).exists() for name in names)
 
 
-def _never(run_dir: Path) -> bool:
+def _never(ctx: Context) -> bool:
     return False
 
 
 # name, function, "is it complete?" (outputs are written atomically, so existing means complete)
-STAGES: list[tuple[str, Callable[[Context], None], Callable[[Path], bool]]] = [
+STAGES: list[tuple[str, Callable[[Context], None], Callable[[Context], bool]]] = [
     ("data", _data, _never),  # seconds, and it re-validates the data file, which may have changed
-    ("train", _train, _exist("adapter/adapter_model.safetensors")),
+    ("train", _train, _trained),  # adapter/ (LoRA, QLoRA) or model/ (full fine-tuning)
     ("eval", _eval, _exist("eval.jsonl")),
     ("export", _export, _exist("Modelfile", "fidelity.json")),
     ("eval-gguf", _eval_gguf, _gguf_evaluated),
@@ -176,7 +182,7 @@ STAGES: list[tuple[str, Callable[[Context], None], Callable[[Path], bool]]] = [
     ("serve", _serve, _never),
 ]
 # What --force STAGE removes before redoing it.
-_OUTPUTS = {"train": ["adapter", "checkpoints", "metrics.jsonl", "tb"], "eval": ["eval.jsonl"],
+_OUTPUTS = {"train": ["adapter", "model", "checkpoints", "metrics.jsonl", "tb"], "eval": ["eval.jsonl"],
             "export": ["merged", "gguf", "Modelfile", "fidelity.json"]}
 
 
@@ -190,7 +196,7 @@ def run_pipeline(config: Config, console: Console, force: set[str] | None = None
     ctx = Context(config, console, serve=serve, deploy=deploy)
     console.print(f"[bold]tunesmith pipeline[/] {config.name}: base {config.model.base}, run folder {ctx.run_dir}")
     for name, stage, complete in STAGES:
-        if name not in force and complete(ctx.run_dir):
+        if name not in force and complete(ctx):
             console.print(f"[dim]✓ {name}: complete, skipped (--force {name} to redo)[/]")
             continue
         if name in force:

@@ -47,9 +47,20 @@ def strip_think(text: str) -> str:
     return THINK_BLOCK.sub("", text)
 
 
+# Llama 3.x templates write "Today Date: ..." into every system turn: 3.1's says "26 Jul 2024" unless given a
+# date_string, 3.2's asks transformers' strftime_now for today. A date that changes from day to day would make
+# training, evaluation and the exported Modelfile (derived on export day) write different prompts; pinned to
+# the 3.1 template's own default, every stage writes the same one.
+DATE_STRING = "26 Jul 2024"
+
+
 def template_kwargs(data_cfg: DataConfig) -> dict[str, Any]:
-    # Templates that do not know `enable_thinking` ignore it (Jinja leaves unknown variables alone).
-    return {"enable_thinking": False} if data_cfg.think == "strip" else {}
+    """The extra variables every chat-template rendering gets, in training, evaluation and export alike.
+    Templates that do not know a variable ignore it (Jinja leaves unknown variables alone)."""
+    kwargs: dict[str, Any] = {"date_string": DATE_STRING}
+    if data_cfg.think == "strip":
+        kwargs["enable_thinking"] = False
+    return kwargs
 
 
 def target_messages(example: Example, data_cfg: DataConfig) -> tuple[list[dict[str, str]], int]:
@@ -180,7 +191,7 @@ _MARKERS: dict[tuple[str, bool], str] = {}
 
 def _end_marker(tokenizer: Any, kwargs: dict[str, Any]) -> str:
     """What the template writes right after a reply (`<|im_end|>`), learned from a two-turn probe."""
-    key = (repr(tokenizer.chat_template), bool(kwargs))  # the template, not id(): ids are reused after GC
+    key = (repr(tokenizer.chat_template), repr(sorted(kwargs.items())))  # not id(): ids are reused after GC
     if key not in _MARKERS:
         probe = [{"role": "user", "content": "ping"}, {"role": "assistant", "content": "PONG-7"}]
         text = _apply_template(tokenizer, probe, False, kwargs, None)

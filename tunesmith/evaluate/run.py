@@ -108,8 +108,9 @@ def _answers(name: str, config: Config, run_dir: Path, cases: list[Case]) -> lis
     conversations = [case.messages for case in cases]
     max_new = config.eval.max_new_tokens
     if name in ("base", "finetuned"):
-        model, tokenizer = inference.load(config, run_dir / "adapter" if name == "finetuned" else None)
-        if name == "finetuned":
+        model, tokenizer = (inference.load_finetuned(run_dir, config) if name == "finetuned"
+                            else inference.load(config, None))
+        if name == "finetuned" and config.train.method == "lora":
             model = model.merge_and_unload()  # same answers, no per-layer adapter overhead while generating
         return inference.generate_batch(model, tokenizer, conversations, config, max_new)
     return gguf_answers(Path(name), config, conversations, max_new)

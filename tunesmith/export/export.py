@@ -3,6 +3,9 @@
     merge adapter → merged/ → <name>.<outtype>.gguf (llama.cpp's converter) → each quantization
     → <name>.lora.<outtype>.gguf → fidelity check → fidelity.json → Modelfile (FROM the preferred passing GGUF)
 
+A fully fine-tuned run (`train.method: full`) has no adapter: its model/ is converted as it is (no merged/, no
+LoRA GGUF). A QLoRA run's adapter is merged into the dequantized 4-bit base it was trained on (merge.py).
+
 Every user error (no adapter, unknown quantization, unsupported architecture, unknown template family,
 too little disk) is found before anything is written. Every file is written under a temporary name and
 renamed; if a step fails, what this export already wrote is removed, so nothing partial is left behind.
@@ -25,6 +28,7 @@ from rich.console import Console
 from tunesmith import inference
 from tunesmith.atomic import write_json
 from tunesmith.config import ExportConfig
+from tunesmith.data.render import template_kwargs
 from tunesmith.errors import ModelError, TunesmithError
 from tunesmith.export import convert, fidelity, merge, quantize
 from tunesmith.export import modelfile as modelfiles
@@ -48,7 +52,8 @@ class ExportResult:
     merged: Path
     ggufs: dict[str, Path]
     """Quantization name → GGUF file, in the order asked for."""
-    lora: Path
+    lora: Path | None
+    """The adapter alone as a GGUF LoRA; None for a fully fine-tuned run."""
     modelfile: Path
     chosen: str
     """The quantization the Modelfile's FROM points at."""
@@ -69,19 +74,21 @@ def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict
     config = inference.run_config(run_dir)
     settings = settings or config.export
     names = quantize.check_names(settings.quantizations if quants is None else quants)
-    adapter = run_dir / "adapter"
-    if not merge.has_adapter(adapter):
-        raise ModelError(f"{run_dir}: the run has no trained adapter ({adapter} is missing or incomplete)",
+    full = config.train.method == "full"
+    trained = inference.trained_dir(run_dir, config)
+    if not inference.trained(run_dir, config):
+        what = "fine-tuned model" if full else "adapter"
+        raise ModelError(f"{run_dir}: the run has no trained {what} ({trained} is missing or incomplete)",
                          "run `tunesmith train` for it first")
     base = resolve_base(config.model.base, config.model.revision)
-    convert.check_architecture(base)
-    tokenizer = load_tokenizer(adapter if (adapter / "tokenizer_config.json").is_file() else base)
+    convert.check_architecture(trained if full else base)
+    tokenizer = load_tokenizer(trained if (trained / "tokenizer_config.json").is_file() else base)
     if settings.template is None:
         modelfiles.detect_family(getattr(tokenizer, "chat_template", None))
     for key, value in settings.parameters.items():  # Ollama refuses a Modelfile with an unknown PARAMETER
         for item in value if isinstance(value, list) else [value]:
             typed_parameter(key, format_value(item))
-    check_disk(run_dir, base, adapter, names, settings.outtype)
+    check_disk(run_dir, trained if full else base, None if full else trained, names, settings.outtype)
 
     name = config.name
     gguf_dir = run_dir / "gguf"
@@ -95,11 +102,17 @@ def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict
     scratch = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=run_dir))
     try:
         clock = time.perf_counter()
-        merged = merge.merge_adapter(base, adapter, run_dir / "merged", settings.outtype,
-                                     config.model.trust_remote_code)
-        written.append(merged)
-        seconds["merge"] = time.perf_counter() - clock
-        console.print(f"export: merged adapter into {merged} ({seconds['merge']:.0f} s)")
+        if full:
+            merged = trained  # the fine-tuned checkpoint itself: nothing to merge
+        else:
+            merged = run_dir / "merged"
+            check = merge.merge_adapter(base, trained, merged, settings.outtype, config.model.trust_remote_code,
+                                        four_bit=config.train.method == "qlora",
+                                        template_kwargs=template_kwargs(config.data))
+            written.append(merged)
+            seconds["merge"] = time.perf_counter() - clock
+            console.print(f"export: merged adapter into {merged} ({seconds['merge']:.0f} s; its logits equal base "
+                          f"+ adapter's within {check.relative:.1g} of the largest, allowed {check.tolerance:g})")
 
         clock = time.perf_counter()
         outtype = settings.outtype
@@ -122,11 +135,13 @@ def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict
             console.print(f"export: {target.name} {target.stat().st_size / 2**20:.0f} MiB "
                           f"({seconds[f'quantize {quant}']:.0f} s)")
 
-        clock = time.perf_counter()
-        lora = convert.convert_lora(adapter, base, gguf_dir / f"{name}.lora.{outtype}.gguf", outtype)
-        written.append(lora)
-        seconds["lora"] = time.perf_counter() - clock
-        console.print(f"export: LoRA adapter alone as {lora.name} ({seconds['lora']:.0f} s)")
+        lora = None
+        if not full:
+            clock = time.perf_counter()
+            lora = convert.convert_lora(trained, base, gguf_dir / f"{name}.lora.{outtype}.gguf", outtype)
+            written.append(lora)
+            seconds["lora"] = time.perf_counter() - clock
+            console.print(f"export: LoRA adapter alone as {lora.name} ({seconds['lora']:.0f} s)")
 
         clock = time.perf_counter()
         results, summary = _fidelity(run_dir, config, merged, tokenizer, ggufs, settings, console)
@@ -232,8 +247,6 @@ def _template(tokenizer: Any, config: Any, settings: ExportConfig, gguf: Path) -
     """
     from llama_cpp import Llama
 
-    from tunesmith.data.render import template_kwargs
-
     if settings.template is not None:
         family = modelfiles.FAMILIES.get(_family_or_none(tokenizer), {})
         return settings.template, config.data.system_prompt, list(family.get("stop", []))
@@ -286,17 +299,18 @@ def parameter_count(checkpoint: Path) -> int:
     return total
 
 
-def bytes_needed(parameters: int, names: list[str], outtype: str, adapter_bytes: int) -> int:
+def bytes_needed(parameters: int, names: list[str], outtype: str, adapter_bytes: int, merged: bool = True) -> int:
     """Disk the export writes: merged/ + the converted GGUF + each quantization + the LoRA, plus 10 %."""
     per_weight = {"f16": 2, "bf16": 2, "f32": 4}[outtype]
     gguf_bits = sum(quantize.BITS_PER_WEIGHT[name] for name in names if name != outtype)
-    total = parameters * per_weight * 2 + parameters * gguf_bits / 8 + adapter_bytes
+    total = parameters * per_weight * (2 if merged else 1) + parameters * gguf_bits / 8 + adapter_bytes
     return int(total * 1.1)
 
 
-def check_disk(run_dir: Path, base: Path, adapter: Path, names: list[str], outtype: str) -> None:
-    adapter_bytes = sum(path.stat().st_size for path in adapter.iterdir() if path.is_file())
-    needed = bytes_needed(parameter_count(base), names, outtype, adapter_bytes)
+def check_disk(run_dir: Path, base: Path, adapter: Path | None, names: list[str], outtype: str) -> None:
+    """`adapter` None: a fully fine-tuned checkpoint (`base`), converted without a merged/ copy or a LoRA GGUF."""
+    adapter_bytes = sum(path.stat().st_size for path in adapter.iterdir() if path.is_file()) if adapter else 0
+    needed = bytes_needed(parameter_count(base), names, outtype, adapter_bytes, merged=adapter is not None)
     existing = run_dir
     while not existing.exists():
         existing = existing.parent

@@ -4,6 +4,10 @@ The scripts (`convert_hf_to_gguf.py`, `convert_lora_to_gguf.py`, `conversion/`, 
 llama.cpp compiled into the installed bindings, so they come from the same version's sdist, extracted once
 into `$TUNESMITH_HOME/llama.cpp/<version>/`. Nothing of llama.cpp lives in this repository.
 
+The same sdist carries llama.cpp's own test assets: real chat templates (`models/templates/*.jinja`) and
+vocabulary-only GGUFs with tokenizer test vectors (`models/ggml-vocab-*.gguf` + `.inp`/`.out`). `ensure_models()`
+extracts the few tunesmith's tests use into `$TUNESMITH_HOME/llama.cpp/<version>/models/` on first use.
+
     python -m tunesmith.export.llama_cpp install [SDIST]   # what `make` runs at set-up
 """
 
@@ -25,6 +29,10 @@ PACKAGE = "llama-cpp-python"
 SCRIPTS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py")
 PACKAGES = ("conversion/", "gguf-py/")
 COMPLETE_MARKER = ".tunesmith-complete"
+# llama.cpp's test assets that tunesmith's tests use (tunesmith/testing.py): every chat template, and the
+# vocabularies (with their test vectors) of the families verified end to end.
+MODEL_ASSETS = ("models/templates/",) + tuple(
+    f"models/ggml-vocab-{name}.gguf{suffix}" for name in ("qwen2", "llama-bpe") for suffix in ("", ".inp", ".out"))
 _FIX = "run `make demo` (or `python -m tunesmith.export.llama_cpp install`) to extract them"
 
 
@@ -59,6 +67,26 @@ def install(sdist: Path | None = None, version: str | None = None) -> Path:
         sdist = sdist or _find_sdist(version) or _download_sdist(version, Path(scratch))
         with atomic_path(target, directory=True) as tmp:
             _extract(sdist, version, tmp)
+            (tmp / COMPLETE_MARKER).write_text(f"{sdist.name}\n")
+    return target
+
+
+def models_dir(version: str | None = None) -> Path:
+    return converter_dir(version) / "models"
+
+
+def ensure_models() -> Path:
+    """llama.cpp's `models/` test assets (MODEL_ASSETS) for the installed bindings, extracted on first use."""
+    version = bindings_version()
+    target = models_dir(version)
+    if (target / COMPLETE_MARKER).exists():
+        return target
+    with tempfile.TemporaryDirectory() as scratch:
+        sdist = _find_sdist(version) or _download_sdist(version, Path(scratch))
+        with atomic_path(target, directory=True) as tmp:
+            found = _extract_members(sdist, version, tmp, MODEL_ASSETS, strip="models/")
+            if sum(not name.startswith("templates/") for name in found) != len(MODEL_ASSETS) - 1:
+                raise ToolingError(f"{sdist} lacks some of llama.cpp's test assets {', '.join(MODEL_ASSETS)}", _FIX)
             (tmp / COMPLETE_MARKER).write_text(f"{sdist.name}\n")
     return target
 
@@ -101,19 +129,26 @@ def _download_sdist(version: str, into: Path) -> Path:
 
 
 def _extract(sdist: Path, version: str, out: Path) -> None:
+    found = _extract_members(sdist, version, out, SCRIPTS + PACKAGES)
+    if sum(name in SCRIPTS for name in found) != len(SCRIPTS):
+        raise ToolingError(f"{sdist} does not contain llama.cpp's converter scripts", _FIX)
+
+
+def _extract_members(sdist: Path, version: str, out: Path, wanted: tuple[str, ...], strip: str = "") -> list[str]:
+    """Extract the files of vendor/llama.cpp/ named in `wanted` (a name, or a folder ending in "/") into `out`,
+    without the leading `strip`; returns their names as written."""
     prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
-    wanted = 0
+    found = []
     with tarfile.open(sdist) as archive:
         for member in archive.getmembers():
             if not member.name.startswith(prefix) or not (member.isfile() or member.isdir()):
                 continue
             relative = member.name[len(prefix):]
-            if relative in SCRIPTS or relative.startswith(PACKAGES):
-                member.name = relative
+            if relative in wanted or relative.startswith(tuple(name for name in wanted if name.endswith("/"))):
+                member.name = relative.removeprefix(strip)
                 archive.extract(member, out, filter="data")
-                wanted += relative in SCRIPTS
-    if wanted != len(SCRIPTS):
-        raise ToolingError(f"{sdist} does not contain llama.cpp's converter scripts", _FIX)
+                found.append(member.name)
+    return found
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ _SKELETONS = {
         "{{ end }}{{ end }}{GEN}"
     ),
     "llama3": (
-        "{BOS}{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
+        "{BOS}{SYSTEM_BLOCK}"
         "{{- range .Messages }}{{ if ne .Role \"system\" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
         "{{ .Content }}<|eot_id|>{{ end }}{{ end }}{GEN}"
     ),
@@ -66,6 +66,7 @@ _SKELETONS = {
     ),
 }
 _SYSTEM_TURN = {"first": "$first", "last": "(eq (len (slice $.Messages $i)) 1)"}
+_LLAMA3_SYSTEM = ("<|start_header_id|>system<|end_header_id|>\n\n", "<|eot_id|>")
 
 # Distinct words so each probe's pieces can be found in a rendering.
 _U1, _A1, _U2, _S = "Ping-one", "Pong-one", "Ping-two", "Sys-prompt"
@@ -126,15 +127,44 @@ def derive(tokenizer: Any, template_kwargs: dict[str, Any], llama_adds_bos: bool
     elif not writes_bos and llama_adds_bos and bos:
         raise TemplateFamilyError(f"llama.cpp adds a BOS token ({bos}) that the chat template never writes, so "
                                   "served prompts would differ from training", _HINT)
+    default_system = _default_system(name, without)
+    system_block = ""
+    if name == "llama3":
+        preamble, always = _llama3_system(render)
+        opening, closing = _LLAMA3_SYSTEM
+        system_block = f"{opening}{preamble}{{{{ .System }}}}{closing}"
+        if always:  # Llama 3.1/3.2 write the system turn (its date preamble) whether or not there is a system prompt
+            default_system = None
+            notes.append("the system turn and its preamble are written for every conversation, as the chat "
+                         "template writes them")
+        else:
+            system_block = f"{{{{ if .System }}}}{system_block}{{{{ end }}}}"
     pieces = {
         "{BOS}": bos if writes_bos and not llama_adds_bos else "",
         "{GEN}": generation,
         "{SYSTEM_TURN}": _SYSTEM_TURN[_system_turn(render)] if name == "mistral" else "",
+        "{SYSTEM_BLOCK}": system_block,
     }
     template = _SKELETONS[name]
     for key, value in pieces.items():
         template = template.replace(key, value)
-    return OllamaTemplate(name, template, list(family["stop"]), _default_system(name, without), notes)
+    return OllamaTemplate(name, template, list(family["stop"]), default_system, notes)
+
+
+def _llama3_system(render: Render) -> tuple[str, bool]:
+    """(preamble, always) of a Llama 3 system turn: the text the template writes before the system prompt
+    (3.1/3.2: "Cutting Knowledge Date: December 2023\nToday Date: ...\n\n"), and whether the turn is written
+    when the conversation has no system prompt."""
+    opening, closing = _LLAMA3_SYSTEM
+    with_system = render([{"role": "system", "content": _S}, {"role": "user", "content": _U1}], False)
+    start, at = with_system.find(opening), with_system.find(_S)
+    if start < 0 or at < start:
+        raise TemplateFamilyError("the Llama 3 chat template writes the system prompt outside a system turn", _HINT)
+    preamble = with_system[start + len(opening):at]
+    if "{{" in preamble or "}}" in preamble:
+        raise TemplateFamilyError("the chat template's system preamble contains Go template delimiters", _HINT)
+    without = render([{"role": "user", "content": _U1}], False)
+    return preamble, f"{opening}{preamble}{closing}" in without
 
 
 def _default_system(family: str, rendered: str) -> str | None:

@@ -1,5 +1,5 @@
 """Resolve `model.base` to a local Hugging Face checkpoint: hub id, local directory, or a built-in."""
 
-from tunesmith.models.resolve import BUILTINS, load_model, load_tokenizer, resolve_base
+from tunesmith.models.resolve import BUILTINS, load_model, load_tokenizer, resolve_base, save_tokenizer
 
-__all__ = ["BUILTINS", "load_model", "load_tokenizer", "resolve_base"]
+__all__ = ["BUILTINS", "load_model", "load_tokenizer", "resolve_base", "save_tokenizer"]

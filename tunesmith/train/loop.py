@@ -26,6 +26,7 @@ from typing import Any
 
 from rich.console import Console
 
+from tunesmith import inference
 from tunesmith.atomic import atomic_path, write_json
 from tunesmith.config import Config
 from tunesmith.errors import DataError, ModelError
@@ -42,7 +43,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainResult:
     run_dir: Path
-    adapter_dir: Path
+    output_dir: Path
+    """adapter/ (LoRA, QLoRA) or model/ (full fine-tuning)."""
     steps: int
     train_loss: float | None
     eval_loss: float | None
@@ -74,7 +76,7 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
     import torch
 
     from tunesmith.data import prepare
-    from tunesmith.models import load_model, load_tokenizer, resolve_base
+    from tunesmith.models import load_model, load_tokenizer, resolve_base, save_tokenizer
     from tunesmith.train.lora import apply_lora
 
     cfg = config.train
@@ -96,10 +98,12 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
     if not data.train:
         raise DataError(f"{config.data.train_file}: no training examples left after validation",
                         "check `tunesmith data inspect` for what was dropped")
-    model = load_model(base, dtype=_dtype(config, device), trust_remote_code=config.model.trust_remote_code)
+    four_bit = cfg.method == "qlora"  # the base loads onto the GPU already quantized to NF4 (bitsandbytes)
+    model = load_model(base, dtype=_dtype(config, device), trust_remote_code=config.model.trust_remote_code,
+                       four_bit=four_bit)
     if device == "cpu" and use_bf16(config, device):  # said once: a user comparing losses should know
         console.print("computing in bf16 on this CPU (it has AMX/AVX512-BF16; train.bf16: false for fp32)")
-    if not (cfg.fsdp and world.size > 1):  # FSDP2 moves the model to the GPU layer by layer, as it shards it
+    if not (cfg.fsdp and world.size > 1) and not four_bit:  # FSDP2 moves the model layer by layer, as it shards
         model.to(device)
     model.config.use_cache = False
     pad_id = tokenizer.pad_token_id
@@ -108,7 +112,13 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
         console.print(f"GPU fast path: packed {len(data.train)} examples into {len(engine.buffers)} buffers "
                       f"of {engine.seq_len} tokens")
     else:
-        if cfg.gradient_checkpointing:
+        if four_bit:
+            from peft import prepare_model_for_kbit_training
+
+            # QLoRA's recipe: norms and embeddings in fp32, inputs that carry gradients through frozen 4-bit layers.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method in ("lora", "qlora"):
             model = apply_lora(model, config.lora, cfg.seed)
@@ -231,13 +241,14 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
                     checkpoint.save(checkpoints, trainable, optimizer_state, scheduler, state)
     metrics.close()
 
-    # --- save: a PEFT adapter that PeftModel.from_pretrained loads, whichever engine trained it
-    adapter_dir = run_dir / "adapter"
+    # --- save: a PEFT adapter that PeftModel.from_pretrained loads, whichever engine trained it; with
+    # train.method: full the whole checkpoint (model/), which every later stage loads in place of base + adapter
+    output_dir = inference.trained_dir(run_dir, config)
     trainable = engine.trainable()
     if world.main:
-        with atomic_path(adapter_dir, directory=True) as tmp:
+        with atomic_path(output_dir, directory=True) as tmp:
             engine.save_adapter(tmp, str(base), trainable)
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp, base)
     digests = world.weight_digests(trainable) if world.size > 1 else None
     if digests and len(set(digests)) > 1:  # a bug, not a user error: the ranks stopped training one model
         raise RuntimeError(f"ranks ended with different adapter weights: {digests}")
@@ -257,7 +268,7 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
         final["stopped_early"] = stopped_early
     if world.main:
         write_json(run_dir / "run.json", _run_record(config, device, data, started_at, final, world))
-    return TrainResult(run_dir, adapter_dir, state.step, final["train_loss"], final["eval_loss"], seconds,
+    return TrainResult(run_dir, output_dir, state.step, final["train_loss"], final["eval_loss"], seconds,
                        final["trained_tokens_per_second"])
 
 
@@ -333,6 +344,10 @@ def _dtype(config: Config, device: str):
 
     if config.model.dtype != "auto":
         return getattr(torch, config.model.dtype)
+    if config.train.method == "full":
+        # Every weight trains: AdamW's small updates vanish in bf16 weights, so they stay fp32 (autocast computes
+        # in bf16 where the hardware does).
+        return torch.float32
     # The frozen base is stored in bf16 when computing in bf16: half the memory and no per-step casts.
     # peft keeps the adapter weights themselves in fp32 (autocast_adapter_dtype), so updates stay exact.
     return torch.bfloat16 if use_bf16(config, device) else torch.float32
@@ -402,7 +417,7 @@ def _rescheduled(scheduler: Any, optimizer: Any, config: Config, total_steps: in
 def _clear_previous(run_dir: Path) -> None:
     import shutil
 
-    for name in ("checkpoints", "adapter", "tb"):
+    for name in ("checkpoints", inference.ADAPTER, inference.FULL_MODEL, "tb"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 

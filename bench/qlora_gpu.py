@@ -1,0 +1,262 @@
+"""QLoRA against LoRA on one GPU, through tunesmith's own code: peak memory, loss curves, and the merged model.
+
+The Qwen3-0.6B architecture (DESIGN.md) with random weights (seed 0, bf16 on disk), the real Qwen3 tokenizer and
+chat template (tunesmith/testing.py), and a memorisation task (a fixed code word for each of 200 keys, in a few
+phrasings). `tunesmith.train.loop.train` runs twice on the same data, seed and schedule, each in its own process:
+`train.method: lora` (bf16 base) and `train.method: qlora` (NF4 base through bitsandbytes, double quant, bf16
+compute, prepared for k-bit training); both on the transformers loop (`train.fast: false`: the fast path is
+LoRA-only), adamw_8bit, gradient checkpointing, 100 steps of 8 examples, the loss logged every 10 steps.
+Then `tunesmith.export.merge.merge_adapter(..., four_bit=True)` merges the QLoRA adapter into the dequantized NF4
+base in float32, as `tunesmith export` does, and the merged model is compared with the QLoRA model itself (4-bit
+base + adapter): greedy answers on 32 held-out prompts and logits at every prompt position. For contrast, the same
+adapter merged into the original (never quantized) weights.
+
+Prepare once, on a machine with the package registry (it writes the folder the GPU machine needs):
+
+    python bench/qlora_gpu.py prepare .carry/qlora     # bitsandbytes 0.50.2 (CUDA 13 + CPU libs), pydantic, tokenizer
+
+Run on the GPU machine, that folder carried:
+
+    PYTHONPATH=.carry/qlora/site python3 bench/qlora_gpu.py run .carry/qlora --out $OUT
+
+It prints a markdown section for bench/RESULTS.md and writes qlora.json (and the section) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
+
+from train_gpu import QWEN3_06B
+
+STEPS, BATCH, LOG_EVERY, SEED = 100, 8, 10, 3407
+WHEELS = ["bitsandbytes==0.50.2", "pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.7.0",
+          "typing-inspection==0.4.2"]
+PLATFORMS = ["manylinux_2_24_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+WORDS = ["amber", "basil", "cedar", "delta", "ember", "fjord", "grove", "heron", "iris", "juniper", "kestrel", "lumen", "maple", "nectar", "onyx", "pewter", "quartz", "raven", "sable", "tundra", "umber", "violet", "willow", "xenon", "yarrow", "zephyr"]
+
+
+# ------------------------------------------------------------------------------------------ prepare (CPU)
+
+def prepare(folder: Path) -> None:
+    from tunesmith.testing import real_tokenizer
+
+    site = folder / "site"
+    shutil.rmtree(folder, ignore_errors=True)
+    site.mkdir(parents=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        platforms = [arg for name in PLATFORMS for arg in ("--platform", name)]
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                        "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", scratch, *WHEELS],
+                       check=True)
+        for wheel in Path(scratch).glob("*.whl"):
+            with zipfile.ZipFile(wheel) as archive:
+                archive.extractall(site)
+    # bitsandbytes ships a library per CUDA version; the GPU machine's torch is built for CUDA 13.
+    for library in (site / "bitsandbytes").glob("libbitsandbytes_*.so"):
+        if "cuda13" not in library.name and "cpu" not in library.name:
+            library.unlink()
+    shutil.copytree(real_tokenizer("qwen3"), folder / "tokenizer")
+    size = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+    print(f"{folder}: {size / 2**20:.1f} MiB (carry it; add it to .git/info/exclude)")
+
+
+# ------------------------------------------------------------------------------------------ the run (GPU)
+
+def make_base(folder: Path, tokenizer: Path) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
+
+    base = folder / "base"
+    if (base / "config.json").exists():
+        return base
+    torch.manual_seed(0)
+    config = Qwen3Config(**QWEN3_06B)
+    config.architectures = ["Qwen3ForCausalLM"]
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(base)
+    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(base)
+    return base
+
+
+def make_data(folder: Path) -> tuple[Path, list[str], dict[str, str]]:
+    rng = random.Random(0)
+    keys = [f"{rng.choice(WORDS)}-{rng.randrange(1000):03d}" for _ in range(200)]
+    codes = {key: " ".join(rng.choice(WORDS) for _ in range(3)) for key in keys}
+    phrasings = ["What is the code word for {}?", "Code for {}, please.", "{}: which code?", "Give me {}'s code."]
+    rows = [{"input": phrasing.format(key), "output": codes[key]} for key in keys for phrasing in phrasings[:3]]
+    rng.shuffle(rows)
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    held_out = [phrasings[3].format(key) for key in keys[:32]]  # a phrasing never trained on
+    return path, held_out, codes
+
+
+def config_for(folder: Path, base: Path, data: Path, method: str) -> dict:
+    return {"name": method, "runs_dir": str(folder / "runs"), "model": {"base": str(base)},
+            "data": {"train_file": str(data), "eval_fraction": 0.0},
+            "train": {"method": method, "fast": False, "max_steps": STEPS, "batch_size": BATCH, "log_steps": LOG_EVERY,
+                      "save_steps": STEPS, "eval_steps": STEPS, "learning_rate": 1e-3, "seed": SEED,
+                      "optimizer": "adamw_8bit"}}
+
+
+def train_one(folder: Path, method: str) -> dict:
+    """One training run in this process (called in a child process per method)."""
+    import torch
+    from rich.console import Console
+
+    from tunesmith.config import Config
+    from tunesmith.train.loop import train
+
+    config = Config.model_validate(json.loads((folder / f"{method}.json").read_text()))
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    result = train(config, Console(quiet=True))
+    seconds = time.perf_counter() - started
+    metrics = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"method": method, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "seconds": round(seconds, 1),
+            "curve": [(m["step"], m["loss"]) for m in metrics if "loss" in m], "adapter": str(result.output_dir)}
+
+
+def agreement(folder: Path, base: Path, adapter: Path, held_out: list[str]) -> dict:
+    """The QLoRA model (4-bit base + adapter) against the adapter merged into the dequantized base, and into the
+    original weights: greedy tokens and logits."""
+    import torch
+    from peft import PeftModel
+
+    from tunesmith.config import DataConfig
+    from tunesmith.data.render import template_kwargs
+    from tunesmith.export import merge
+    from tunesmith.models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(base)
+    kwargs = template_kwargs(DataConfig())
+    prompts = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                       add_generation_prompt=True, **kwargs),
+                         add_special_tokens=False)["input_ids"] for p in held_out]
+
+    def greedy(model) -> list[list[int]]:
+        out = []
+        for ids in prompts:
+            x = torch.tensor([ids], device="cuda")
+            with torch.no_grad():
+                y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id)
+            out.append(y[0, len(ids):].tolist())
+        return out
+
+    qlora = PeftModel.from_pretrained(load_model(base, four_bit=True), adapter).eval()
+    reference_tokens, reference_logits = greedy(qlora), merge.logits(qlora, prompts)
+    del qlora
+    torch.cuda.empty_cache()
+    results = {}
+    for name, four_bit in (("merged into the dequantized NF4 base (export)", True),
+                           ("merged into the original weights (contrast)", False)):
+        target = folder / ("merged-nf4" if four_bit else "merged-original")
+        started = time.perf_counter()
+        check = merge.merge_adapter(base, adapter, target, "f32", four_bit=four_bit, template_kwargs=kwargs)
+        seconds = time.perf_counter() - started
+        model = load_model(target, dtype=torch.float32).to("cuda").eval()
+        tokens, logits = greedy(model), merge.logits(model, prompts)
+        same = sum(a == b for a, b in zip(tokens, reference_tokens))
+        position = sum(x == y for a, b in zip(tokens, reference_tokens) for x, y in zip(a, b))
+        total = sum(min(len(a), len(b)) for a, b in zip(tokens, reference_tokens))
+        diffs = [(a - b).abs() for a, b in zip(logits, reference_logits)]
+        top1 = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(logits, reference_logits))
+        positions = sum(a.shape[0] for a in logits)
+        results[name] = {"merge_check_relative": check.relative, "merge_seconds": round(seconds, 1),
+                         "greedy_identical": f"{same}/{len(prompts)}", "greedy_token_agreement": position / max(1, total),
+                         "logit_max_abs_diff": max(float(d.max()) for d in diffs),
+                         "logit_mean_abs_diff": sum(float(d.sum()) for d in diffs) / sum(d.numel() for d in diffs),
+                         "top1_agreement": top1 / positions}
+        del model
+        torch.cuda.empty_cache()
+    return results
+
+
+def run(folder: Path, out: Path | None, work: Path) -> None:
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    work.mkdir(parents=True, exist_ok=True)
+    base = make_base(work, folder / "tokenizer")
+    data, held_out, _ = make_data(work)
+    runs = {}
+    for method in ("lora", "qlora"):
+        (work / f"{method}.json").write_text(json.dumps(config_for(work, base, data, method)))
+        done = subprocess.run([sys.executable, __file__, "train-one", str(work), method], capture_output=True, text=True,
+                              check=False)
+        if done.returncode != 0:
+            sys.exit(f"{method} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+        runs[method] = json.loads(done.stdout.strip().splitlines()[-1])
+    merged = agreement(work, base, Path(runs["qlora"]["adapter"]), held_out)
+    versions = (f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, "
+                f"peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}")
+    section = report(runs, merged, torch.cuda.get_device_name(0), versions)
+    print(section)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "qlora.json").write_text(json.dumps({"runs": runs, "merged": merged, "versions": versions}, indent=1))
+        (out / "qlora.md").write_text(section)
+
+
+def report(runs: dict, merged: dict, card: str, versions: str) -> str:
+    lines = [f"### QLoRA vs LoRA, {card} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", versions, "",
+             "    PYTHONPATH=.carry/qlora/site python3 bench/qlora_gpu.py run .carry/qlora --out $OUT", "",
+             "| method | peak GiB (reserved) | seconds (100 steps, load included) |", "|---|---|---|"]
+    for method, r in runs.items():
+        lines.append(f"| {method} | {r['peak_gib']:.2f} ({r['reserved_gib']:.2f}) | {r['seconds']} |")
+    steps = [step for step, _ in runs["lora"]["curve"]]
+    lines += ["", "| step | " + " | ".join(str(s) for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
+    for method, r in runs.items():
+        lines.append(f"| {method} loss | " + " | ".join(f"{loss:.4f}" for _, loss in r["curve"]) + " |")
+    lines += ["", ("| QLoRA model (4-bit base + adapter) against | merge check (rel.) | greedy answers identical | "
+                   "greedy tokens agree | top-1 agree | logit max abs diff | mean abs diff |"),
+              "|---|---|---|---|---|---|---|"]
+    for name, m in merged.items():
+        lines.append(f"| {name} | {m['merge_check_relative']:.2g} | {m['greedy_identical']} | "
+                     f"{m['greedy_token_agreement']:.3f} | {m['top1_agreement']:.3f} | {m['logit_max_abs_diff']:.3g} | "
+                     f"{m['logit_mean_abs_diff']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("prepare").add_argument("folder", type=Path)
+    running = sub.add_parser("run")
+    running.add_argument("folder", type=Path)
+    running.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
+    running.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "qlora-bench")
+    one = sub.add_parser("train-one")
+    one.add_argument("work", type=Path)
+    one.add_argument("method")
+    args = parser.parse_args()
+    if args.command == "prepare":
+        prepare(args.folder)
+    elif args.command == "run":
+        run(args.folder, args.out, args.work)
+    else:
+        print(json.dumps(train_one(args.work, args.method)))
+
+
+if __name__ == "__main__":
+    main()
