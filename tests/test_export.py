@@ -177,7 +177,10 @@ def _error_run(kind: str, tmp: Path, tiny: Path) -> tuple[Path, list[str], str]:
     """(run, extra CLI args, expected message) for one user error."""
     from tunesmith.testing import tiny_checkpoint
 
-    run = make_run(tmp, tiny, kind, export={"parameters": {"temprature": 0.5}} if kind == "parameter" else {})
+    run = make_run(tmp, tiny, kind, export={"parameters": {"temprature": 0.5}} if kind == "parameter" else {},
+                   train={"method": "qlora"} if kind == "qlora-on-cpu" else {})
+    if kind == "qlora-on-cpu":  # the adapter belongs to the 4-bit base: merging needs what training needed
+        return run, [], "trained with train.method: qlora"
     if kind == "parameter":
         return run, [], "unknown parameter 'temprature'"
     if kind == "no-adapter":
@@ -207,7 +210,8 @@ def _error_run(kind: str, tmp: Path, tiny: Path) -> tuple[Path, list[str], str]:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["no-adapter", "unknown-quant", "architecture", "disk", "template", "parameter"])
+@pytest.mark.parametrize("kind", ["no-adapter", "unknown-quant", "architecture", "disk", "template", "parameter",
+                                  "qlora-on-cpu"])
 def test_user_errors_are_one_line_exit_2_and_write_nothing(kind, tiny_qwen3, tmp_path):
     run, args, expected = _error_run(kind, tmp_path, tiny_qwen3)
     done = run_cli("export", "--run", str(run), *args)

@@ -242,5 +242,56 @@ def test_train_export_create_serve_with_token_identical_prompts(family_base, tmp
         chat = ollama_client.chat(model="fam", messages=history, options=options)
         trained_prompt, _ = _trained_prompt(tokenizer, _messages(turns, SYSTEM), config)
         assert chat.prompt_eval_count == len(trained_prompt)
+        # Tools: no Go template prints them as the HF templates do (README), so they are refused, not mis-served.
+        tool = {"type": "function", "function": {"name": "speed", "description": "Current speed",
+                                                 "parameters": {"type": "object", "properties": {}}}}
+        with pytest.raises(ollama.ResponseError, match="does not support tools") as refused:
+            ollama_client.chat(model="fam", messages=history, tools=[tool], options=options)
+        assert refused.value.status_code == 400
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_gemma3_gguf_vocabulary_is_the_original_token_for_token(family_base, tmp_path):
+    """The fine-tuned Gemma's GGUF carries the vocabulary of Google's own GGUF: tokens, scores and types
+    (user-defined whitespace runs, control tokens), not a vocabulary rebuilt from tokenizer.json."""
+    from gguf import GGUFReader
+
+    from tunesmith.models.builtin import BUILTINS, GEMMA3
+
+    _, converted = family_base("gemma3")
+    original, ours = GGUFReader(BUILTINS[GEMMA3].gguf(tmp_path)), GGUFReader(converted)
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token"):
+        assert ours.fields[key].contents() == original.fields[key].contents(), key
+
+
+def test_a_gemma_checkpoint_materialized_without_tokenizer_model_gets_it(family_base, tmp_path, monkeypatch):
+    """Built-ins materialized before tokenizer.model was written get it added on next use: only the tokenizer
+    files change (the weights are not dequantized again)."""
+    import dataclasses
+
+    from tunesmith.models import builtin
+    from tunesmith.models.spm_vocab import added_tokens_decoder
+
+    _, gguf = family_base("gemma3")
+    monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path / "home"))
+    spec = dataclasses.replace(builtin.BUILTINS[builtin.GEMMA3], gguf=lambda scratch: gguf)
+    monkeypatch.setitem(builtin.BUILTINS, builtin.GEMMA3, spec)
+    target = builtin.builtin_dir(builtin.GEMMA3)
+    target.mkdir(parents=True)
+    (target / builtin.COMPLETE_MARKER).write_text("ok\n")
+    (target / "model.safetensors").write_bytes(b"weights")
+    (target / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GemmaTokenizer"}))
+    assert builtin.materialize(builtin.GEMMA3) == target
+    assert (target / "model.safetensors").read_bytes() == b"weights"
+    decoder = added_tokens_decoder(target)
+    assert decoder["106"] == {"content": "<end_of_turn>", "lstrip": False, "normalized": False, "rstrip": False,
+                              "single_word": False, "special": True}
+    assert decoder["138"]["content"] == "\u2581\u2581" and not decoder["138"]["special"]  # two spaces, user-defined
+    assert json.loads((target / "tokenizer_config.json").read_text())["tokenizer_class"] == "GemmaTokenizer"
+    from sentencepiece import SentencePieceProcessor
+
+    processor = SentencePieceProcessor(model_file=str(target / "tokenizer.model"))
+    assert processor.vocab_size() == 262144 and processor.IdToPiece(106) == "<end_of_turn>"

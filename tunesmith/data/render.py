@@ -186,7 +186,7 @@ def _apply_template(tokenizer: Any, turns: list[dict[str, str]], generation: boo
                         ) from exc
 
 
-_MARKERS: dict[tuple[str, bool], str] = {}
+_MARKERS: dict[tuple[str, str], str] = {}
 
 
 def _end_marker(tokenizer: Any, kwargs: dict[str, Any]) -> str:

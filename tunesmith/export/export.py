@@ -81,6 +81,8 @@ def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict
         raise ModelError(f"{run_dir}: the run has no trained {what} ({trained} is missing or incomplete)",
                          "run `tunesmith train` for it first")
     base = resolve_base(config.model.base, config.model.revision)
+    if config.train.method == "qlora":
+        merge.check_four_bit()
     convert.check_architecture(trained if full else base)
     tokenizer = load_tokenizer(trained if (trained / "tokenizer_config.json").is_file() else base)
     if settings.template is None:

@@ -53,6 +53,22 @@ class MergeCheck:
         return self.max_difference / max(1.0, self.scale)
 
 
+def check_four_bit() -> None:
+    """A QLoRA adapter merges into the base quantized as in training: that needs what training needed."""
+    import torch
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        available = False
+    else:
+        available = torch.cuda.is_available()
+    if not available:
+        raise ModelError("this run was trained with train.method: qlora: its adapter is merged into the base "
+                         "quantized to 4 bits exactly as in training, which needs a CUDA GPU and bitsandbytes",
+                         "export it on the GPU machine that trained it (pip install 'tunesmith[gpu]')")
+
+
 def has_adapter(adapter: Path) -> bool:
     return (adapter / "adapter_config.json").is_file() and any(adapter.glob("adapter_model.*"))
 
@@ -75,6 +91,7 @@ def merge_adapter(base: Path, adapter: Path, out: Path, outtype: str = "f16", tr
     tokenizer = load_tokenizer(adapter if (adapter / "tokenizer_config.json").is_file() else base)
     probes = probe_ids(tokenizer, template_kwargs or {})
     if four_bit:
+        check_four_bit()
         # The model that was trained: the 4-bit base + the adapter, as bitsandbytes computes it.
         quantized = PeftModel.from_pretrained(load_model(base, trust_remote_code=trust_remote_code, four_bit=True),
                                               adapter)

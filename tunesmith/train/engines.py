@@ -128,7 +128,10 @@ class HFEngine:
         set_optimizer_state_dict(self.forward, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
 
     def save_adapter(self, directory: Path, base: str, trainable: dict[str, Any]) -> None:
-        """`trainable`: this engine's `trainable()`, gathered by every rank; only rank 0 saves."""
+        """`trainable`: this engine's `trainable()`, gathered by every rank; only rank 0 saves. With
+        train.method: full `model` is the whole fine-tuned model, saved as a checkpoint."""
+        if self.config.train.method == "full":
+            self.model.config.use_cache = True  # off for training; the saved checkpoint is used for generation
         if self.config.train.fsdp and self.world.size > 1:
             self.model.save_pretrained(directory, state_dict=trainable)  # the model's own are shards
         else:
