@@ -267,6 +267,7 @@ def test_gemma3_gguf_vocabulary_is_the_original_token_for_token(family_base, tmp
         assert ours.fields[key].contents() == original.fields[key].contents(), key
 
 
+@pytest.mark.slow
 def test_a_gemma_checkpoint_materialized_without_tokenizer_model_gets_it(family_base, tmp_path, monkeypatch):
     """Built-ins materialized before tokenizer.model was written get it added on next use: only the tokenizer
     files change (the weights are not dequantized again)."""
