@@ -13,7 +13,8 @@ adapter merged into the original (never quantized) weights.
 
 Prepare once, on a machine with the package registry (it writes the folder the GPU machine needs):
 
-    python bench/qlora_gpu.py prepare .carry/qlora     # bitsandbytes 0.50.2 (CUDA 13 + CPU libs), pydantic, tokenizer
+    python bench/qlora_gpu.py prepare .carry/qlora     # bitsandbytes 0.50.2 (CUDA 13 + CPU libs), rapidfuzz, pydantic,
+                                                       # the Qwen3 tokenizer: ~38 MiB
 
 Run on the GPU machine, that folder carried:
 
@@ -44,7 +45,7 @@ sys.path.insert(0, str(HERE))
 from train_gpu import QWEN3_06B
 
 STEPS, BATCH, LOG_EVERY, SEED = 100, 8, 10, 3407
-WHEELS = ["bitsandbytes==0.50.2", "pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.7.0",
+WHEELS = ["bitsandbytes==0.50.2", "rapidfuzz==3.14.6", "pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.7.0",
           "typing-inspection==0.4.2"]
 PLATFORMS = ["manylinux_2_24_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 WORDS = ["amber", "basil", "cedar", "delta", "ember", "fjord", "grove", "heron", "iris", "juniper", "kestrel", "lumen", "maple", "nectar", "onyx", "pewter", "quartz", "raven", "sable", "tundra", "umber", "violet", "willow", "xenon", "yarrow", "zephyr"]
@@ -155,8 +156,9 @@ def agreement(folder: Path, base: Path, adapter: Path, held_out: list[str]) -> d
         for ids in prompts:
             x = torch.tensor([ids], device="cuda")
             with torch.no_grad():
+                # use_cache: the base's config has it off (as training sets it), which would recompute every step
                 y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id)
+                                   pad_token_id=tokenizer.pad_token_id, use_cache=True)
             out.append(y[0, len(ids):].tolist())
         return out
 
