@@ -61,9 +61,12 @@ def run_tunesmith(a, work: Path, low_memory: bool) -> dict:
         with open(a.log, "a") as f:
             f.write(f"==== tunesmith train ({'low_memory' if low_memory else 'normal'})\n")
     code, wall, lines = random_tokens.timed_lines([sys.executable, "-m", "tunesmith.cli", "train", "--config",
-                                                   str(path)], timeout=a.timeout, log=a.log)
+                                                   str(path)], env={**os.environ, "COLUMNS": "400"},
+                                                  timeout=a.timeout, log=a.log)
     text = "\n".join(line for _, line in lines)
-    done = re.search(r"adapter saved to (\S+) \((\d+) steps", text)
+    # rich wraps the console to the terminal's width (80 in a pipe) and the progress bar ends with a carriage
+    # return: match the end of the line alone. On 2026-12-02 the whole-word pattern missed a finished run.
+    done = re.search(r"saved to (\S+) \((\d+) steps", text)
     adapter = work / "runs" / "article5" / "adapter" / "adapter_model.safetensors"
     if code or not done or not adapter.exists():
         return {"error": f"exit {code}: " + " | ".join(line for _, line in lines[-3:])[-400:]}
