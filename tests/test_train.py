@@ -185,19 +185,42 @@ def test_fast_path_through_tunesmith_train_resumes_and_saves_a_peft_adapter(tmp_
         torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6)
 
 
-class StepClock:
-    """The loop reads its clock once before the first step and once after each: this one answers with the
-    time those steps would have taken, `seconds(step)` each, so the time budget sees the same run on any
-    machine (a loaded 2-core machine once spent the 9-second budget of the wall-clock version before the fit)."""
+class WorkClock:
+    """The loop's clock, with the time the work would have taken: each training step `step_seconds(step)` (the
+    step it finishes), each eval pass `eval_seconds`; real time counts for nothing. So the time budget sees the
+    same run on any machine (a loaded 2-core machine once spent a wall-clock budget before the fit)."""
 
-    def __init__(self, seconds):
-        self.seconds, self.step, self.now = seconds, 0, 0.0
+    def __init__(self, step_seconds, eval_seconds: float):
+        self.step_seconds, self.eval_seconds, self.now = step_seconds, eval_seconds, 0.0
 
     def __call__(self) -> float:
-        if self.step:
-            self.now += self.seconds(self.step)
-        self.step += 1
         return self.now
+
+
+@pytest.fixture
+def work_clock(monkeypatch):
+    """Makes a WorkClock that the real engine's steps and eval passes advance (the work itself is real)."""
+    from tunesmith.train.engines import HFEngine
+
+    def make(step_seconds, eval_seconds: float = 1.0) -> WorkClock:
+        clock = WorkClock(step_seconds, eval_seconds)
+        real_step, real_eval = HFEngine.step, HFEngine.eval_loss
+
+        def step(self, n: int):
+            done = real_step(self, n)
+            clock.now += clock.step_seconds(n + 1)
+            return done
+
+        def eval_loss(self):
+            done = real_eval(self)
+            clock.now += clock.eval_seconds
+            return done
+
+        monkeypatch.setattr(HFEngine, "step", step)
+        monkeypatch.setattr(HFEngine, "eval_loss", eval_loss)
+        return clock
+
+    return make
 
 
 def _train_in_process(config: Path, clock, *sets: str, resume: bool = False) -> str:
@@ -214,7 +237,7 @@ def _train_in_process(config: Path, clock, *sets: str, resume: bool = False) -> 
 
 
 @pytest.mark.slow
-def test_time_budget_fits_the_schedule_and_a_resume_keeps_its_length(tmp_path, tiny_qwen3):
+def test_time_budget_fits_the_schedule_and_a_resume_keeps_its_length(tmp_path, tiny_qwen3, work_clock):
     """train.max_minutes: after the timed steps the run's length is set to what fits, the learning rate decays
     to zero over it, and a resumed run keeps that length even with another budget."""
     import shutil
@@ -223,41 +246,43 @@ def test_time_budget_fits_the_schedule_and_a_resume_keeps_its_length(tmp_path, t
 
     config = _config(tmp_path, tiny_qwen3, "budget", max_steps=100_000, max_minutes=0.5, save_steps=4,
                      log_steps=1, eval_steps=20)
-    # 1 s a step. Steps 6-15 are timed (1.00 s); 97% of the 15 s left holds 13 more steps and two eval passes
-    # (6 eval examples in 2 batches, each a third of a step): 15 + 13 = 28.
-    out = _train_in_process(config, StepClock(lambda step: 1.0))
-    assert "time budget 0.5 min: 28 steps fit (1.00 s a step; max_steps allow 100000)" in out
+    # 1 s a step, 1 s an eval pass. Steps 6-15 are timed (1.00 s a step), then one eval pass, timed: 16 s spent.
+    # 97% of the 14 s left holds 11 more steps and two eval passes (at step 20 and at the end): 15 + 11 = 26.
+    out = _train_in_process(config, work_clock(lambda step: 1.0))
+    assert "time budget 0.5 min: 26 steps fit (1.00 s a step; max_steps allow 100000)" in out
     assert "spent at step" not in out
     run = tmp_path / "runs" / "budget"
-    assert json.loads((run / "run.json").read_text())["final"]["steps"] == 28
+    assert json.loads((run / "run.json").read_text())["final"]["steps"] == 26
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = [record for record in logged if "loss" in record][-1]
-    assert (last["step"], last["learning_rate"]) == (28, 0.0)  # the schedule ended where the budget did
+    assert (last["step"], last["learning_rate"]) == (26, 0.0)  # the schedule ended where the budget did
+    assert [record["step"] for record in logged if "eval_loss" in record] == [15, 20, 26]
     reference = _adapter(run)
 
     # Lose the last checkpoint and the adapter, then resume under a budget 30x larger: the length fitted
     # before stands, and the run retraces its last steps exactly.
-    assert json.loads((run / "checkpoints" / "step-00000024" / "trainer_state.json").read_text())["total_steps"] == 28
-    shutil.rmtree(run / "checkpoints" / "step-00000028")
+    assert json.loads((run / "checkpoints" / "step-00000024" / "trainer_state.json").read_text())["total_steps"] == 26
+    shutil.rmtree(run / "checkpoints" / "step-00000026")
     shutil.rmtree(run / "adapter")
-    out = _train_in_process(config, StepClock(lambda step: 1.0), "train.max_minutes=15", resume=True)
-    assert "resuming from step-00000024 (step 24 of 28)" in out
-    assert json.loads((run / "run.json").read_text())["final"]["steps"] == 28
+    out = _train_in_process(config, work_clock(lambda step: 1.0), "train.max_minutes=15", resume=True)
+    assert "resuming from step-00000024 (step 24 of 26)" in out
+    assert "steps fit" not in out
+    assert json.loads((run / "run.json").read_text())["final"]["steps"] == 26
     for key, value in _adapter(run).items():
         torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
-def test_time_budget_stops_a_run_that_slows_down_after_the_fit(tmp_path, tiny_qwen3):
+def test_time_budget_stops_a_run_that_slows_down_after_the_fit(tmp_path, tiny_qwen3, work_clock):
     config = _config(tmp_path, tiny_qwen3, "slowing", max_steps=100_000, max_minutes=0.5, save_steps=4,
                      log_steps=1, eval_steps=20)
-    # Timed at 1 s a step, then 3 s: 15 s + 5 x 3 s = 30 s at step 20, 33 s at step 21, over the 30 s budget.
-    out = _train_in_process(config, StepClock(lambda step: 1.0 if step <= 15 else 3.0))
-    assert "time budget 0.5 min: 28 steps fit" in out
-    assert "time budget 0.5 min spent at step 21 of 28: stopping" in out
+    # Timed at 1 s a step (16 s with the eval pass at step 15), then 3 s a step: 31 s at step 20, over 30 s.
+    out = _train_in_process(config, work_clock(lambda step: 1.0 if step <= 15 else 3.0))
+    assert "time budget 0.5 min: 26 steps fit" in out
+    assert "time budget 0.5 min spent at step 20 of 26: stopping" in out
     run = tmp_path / "runs" / "slowing"
-    assert json.loads((run / "run.json").read_text())["final"]["steps"] == 21
-    assert (run / "checkpoints" / "step-00000021").is_dir()  # the last step is saved, so nothing trained is lost
+    assert json.loads((run / "run.json").read_text())["final"]["steps"] == 20
+    assert (run / "checkpoints" / "step-00000020").is_dir()  # the last step is saved, so nothing trained is lost
 
 
 @pytest.mark.parametrize(("setting", "device", "expected"), [
