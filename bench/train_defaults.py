@@ -84,7 +84,7 @@ def profile(steps: int, base: str) -> dict:
     model.config.use_cache = False
     model = apply_lora(model, config.lora, config.train.seed)
     forward = distributed.wrap(model, completion_loss, distributed.ALONE, "cpu", False, use_bf16(config, "cpu"))
-    optimizer = _optimizer([p for p in model.parameters() if p.requires_grad], config, "cpu", Console(quiet=True))
+    optimizer = _optimizer(model, config, "cpu", Console(quiet=True))
     engine = HFEngine(model, data, config, "cpu", tokenizer.pad_token_id, optimizer, forward)
 
     def one_step(step: int, checkpointing: bool) -> tuple[float, int]:
