@@ -53,7 +53,8 @@ def run_command(steps: int, base: str) -> dict:
         command = [sys.executable, "-m", "tunesmith.cli", "train"]
         for override in _overrides(tmp, _data(tmp), steps, base):
             command += ["--set", override]
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True,
+                              env={**os.environ, "COLUMNS": "400"})  # rich wraps at the terminal width
         choice = next((line for line in done.stdout.splitlines() if "gradient checkpointing" in line), "")
         records = [json.loads(line) for line in (tmp / "runs/defaults/metrics.jsonl").read_text().splitlines()]
     steps_logged = [r for r in records if "loss" in r]
