@@ -15,7 +15,7 @@ def test_defaults_follow_the_article():
     assert config.lora.target_modules == PROJECTIONS == [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert config.train.seed == 3407
-    assert config.train.gradient_checkpointing is True
+    assert config.train.gradient_checkpointing == "auto"  # on only where memory needs it (train/memory.py)
     assert config.export.quantizations == ["q4_k_m", "q8_0"]
     assert config.model.base == "builtin:smollm2-135m"
 
@@ -71,8 +71,16 @@ def test_bad_override_and_unknown_quantization():
         ("lora:\n  rank: 8\n", "unknown key 'lora.rank'; did you mean lora.r?"),
         ("train:\n  epochs: many\n", "train.epochs"),
         (None, "config file not found"),
+        # PyYAML keeps the second silently: this `train:` would have lost max_steps
+        ("train:\n  max_steps: 3\nlora:\n  r: 4\ntrain:\n  epochs: 2\n",
+         ":5:1: duplicate key 'train' (first at line 1"),
+        # a run's name is a folder under runs_dir: these trained outside it
+        ("name: ../escaped\n", "name: Value error, a run name is letters, digits"),
+        ("name: /tmp/absolute\n", "name: Value error, a run name is letters, digits"),
+        ("name: ''\n", "name: Value error, a run name is letters, digits"),
     ],
-    ids=["yaml-syntax", "unknown-key", "wrong-type", "missing-file"],
+    ids=["yaml-syntax", "unknown-key", "wrong-type", "missing-file", "duplicate-key", "name-dotdot",
+         "name-absolute", "name-empty"],
 )
 def test_cli_bad_config_is_one_line_exit_2(tmp_path, content, expected):
     path = tmp_path / "bad.yaml"
@@ -94,3 +102,16 @@ def test_yaml_error_names_the_line(tmp_path):
     path.write_text("name: x\nlora:\n  r: [8\n")
     with pytest.raises(ConfigError, match=rf"{path}:\d+:\d+: YAML syntax error"):
         load_config(path)
+
+
+def test_run_names_are_what_a_model_name_allows():
+    """The run's name becomes its model's name (`tunesmith create NAME`): every valid run name is a valid model
+    name, and names that are paths are not run names."""
+    from tunesmith.config import Config
+    from tunesmith.serve.store import parse_name
+
+    for name in ("goDrive", "orders", "a.b_c-1", "9lives", "x" * 80):
+        assert Config(name=name).run_dir.name == name and parse_name(name) == (name, "latest")
+    for name in ("", "..", ".hidden", "a/b", "../x", "/abs", "a:b", "x" * 81, "a b"):
+        with pytest.raises(ValueError, match="a run name is"):
+            Config(name=name)

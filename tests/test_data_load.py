@@ -150,6 +150,33 @@ def test_csv_row_with_wrong_field_count(tmp_path):
     assert f"{path}, line 4 (record 2), field 'output': row has fewer fields" in report.skipped[1]
 
 
+def test_a_csv_field_over_131072_characters_is_read_and_a_later_error_names_its_own_line(tmp_path):
+    long = "word " * 40_000  # 200,000 characters: Python's csv refused fields over 131,072
+    path = tmp_path / "d.csv"
+    path.write_text(f'input,output\na,b\n"{long}",c\nd,"never closed\ne,f\n', encoding="utf-8")
+    with pytest.raises(DataError) as caught:
+        list(load_examples(path, DataConfig()))
+    # The unclosed quote opens the record on line 4; the parser only notices at the end of the file (line 6).
+    assert caught.value.message == f"{path}, line 4: cannot parse CSV: unexpected end of data"
+    path.write_text(f'input,output\na,b\n"{long}",c\n', encoding="utf-8")
+    assert [len(e.messages[0]["content"]) for e in load_examples(path, DataConfig())] == [1, len(long)]
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json"])
+def test_json_nested_deeper_than_python_recurses_is_one_error_naming_the_record(tmp_path, suffix):
+    deep = '{"input": ' + "[" * 100_000 + "]" * 100_000 + ', "output": "x"}'  # a RecursionError in json
+    path = tmp_path / f"d.{suffix}"
+    good = json.dumps(PAIR)
+    path.write_text(f"{good}\n{deep}\n" if suffix == "jsonl" else f"[{good},\n{deep}]\n", encoding="utf-8")
+    assert error(path) == f"{path}, line 2 (record 1): nested too deeply (more than Python's recursion limit of " \
+                          "about 1,000 levels of [ and {)"
+    # In JSON Lines one line is one record, so with on_error: skip the others are still read; in a JSON array
+    # where the deep record ends is unknown, so the whole file stops.
+    skipping = DataConfig(on_error="skip")
+    loaded = (lambda: len(load_examples(path, skipping))) if suffix == "jsonl" else (lambda: error(path, skipping))
+    assert loaded() == (1 if suffix == "jsonl" else error(path))
+
+
 # --- shapes ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("record, shape, messages", [

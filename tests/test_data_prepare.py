@@ -51,7 +51,9 @@ def test_prepare_reports_skips_and_duplicates_and_writes_its_files_atomically(tm
     assert stats["tokens"]["train"]["count"] == 36 and stats["tokens"]["train"]["over_max"] == 0
     assert stats["trained_tokens"]["min"] >= 2
     out = cfg.run_dir / "data"
-    assert sorted(p.name for p in out.iterdir()) == ["eval.jsonl", "stats.json", "train.jsonl"]  # no .tmp- left
+    assert sorted(p.name for p in out.iterdir()) == ["duplicates.txt", "eval.jsonl", "stats.json",
+                                                     "train.jsonl"]  # no .tmp- left
+    assert (out / "duplicates.txt").read_text(encoding="utf-8").splitlines() == stats["duplicates"]
     assert json.loads((out / "stats.json").read_text(encoding="utf-8"))["split"]["eval"] == 4
     written = [json.loads(line) for line in (out / "eval.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [w["messages"] for w in written] == [e.messages for e in prepared.eval_examples]
@@ -130,3 +132,26 @@ def test_data_inspect_command_exit_codes(tmp_path, capsys):
     cfg = write(tmp_path / "c.yaml", ["data:", "  on_error: skip"])
     assert main(["data", "inspect", str(bad), "--config", str(cfg)]) == 0
     assert "skipped records (data.on_error: skip): 1" in capsys.readouterr().out
+
+
+def test_many_duplicates_are_a_count_and_three_examples_once_and_a_file_with_all(tmp_path, tokenizer, caplog):
+    """65 duplicates printed 130 lines: one per duplicate, in the pipeline's data stage and again in training."""
+    import logging
+
+    records = pairs(20)
+    train = write(tmp_path / "train.jsonl", records + [records[i % 20] for i in range(65)])
+    cfg = config(tmp_path, train_file=str(train), eval_fraction=0.1)
+    with caplog.at_level(logging.INFO, logger="tunesmith.data"):
+        prepare(cfg, tokenizer)
+        prepare(cfg, tokenizer)  # the train stage prepares the data again
+    said = [r.getMessage() for r in caplog.records if r.name == "tunesmith.data" and r.levelno >= logging.INFO]
+    listing = cfg.run_dir / "data" / "duplicates.txt"
+    assert said == [f"65 duplicates removed (data.dedupe) (the first 3; all of them in {listing}, and with --debug):",
+                    f"  {train}, line 21 (record 20) duplicates {train}, line 1 (record 0)",
+                    f"  {train}, line 22 (record 21) duplicates {train}, line 2 (record 1)",
+                    f"  {train}, line 23 (record 22) duplicates {train}, line 3 (record 2)"]
+    assert len(listing.read_text(encoding="utf-8").splitlines()) == 65
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="tunesmith.data"):  # --debug
+        prepare(cfg, tokenizer)
+    assert sum("duplicates" in record.getMessage() for record in caplog.records if record.levelno == logging.DEBUG) == 65

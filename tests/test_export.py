@@ -264,3 +264,72 @@ def test_merge_check_fails_when_the_merged_model_computes_something_else():
         merge.check_logits(expected, [torch.tensor([[1.0, -4.0, 2.01]])], merge.TOLERANCE)
     with pytest.raises(merge.MergeMismatch):
         merge.check_logits(expected, [torch.tensor([[1.0, float("nan"), 2.0]])], merge.TOLERANCE)
+
+
+def _children(pid: int, script: str) -> list[int]:
+    """Processes whose parent is `pid` and whose command line names `script`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and script.encode() in command:
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_sigkilled_export_takes_llama_cpps_converter_with_it(tiny_qwen3, tmp_path):
+    run = make_run(tmp_path, tiny_qwen3, "orphan", lora_b=0.05, eval={"max_new_tokens": 8},
+                   export={"fidelity_prompts": 2})
+    process = _spawn(run)
+    converters: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while not converters:
+            assert process.poll() is None and time.monotonic() < deadline, "the export never started converting"
+            converters = _children(process.pid, "convert_hf_to_gguf.py")
+            time.sleep(0.005)
+        # Held still, so it cannot finish on its own while we look: only its parent's death can end it now.
+        os.kill(converters[0], signal.SIGSTOP)
+        os.kill(process.pid, signal.SIGKILL)  # the export alone, as the OOM killer would, not its process group
+        process.wait()
+        deadline = time.monotonic() + 60
+        while _alive(converters[0]):
+            assert time.monotonic() < deadline, "llama.cpp's converter outlived the export that started it"
+            time.sleep(0.05)
+    finally:
+        for pid in converters:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_full_disk_during_export_is_one_line_and_leaves_nothing_that_looks_complete(tiny_qwen3, tmp_path,
+                                                                                       capsys):
+    from tests.disk import leave_free, small_disk
+    from tunesmith.cli import main
+    from tunesmith.export.export import bytes_needed, parameter_count
+
+    with small_disk(tmp_path / "disk", "64m") as disk:
+        run = make_run(disk, tiny_qwen3, "full", lora_b=0.05, eval={"max_new_tokens": 8},
+                       export={"fidelity_prompts": 2})
+        adapter = sum(path.stat().st_size for path in (run / "adapter").iterdir())
+        # Enough for the export's own estimate, so its check before starting passes; the estimate leaves out the
+        # tokenizer that merged/ and every GGUF carry, so the disk fills on the way.
+        leave_free(disk, bytes_needed(parameter_count(tiny_qwen3), ["f16", "q8_0"], "f16", adapter) + (256 << 10))
+        assert main(["export", "--run", str(run), "--quant", "f16,q8_0"]) == 2
+        err = capsys.readouterr().err  # in this process it also holds llama.cpp's log, which a terminal never sees
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: {run}/") and ": the disk is full" in errors[0], err
+        assert not (run / "Modelfile").exists() and not (run / "merged").exists()
+        assert not list(run.glob(".tmp-*")) and not list(run.glob("gguf/*")), "the export left files behind"

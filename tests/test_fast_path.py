@@ -93,6 +93,7 @@ def test_pack_shapes_boundaries_and_shifted_targets():
     assert sorted(n for b in batches for n in (b.cu_seqlens[1:] - b.cu_seqlens[:-1]).tolist()[
         : len(b.cu_seqlens) - (2 if b.num_tokens < 40 else 1)]) == sorted(LENGTHS)
     assert sum(b.num_tokens for b in batches) == sum(LENGTHS)
+    found = 0
     for b in batches:
         for d, (start, end) in enumerate(zip(b.cu_seqlens[:-1].tolist(), b.cu_seqlens[1:].tolist(), strict=True)):
             assert b.position_ids[start:end].tolist() == list(range(end - start))
@@ -104,6 +105,8 @@ def test_pack_shapes_boundaries_and_shifted_targets():
             for s in range(40 - n + 1):
                 if ids[s:s + n] == ex_ids and b.position_ids[s] == 0:
                     assert targets[s:s + n] == ex_labels[1:] + [IGNORE_INDEX]
+                    found += 1
+    assert found == len(exs)  # every example was found, at the start of a document, and checked
     assert sum(b.num_targets for b in batches) == sum(sum(x != IGNORE_INDEX for x in lab[1:]) for _, lab in exs)
     with pytest.raises(ValueError, match="does not fit"):
         pack([([1] * 50, [1] * 50)], 40)

@@ -95,6 +95,7 @@ def test_training_lowers_the_loss_and_writes_its_outputs(tmp_path, tiny_qwen3):
     losses = [loss for _, loss in _losses(run)]
     assert losses[-1] < 0.92 * losses[0], losses  # a random 64-wide model over a 49k vocabulary learns slowly
     assert "{'loss': " in done.stdout and "'grad_norm': " in done.stdout and "'epoch': " in done.stdout
+    assert "gradient checkpointing off: activations of the largest batch" in done.stdout  # auto, said once
     record = json.loads((run / "run.json").read_text())
     assert record["final"]["steps"] == 30 and record["config"]["lora"]["r"] == 16
     assert {"torch", "transformers", "peft"} <= record["versions"].keys()
@@ -107,24 +108,49 @@ def test_training_lowers_the_loss_and_writes_its_outputs(tmp_path, tiny_qwen3):
 @pytest.mark.parametrize(
     ("settings", "expected"),
     [
-        ({"lora": {"target_modules": ["q_proj", "qkv_proj"]}}, "no module named qkv_proj"),
-        ({"train": {"method": "qlora"}}, "qlora needs a CUDA GPU"),
-        ({"train": {"max_seq_length": 8}}, "train.max_seq_length"),
-        ({"data": {"train_file": "missing.jsonl"}}, "missing.jsonl"),
+        ({"lora": {"target_modules": ["q_proj", "qkv_proj"]}},
+         ["no module named qkv_proj", "q_proj", "down_proj"]),  # names what the model has
+        ({"train": {"method": "qlora"}}, ["qlora needs a CUDA GPU"]),
+        ({"train": {"max_seq_length": 8}}, ["train.max_seq_length"]),
+        ({"data": {"train_file": "missing.jsonl"}}, ["missing.jsonl"]),
+        # a rank no layer can hold (it failed as a torch allocation error); k_proj and v_proj are 64 -> 32
+        ({"lora": {"r": 200_000}}, ["lora.r: 200000 is larger than the narrowest targeted layer (32 wide)"]),
+        ({"runs_dir": "{tmp}/a-file/runs"}, ["{tmp}/a-file is a file, not a folder"]),
     ],
-    ids=["target-module", "qlora-on-cpu", "seq-too-short", "no-data"],
+    ids=["target-module", "qlora-on-cpu", "seq-too-short", "no-data", "lora-r-too-large", "runs-dir-is-a-file"],
 )
 def test_wrong_inputs_are_one_line_and_exit_2(tmp_path, tiny_qwen3, settings, expected):
     path = _config(tmp_path, tiny_qwen3, "bad")
+    (tmp_path / "a-file").write_text("not a folder")
     config = yaml.safe_load(path.read_text())
     for section, values in settings.items():
-        config.setdefault(section, {}).update(values)
+        if isinstance(values, dict):
+            config.setdefault(section, {}).update(values)
+        else:
+            config[section] = values.format(tmp=tmp_path)
     path.write_text(yaml.safe_dump(config))
     done = run_cli("train", "--config", str(path))
     assert done.returncode == 2, done.stdout + done.stderr
-    assert expected in done.stderr and "Traceback" not in done.stderr
-    if "target_modules" in str(settings):
-        assert "q_proj" in done.stderr and "down_proj" in done.stderr  # names what the model has
+    assert "Traceback" not in done.stderr
+    for part in expected:
+        assert part.format(tmp=tmp_path) in done.stderr, done.stderr
+
+
+def test_gradient_checkpointing_auto_is_on_only_where_activations_would_not_fit():
+    """auto: off for SmolLM2-135M's batches with GBs free (checkpointing only recomputed every layer), on for
+    Qwen3-0.6B at 8 x 1024 tokens in fp32 on a 16 GB card."""
+    from types import SimpleNamespace
+
+    from tunesmith.train.memory import activation_bytes, checkpointing_needed
+
+    smollm2 = SimpleNamespace(hidden_size=576, intermediate_size=1536, num_hidden_layers=30)
+    qwen3 = SimpleNamespace(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28)
+    assert activation_bytes(smollm2, 960, 2) == 960 * 30 * (18 * 576 + 4 * 1536) * 2  # 0.9 GiB
+    on, why = checkpointing_needed(smollm2, 960, 2, free=16 * 2**30)  # orders: 8 x 120 tokens, bf16
+    assert not on and why == ("activations of the largest batch (960 tokens) need about 907 MiB, 16.0 GiB of "
+                              "memory are free")
+    assert checkpointing_needed(smollm2, 960, 2, free=1 * 2**30)[0]  # a 1 GB machine: on
+    assert checkpointing_needed(qwen3, 8 * 1024, 4, free=16 * 2**30)[0]  # 26 GiB of activations
 
 
 @pytest.mark.slow
@@ -159,45 +185,104 @@ def test_fast_path_through_tunesmith_train_resumes_and_saves_a_peft_adapter(tmp_
         torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6)
 
 
+class WorkClock:
+    """The loop's clock, with the time the work would have taken: each training step `step_seconds(step)` (the
+    step it finishes), each eval pass `eval_seconds`; real time counts for nothing. So the time budget sees the
+    same run on any machine (a loaded 2-core machine once spent a wall-clock budget before the fit)."""
+
+    def __init__(self, step_seconds, eval_seconds: float):
+        self.step_seconds, self.eval_seconds, self.now = step_seconds, eval_seconds, 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def work_clock(monkeypatch):
+    """Makes a WorkClock that the real engine's steps and eval passes advance (the work itself is real)."""
+    from tunesmith.train.engines import HFEngine
+
+    def make(step_seconds, eval_seconds: float = 1.0) -> WorkClock:
+        clock = WorkClock(step_seconds, eval_seconds)
+        real_step, real_eval = HFEngine.step, HFEngine.eval_loss
+
+        def step(self, n: int):
+            done = real_step(self, n)
+            clock.now += clock.step_seconds(n + 1)
+            return done
+
+        def eval_loss(self):
+            done = real_eval(self)
+            clock.now += clock.eval_seconds
+            return done
+
+        monkeypatch.setattr(HFEngine, "step", step)
+        monkeypatch.setattr(HFEngine, "eval_loss", eval_loss)
+        return clock
+
+    return make
+
+
+def _train_in_process(config: Path, clock, *sets: str, resume: bool = False) -> str:
+    import io
+
+    from rich.console import Console
+
+    from tunesmith.config import load_config
+    from tunesmith.train.loop import train
+
+    console = Console(file=io.StringIO(), width=200)
+    train(load_config(config, list(sets)), console, resume=resume, clock=clock)
+    return console.file.getvalue()
+
+
 @pytest.mark.slow
-def test_time_budget_fits_the_schedule_and_a_resume_keeps_its_length(tmp_path, tiny_qwen3):
+def test_time_budget_fits_the_schedule_and_a_resume_keeps_its_length(tmp_path, tiny_qwen3, work_clock):
     """train.max_minutes: after the timed steps the run's length is set to what fits, the learning rate decays
     to zero over it, and a resumed run keeps that length even with another budget."""
-    import re
     import shutil
 
     import torch
 
-    config = _config(tmp_path, tiny_qwen3, "budget", max_steps=100_000, max_minutes=0.15, save_steps=4,
+    config = _config(tmp_path, tiny_qwen3, "budget", max_steps=100_000, max_minutes=0.5, save_steps=4,
                      log_steps=1, eval_steps=20)
-    done = run_cli("train", "--config", str(config))
-    assert done.returncode == 0, done.stderr
-    found = re.search(r"time budget 0.15 min: (\d+) steps fit", done.stdout)
-    assert found, done.stdout
+    # 1 s a step, 1 s an eval pass. Steps 6-15 are timed (1.00 s a step), then one eval pass, timed: 16 s spent.
+    # 97% of the 14 s left holds 11 more steps and two eval passes (at step 20 and at the end): 15 + 11 = 26.
+    out = _train_in_process(config, work_clock(lambda step: 1.0))
+    assert "time budget 0.5 min: 26 steps fit (1.00 s a step; max_steps allow 100000)" in out
+    assert "spent at step" not in out
     run = tmp_path / "runs" / "budget"
-    steps = json.loads((run / "run.json").read_text())["final"]["steps"]
-    fitted = int(found.group(1))
-    assert 10 <= steps <= fitted < 100_000
+    assert json.loads((run / "run.json").read_text())["final"]["steps"] == 26
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = [record for record in logged if "loss" in record][-1]
-    assert last["step"] == steps
-    if "spent at step" not in done.stdout:  # the loop kept to its timing: the schedule ended where it fitted
-        assert steps == fitted and last["learning_rate"] == 0.0
+    assert (last["step"], last["learning_rate"]) == (26, 0.0)  # the schedule ended where the budget did
+    assert [record["step"] for record in logged if "eval_loss" in record] == [15, 20, 26]
     reference = _adapter(run)
 
-    # Lose everything after the newest checkpoint before the end, then resume under a budget 100x larger: the
-    # length fitted before the loss stands.
-    earlier = sorted((run / "checkpoints").iterdir())[-2]
-    assert json.loads((earlier / "trainer_state.json").read_text())["total_steps"] == fitted
-    shutil.rmtree(max((run / "checkpoints").iterdir()))
+    # Lose the last checkpoint and the adapter, then resume under a budget 30x larger: the length fitted
+    # before stands, and the run retraces its last steps exactly.
+    assert json.loads((run / "checkpoints" / "step-00000024" / "trainer_state.json").read_text())["total_steps"] == 26
+    shutil.rmtree(run / "checkpoints" / "step-00000026")
     shutil.rmtree(run / "adapter")
-    resumed = run_cli("train", "--config", str(config), "--resume", "--set", "train.max_minutes=15")
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from {earlier.name} (step {int(earlier.name[5:])} of {fitted})" in resumed.stdout
-    assert json.loads((run / "run.json").read_text())["final"]["steps"] == fitted
-    if steps == fitted:  # the first run was not cut short: the resumed one retraced it
-        for key, value in _adapter(run).items():
-            torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6)
+    out = _train_in_process(config, work_clock(lambda step: 1.0), "train.max_minutes=15", resume=True)
+    assert "resuming from step-00000024 (step 24 of 26)" in out
+    assert "steps fit" not in out
+    assert json.loads((run / "run.json").read_text())["final"]["steps"] == 26
+    for key, value in _adapter(run).items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_time_budget_stops_a_run_that_slows_down_after_the_fit(tmp_path, tiny_qwen3, work_clock):
+    config = _config(tmp_path, tiny_qwen3, "slowing", max_steps=100_000, max_minutes=0.5, save_steps=4,
+                     log_steps=1, eval_steps=20)
+    # Timed at 1 s a step (16 s with the eval pass at step 15), then 3 s a step: 31 s at step 20, over 30 s.
+    out = _train_in_process(config, work_clock(lambda step: 1.0 if step <= 15 else 3.0))
+    assert "time budget 0.5 min: 26 steps fit" in out
+    assert "time budget 0.5 min spent at step 20 of 26: stopping" in out
+    run = tmp_path / "runs" / "slowing"
+    assert json.loads((run / "run.json").read_text())["final"]["steps"] == 20
+    assert (run / "checkpoints" / "step-00000020").is_dir()  # the last step is saved, so nothing trained is lost
 
 
 @pytest.mark.parametrize(("setting", "device", "expected"), [

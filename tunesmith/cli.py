@@ -93,7 +93,9 @@ def data_inspect(
 def train(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest complete checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest intact checkpoint.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start over where this run already trained: deletes its "
+                                                        "checkpoints, adapter and metrics.")] = False,
     gpus: Annotated[int | None, typer.Option(
         "--gpus", min=1, help="Data-parallel on N GPUs of this host, one process each (train.gpus); the global "
                               "batch is batch_size x grad_accum x N. With train.device: cpu, N CPU processes.")] = None,
@@ -108,7 +110,7 @@ def train(
         # One process per GPU under torchrun; each child runs this same command and finds WORLD_SIZE set.
         _check_gpus(processes, settings.train.device)
         raise typer.Exit(distributed.relaunch(processes, sys.argv[1:]))
-    result = run_training(settings, console, resume=resume)
+    result = run_training(settings, console, resume=resume, force=force)
     if distributed.is_main_process():
         console.print(f"saved to {result.output_dir} ({result.steps} steps, {result.seconds:.0f} s, "
                       f"train loss {result.train_loss}, eval loss {result.eval_loss})")
@@ -361,6 +363,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
+    except OSError as exc:  # a full disk where no component said which file: still one line, exit 2
+        from tunesmith.atomic import is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        if debug:
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/] {exc.filename or 'a file'}: the disk is full ({exc.strerror})",
+                  highlight=False, soft_wrap=True)
+        return 2
     return result if isinstance(result, int) else 0
 
 

@@ -27,9 +27,15 @@ QUANTIZATIONS = [
 ]
 
 
+# A run's name is a folder under runs_dir and the name of the model it exports: the rule of one part of an Ollama
+# model name (serve/store.py), so `../x`, `/abs` and '' cannot train outside runs_dir.
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
+
+
 class Section(BaseModel):
-    # Unknown keys are errors: a typo like `lora.rank` must not be silently ignored.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors: a typo like `lora.rank` must not be silently ignored. No float may be inf or
+    # nan: `learning_rate: .inf` trained an adapter of NaNs, `epochs: .inf` overflowed.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(Section):
@@ -104,7 +110,11 @@ class TrainConfig(Section):
     optimizer: Literal["auto", "adamw", "adamw_8bit"] = "auto"
     """`auto`: adamw_8bit on GPU (bitsandbytes, as the article), plain AdamW on CPU."""
     max_seq_length: int = Field(1024, gt=0)
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: Literal["auto", True, False] = "auto"
+    """Recompute activations in the backward pass to save memory, at the cost of a second forward. `auto`: on
+    only when the largest batch's activations would not fit in half the free memory (train/memory.py); the
+    choice is printed. Unsloth's notebooks turn it on because their GPUs are small; a 135M model on a CPU
+    machine has memory to spare and only loses time."""
     bf16: Literal["auto", True, False] = "auto"
     seed: int = 3407
     loss_on: Literal["completion", "all"] = "completion"
@@ -206,6 +216,14 @@ class Config(Section):
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
 
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_folder(cls, value: str) -> str:
+        if not RUN_NAME.match(value):
+            raise ValueError("a run name is letters, digits, '.', '_' or '-', starting with a letter or digit "
+                             "(at most 80): it names a folder under runs_dir and the exported model")
+        return value
+
     @model_validator(mode="after")
     def _serve_shows_these_runs(self) -> Config:
         # One setting says where runs live: the server's UI shows the folder training writes to.
@@ -240,7 +258,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found", "pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}:{exc.line}:{exc.column}: duplicate key {exc.key!r} (first at line "
+                          f"{exc.first_line}; YAML would silently keep only the second)",
+                          "merge the two into one") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -253,6 +275,31 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, data, lora, ...) at the top level")
     return data
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int, column: int, first_line: int):
+        super().__init__(key)
+        self.key, self.line, self.column, self.first_line = key, line, column, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (a second `train:` replaced the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may repeat keys: that is its point
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            mark = key_node.start_mark
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, mark.line + 1, mark.column + 1, seen[key])
+                seen[key] = mark.line + 1
+            except TypeError:  # an unhashable key: the base class says so in its own words
+                continue
+        return super().construct_mapping(node, deep=deep)
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:

@@ -35,3 +35,12 @@ class ModelError(TunesmithError):
 
 class ToolingError(TunesmithError):
     """llama.cpp's converter or another external piece is missing or broken."""
+
+
+class DiskFull(TunesmithError):
+    """The disk filled up while writing `path`; what was written before it is intact (atomic writes)."""
+
+    def __init__(self, path: object, hint: str | None = None):
+        super().__init__(f"{path}: the disk is full (no space left on device while writing it)",
+                         hint or "free some space and run the command again; nothing half-written was kept")
+        self.path = path

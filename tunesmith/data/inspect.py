@@ -85,7 +85,20 @@ def inspect_file(path: str | Path, config: Config, console: Console) -> None:
     text = Text(rendered.text)
     for start, end in rendered.spans:
         text.stylize("bold black on green", start, end)
-    console.print(Panel(text, title=f"first example: {first.source}", title_align="left"))
+    console.print(Panel(_shortened(text), title=f"first example: {first.source}", title_align="left"))
     # Spelled out as well, so the trained part is visible where colour is not (a pipe, a log file).
     for start, end in rendered.spans:
-        console.print(Text.assemble(("trained: ", "bold"), (repr(rendered.text[start:end]), "green")))
+        console.print(Text.assemble(("trained: ", "bold"), (repr(_shortened(rendered.text[start:end])), "green")))
+
+
+SHOWN_CHARS = 3000
+"""Of a long example, the characters shown from each end: laying out a 16 MiB record took rich minutes."""
+
+
+def _shortened(text: Text | str) -> Text | str:
+    if len(text) <= 2 * SHOWN_CHARS:
+        return text
+    gap = f" … {len(text) - 2 * SHOWN_CHARS:,} characters not shown … "
+    if isinstance(text, str):
+        return text[:SHOWN_CHARS] + gap + text[-SHOWN_CHARS:]
+    return Text.assemble(text[:SHOWN_CHARS], (gap, "bold"), text[-SHOWN_CHARS:])

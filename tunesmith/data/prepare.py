@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunesmith.atomic import atomic_path, write_json
+from tunesmith.atomic import atomic_path, write_json, write_text
 from tunesmith.config import Config
 from tunesmith.data.render import IGNORE_INDEX, fit_length, tokenize_many
 from tunesmith.data.split import dedupe, overlap, split
@@ -113,15 +113,39 @@ def prepare(config: Config, tokenizer: Any) -> Prepared:
         "think_stripped": think_stripped,
         "loss_on": config.train.loss_on,
     }
-    for line in duplicates:
-        log.info("duplicate: %s", line)
-    for line in overlong + leaked:
-        log.warning("%s", line)
     out = config.run_dir / "data"
     _write_jsonl(out / "train.jsonl", train_examples)
     _write_jsonl(out / "eval.jsonl", eval_examples)
     write_json(out / "stats.json", stats)
+    (out / "duplicates.txt").unlink(missing_ok=True)
+    if duplicates:
+        write_text(out / "duplicates.txt", "".join(line + "\n" for line in duplicates))
+    _summarize("duplicates removed (data.dedupe)", duplicates, out / "duplicates.txt", logging.INFO)
+    _summarize(f"examples over train.max_seq_length {max_length} ({data.overlength})", overlong,
+               out / "stats.json", logging.WARNING)
+    _summarize("eval examples also in training", leaked, out / "stats.json", logging.WARNING)
     return Prepared(train, evaluation, stats, train_examples, eval_examples)
+
+
+SHOWN = 3
+_said: set[tuple[str, int, str, str]] = set()
+
+
+def _summarize(what: str, lines: list[str], where: Path, level: int) -> None:
+    """The count and the first SHOWN lines, once per process (the pipeline prepares the data in its data stage
+    and again in the train stage: 65 duplicates were 130 lines); every line with --debug and in `where`."""
+    if not lines:
+        return
+    for line in lines:
+        log.debug("%s", line)
+    key = (what, len(lines), lines[0], str(where))
+    if key in _said:
+        return
+    _said.add(key)
+    more = f" (the first {SHOWN}; all of them in {where}, and with --debug)" if len(lines) > SHOWN else ""
+    log.log(level, "%d %s%s:", len(lines), what, more)
+    for line in lines[:SHOWN]:
+        log.log(level, "  %s", line)
 
 
 def _write_jsonl(path: Path, examples: list[Example]) -> None:

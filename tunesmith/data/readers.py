@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ SUFFIXES = {
 }
 _SUPPORTED = "JSON (.json array), JSON Lines (.jsonl), CSV (.csv/.tsv), Parquet (.parquet) or a `datasets` folder"
 _WHITESPACE = re.compile(r"\s*")
+_TOO_DEEP = "nested too deeply (more than Python's recursion limit of about 1,000 levels of [ and {)"
 
 
 @dataclass
@@ -107,6 +109,9 @@ def _read_jsonl(path: Path) -> Iterator[RawRecord]:
             except json.JSONDecodeError as exc:
                 yield RawRecord(source, None, RecordError(None, f"not valid JSON at column {exc.colno}: {exc.msg}"))
                 continue
+            except RecursionError:
+                yield RawRecord(source, None, RecordError(None, _TOO_DEEP))
+                continue
             if not isinstance(value, dict):
                 yield RawRecord(source, None, RecordError(
                     None, f"expected a JSON object per line, got {_json_type(value)}"))
@@ -157,6 +162,8 @@ def _read_json(path: Path) -> Iterator[RawRecord]:
                 value, pos = decoder.raw_decode(text, pos)
             except json.JSONDecodeError as exc:
                 raise fail(exc.pos, exc.msg) from exc
+            except RecursionError as exc:  # where the record ends is unknown, so the file cannot go on
+                raise DataError(f"{path}, line {line} (record {index}): {_TOO_DEEP}") from exc
             source = Source(str(path), index, line)
             index += 1
             if isinstance(value, dict):
@@ -177,6 +184,9 @@ def _read_json(path: Path) -> Iterator[RawRecord]:
 
 
 def _read_csv(path: Path, delimiter: str = ",") -> Iterator[RawRecord]:
+    # Python's csv refuses fields over 131,072 characters by default; a long document is a fair training input
+    # (the length check after tokenizing says what happens to it).
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     text = _decode_whole(path)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     try:
@@ -196,8 +206,10 @@ def _read_csv(path: Path, delimiter: str = ",") -> Iterator[RawRecord]:
             row = next(reader)
         except StopIteration:
             break
-        except csv.Error as exc:
-            raise DataError(f"{path}, line {reader.line_num}: cannot parse CSV: {exc}") from exc
+        except csv.Error as exc:  # named by the line its record starts on: line_num is wherever parsing stopped
+            raise DataError(f"{path}, line {start}: cannot parse CSV: {exc}",
+                            "a quote opened in this record may never be closed" if "end of data" in str(exc)
+                            else None) from exc
         previous_end = reader.line_num
         source = Source(str(path), index, start)
         index += 1

@@ -11,8 +11,8 @@ import json
 import logging
 from pathlib import Path
 
-from tunesmith.atomic import atomic_path
-from tunesmith.errors import ModelError, ToolingError
+from tunesmith.atomic import atomic_path, is_disk_full
+from tunesmith.errors import DiskFull, ModelError, ToolingError
 from tunesmith.export import llama_cpp
 
 
@@ -74,5 +74,7 @@ def _run(script: str, args: list[str], out: Path) -> None:
     logging.getLogger(__name__).debug("%s %s\n%s", script, " ".join(args), done.stderr)
     if done.returncode != 0:
         lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
+        if any(is_disk_full(Exception(line)) for line in lines[-5:]):
+            raise DiskFull(out)
         raise ToolingError(f"llama.cpp's {script} failed writing {out.name}: {lines[-1] if lines else 'no output'}",
                            "run again with --debug for its full output")

@@ -26,7 +26,7 @@ from typing import Any
 from rich.console import Console
 
 from tunesmith import inference
-from tunesmith.atomic import write_json
+from tunesmith.atomic import remove_temporaries, write_json
 from tunesmith.config import ExportConfig
 from tunesmith.data.render import template_kwargs
 from tunesmith.errors import ModelError, TunesmithError
@@ -94,7 +94,7 @@ def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict
 
     name = config.name
     gguf_dir = run_dir / "gguf"
-    _remove_stale_temporaries(run_dir)
+    remove_temporaries(run_dir, gguf_dir)  # a killed export's leftovers: they never look like outputs, but take disk
     # The Modelfile (with fidelity.json) marks a complete export; a re-export that is interrupted must not
     # leave the old marker next to new files.
     for marker in (run_dir / "Modelfile", run_dir / "fidelity.json"):
@@ -321,11 +321,3 @@ def check_disk(run_dir: Path, base: Path, adapter: Path | None, names: list[str]
         raise NotEnoughDisk(f"not enough disk space in {existing}: the export needs about {needed / 1e9:.1f} GB "
                             f"({', '.join(names)} + merged/), {free / 1e9:.1f} GB are free",
                             "free some space, or export fewer quantizations with --quant")
-
-
-def _remove_stale_temporaries(run_dir: Path) -> None:
-    """Leftovers of a killed export: temporary names never look like outputs, but they take disk."""
-    for folder in (run_dir, run_dir / "gguf"):
-        if folder.is_dir():
-            for path in folder.glob(".tmp-*"):
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tunesmith import paths
 from tunesmith.atomic import atomic_path
+from tunesmith.children import die_with_parent
 from tunesmith.errors import ToolingError
 
 PACKAGE = "llama-cpp-python"
@@ -96,8 +97,11 @@ def run(script: str, args: list[str]) -> subprocess.CompletedProcess[str]:
     directory = ensure_converter()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(directory / "gguf-py"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # The converter dies with us: a SIGKILLed export (or pipeline) otherwise left it converting on, writing a
+    # GGUF nobody would rename into place.
     return subprocess.run(
-        [sys.executable, str(directory / script), *args], env=env, capture_output=True, text=True, check=False
+        [sys.executable, str(directory / script), *args], env=env, capture_output=True, text=True, check=False,
+        preexec_fn=die_with_parent,
     )
 
 

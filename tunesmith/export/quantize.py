@@ -6,14 +6,15 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from tunesmith.atomic import atomic_path
+from tunesmith.atomic import atomic_path, is_disk_full
 from tunesmith.config import QUANTIZATIONS
-from tunesmith.errors import ConfigError, ToolingError
+from tunesmith.errors import ConfigError, DiskFull, ToolingError
 
 # Bits per weight of each type as llama.cpp reports them for 7B-class models (`llama-quantize --help`);
 # used to tell, before starting, whether the outputs fit on the disk.
@@ -56,7 +57,10 @@ def quantize(source: Path, out: Path, name: str, threads: int | None = None) -> 
     with atomic_path(out) as tmp, native_output() as log:
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
         if status != 0:
-            last = (log.read_text(errors="replace").strip().splitlines() or ["no output"])[-1]
+            text = log.read_text(errors="replace")
+            if is_disk_full(Exception(text)) or shutil.disk_usage(out.parent).free < source.stat().st_size // 100:
+                raise DiskFull(out)  # llama.cpp's writer says only "failed to write" when the disk is full
+            last = (text.strip().splitlines() or ["no output"])[-1]
             raise ToolingError(f"llama.cpp's quantizer failed making {out.name} from {source.name}: {last}")
     return out
 

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tunesmith.config import ServeConfig
-from tunesmith.errors import ConfigError, TunesmithError
+from tunesmith.errors import ConfigError, DiskFull, TunesmithError
 from tunesmith.serve import api_types as t
 from tunesmith.serve import gguf_meta, known_templates, modelfile, options, templates
 from tunesmith.serve.engine import BadRequest, Engine, EngineError
@@ -248,6 +248,7 @@ def create_app(config: ServeConfig, store: Store | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server.store.prune_temporaries()  # what killed uploads left behind, as Ollama prunes at start
         await server.engine.start()
         yield
         await server.engine.stop()
@@ -308,7 +309,7 @@ def error_response(request: Request, status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status)
 
 
-_STATUS = {ModelNotFound: 404, BlobNotFound: 400, InvalidName: 400, InvalidDigest: 400, DigestMismatch: 400,
+_STATUS = {DiskFull: 507, ModelNotFound: 404, BlobNotFound: 400, InvalidName: 400, InvalidDigest: 400, DigestMismatch: 400,
            OptionError: 400, TemplateError: 400, modelfile.ModelfileError: 400, gguf_meta.GGUFError: 400}
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import re
 import shutil
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -22,7 +24,7 @@ from typing import Any, BinaryIO
 from pydantic import BaseModel, Field, ValidationError
 
 from tunesmith import paths
-from tunesmith.atomic import atomic_path, write_text
+from tunesmith.atomic import TMP_PREFIX, atomic_path, write_text
 from tunesmith.errors import TunesmithError
 
 DEFAULT_TAG = "latest"
@@ -160,6 +162,9 @@ class Store:
             yield BlobWriter(None, created=False)
             return
         with atomic_path(target) as tmp, open(tmp, "wb") as out:
+            # Locked while written: `prune_temporaries` (at server start) removes only the temporaries of
+            # processes that are gone, never one that another server is still receiving.
+            fcntl.flock(out, fcntl.LOCK_EX)
             writer = BlobWriter(out, created=True)
             yield writer
             out.flush()
@@ -185,6 +190,23 @@ class Store:
                         yield chunk
             self.write_blob(digest, chunks())
         return digest
+
+    def prune_temporaries(self) -> int:
+        """Remove the temporaries a killed process left (a blob upload cut off holds tens of MB), as Ollama prunes
+        its partial files at start; returns how many. A blob temporary still being written is locked and kept;
+        a manifest's is written in microseconds, so one older than a minute is a leftover."""
+        removed = 0
+        for path in self.blobs_dir.glob(f"{TMP_PREFIX}*") if self.blobs_dir.is_dir() else []:
+            with contextlib.suppress(OSError), open(path, "rb") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError (an OSError): in use
+                path.unlink()
+                removed += 1
+        for path in self.manifests_dir.rglob(f"{TMP_PREFIX}*") if self.manifests_dir.is_dir() else []:
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime < time.time() - 60:
+                    path.unlink()
+                    removed += 1
+        return removed
 
     # ------------------------------------------------------------------ manifests
     def manifest_path(self, name: str) -> Path:

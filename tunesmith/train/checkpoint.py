@@ -1,23 +1,43 @@
 """Training checkpoints: trainable weights, optimizer, scheduler, RNG and data position, written atomically.
 
-A checkpoint directory `checkpoints/step-NNNNNNNN/` exists only once complete (it is written under a
-temporary name and renamed), so `--resume` can trust whatever it finds, even after SIGKILL.
+A checkpoint directory `checkpoints/step-NNNNNNNN/` appears only once complete (it is written under a temporary
+name, fsynced and renamed), and its `manifest.json`, written last, holds each file's size and SHA-256: `--resume`
+takes the newest checkpoint that still matches its manifest, so a truncated or damaged one (a power loss, a
+full disk, a copy cut short) is passed over for the one before it. Nothing in a checkpoint is a pickle of code:
+`state.pt` loads with `torch.load(weights_only=True)`, so a run folder from elsewhere cannot run anything.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from tunesmith.atomic import atomic_path
+from tunesmith.errors import ConfigError, DiskFull, TunesmithError
 
 KEEP = 2
+MANIFEST = "manifest.json"
 _NAME = re.compile(r"^step-(\d{8})$")
+
+
+class Incompatible(ConfigError):
+    """--resume with settings that change what the checkpoint's weights, optimizer or data order mean."""
+
+
+class NotFinite(TunesmithError):
+    """The loss or the weights became inf or NaN: training stops, and nothing from that point on is saved."""
+
+    def __init__(self, what: str, learning_rate: float):
+        super().__init__(f"{what} (not a finite number); no adapter was saved",
+                         f"lower train.learning_rate (now {learning_rate:g}); the checkpoints before this step "
+                         "are kept")
 
 
 @dataclass
@@ -38,35 +58,71 @@ class TrainState:
 
 
 def save(directory: Path, trainable: dict[str, Any], optimizer_state: dict[str, Any], scheduler: Any,
-         state: TrainState) -> Path:
+         state: TrainState, settings: dict[str, Any]) -> Path:
     """`trainable`: the weights that train (name -> tensor), whatever holds them; `optimizer_state`: the
-    optimizer's `state_dict()` (under FSDP2 gathered whole first). On several ranks, rank 0 alone calls this:
-    the weights and optimizer are the same on every rank, and so the RNG state saved is rank 0's."""
-    import numpy as np
-    import torch
-    from safetensors.torch import save_file
-
+    optimizer's `state_dict()` (under FSDP2 gathered whole first); `settings`: what a resume must match
+    (`resume_settings`). On several ranks, rank 0 alone calls this: the weights and optimizer are the same on
+    every rank, and so the RNG state saved is rank 0's."""
     target = directory / f"step-{state.step:08d}"
-    with atomic_path(target, directory=True) as tmp:
-        save_file({name: value.detach().contiguous() for name, value in trainable.items()},
-                  tmp / "trainable.safetensors")
-        torch.save(
-            {
-                "optimizer": optimizer_state,
-                "scheduler": scheduler.state_dict(),
-                "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                        "torch": torch.get_rng_state()},
-            },
-            tmp / "state.pt",
-        )
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)) + "\n")
+    try:
+        _write(target, trainable, optimizer_state, scheduler, state, settings)
+    except DiskFull as exc:
+        kept = newest(directory)
+        raise DiskFull(target, "free some space, then `tunesmith train --resume` continues from "
+                               f"{kept.name if kept else 'the start'}: the checkpoints before this one are intact"
+                       ) from exc
     for old in complete(directory)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
+def _write(target: Path, trainable: dict[str, Any], optimizer_state: dict[str, Any], scheduler: Any,
+           state: TrainState, settings: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+    from safetensors.torch import save
+
+    numpy_state = np.random.get_state()
+    with atomic_path(target, directory=True) as tmp:
+        # Written through Python file objects, so a full disk is an OSError that names itself (ENOSPC).
+        (tmp / "trainable.safetensors").write_bytes(
+            save({name: value.detach().contiguous() for name, value in trainable.items()}))
+        with open(tmp / "state.pt", "wb") as handle:
+            torch.save(
+                {
+                    "optimizer": optimizer_state,
+                    "scheduler": scheduler.state_dict(),
+                    # Plain lists and tensors: what weights_only=True loads (numpy's arrays would need a pickle).
+                    "rng": {"python": list(random.getstate()[1]), "python_gauss": random.getstate()[2],
+                            "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+                            "torch": torch.get_rng_state()},
+                },
+                handle,
+            )
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)) + "\n")
+        files = {path.name: {"size": path.stat().st_size, "sha256": _sha256(path)} for path in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"files": files, "settings": settings}, indent=1) + "\n")
+
+
+def trained_before(run_dir: Path) -> bool:
+    """The run folder holds training that a fresh start would delete (checkpoints, an adapter, metrics)."""
+    checkpoints = run_dir / "checkpoints"
+    return ((checkpoints.is_dir() and any(checkpoints.iterdir())) or (run_dir / "adapter").exists()
+            or (run_dir / "metrics.jsonl").exists())
+
+
+def check_finite(trainable: dict[str, Any], step: int, learning_rate: float) -> None:
+    """NotFinite unless every weight is a finite number: a loss can stay finite for a step after the weights
+    overflow, and such weights must never be checkpointed or saved as the adapter."""
+    import torch
+
+    bad = next((name for name, value in trainable.items() if not torch.isfinite(value).all()), None)
+    if bad is not None:
+        raise NotFinite(f"training stopped at step {step}: the weight {bad} is inf or nan", learning_rate)
+
+
 def complete(directory: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoint directories (each renamed into place whole), oldest first; `verify` says if one is intact."""
     if not directory.is_dir():
         return []
     found = [path for path in directory.iterdir() if path.is_dir() and _NAME.match(path.name)]
@@ -76,6 +132,63 @@ def complete(directory: Path) -> list[Path]:
 def newest(directory: Path) -> Path | None:
     found = complete(directory)
     return found[-1] if found else None
+
+
+def verify(checkpoint: Path) -> str | None:
+    """None when every file matches the manifest; else what is wrong, in a few words."""
+    try:
+        manifest = json.loads((checkpoint / MANIFEST).read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST} (unfinished, or written by an older tunesmith)"
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        return f"unreadable {MANIFEST} ({exc})"
+    for name, expected in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{name} has {path.stat().st_size} bytes, {expected['size']} were written"
+        if _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its SHA-256"
+    return None
+
+
+def resume_settings(config: Any, engine: str) -> dict[str, Any]:
+    """The settings a checkpoint is only meaningful under: the adapter's shape, the base it sits on, what the
+    optimizer and scheduler restore from the checkpoint (a changed learning rate would be silently replaced by
+    the saved one), the data order, and which engine's parameter names the weights carry. Length settings
+    (max_steps, epochs, max_minutes) and logging may change: that is what a resume is for."""
+    dumped = config.model_dump(mode="json")
+    settings = {f"{section}.{key}": dumped[section][key] for section, keys in _RESUME_KEYS.items() for key in keys}
+    settings["engine"] = engine
+    return settings
+
+
+_RESUME_KEYS = {
+    "model": ["base", "revision"],
+    "lora": ["r", "alpha", "dropout", "bias", "target_modules", "use_rslora"],
+    "train": ["method", "batch_size", "grad_accum", "seed", "learning_rate", "lr_scheduler", "warmup_ratio",
+              "weight_decay", "optimizer", "max_seq_length", "loss_on"],
+}
+
+
+def resume_point(directory: Path, settings: dict[str, Any], say: Callable[[str], None]) -> Path | None:
+    """The newest intact checkpoint, saying which ones are passed over and why; None when there is none.
+    Incompatible (exit 2, the keys named) when it was written under other `resume_settings`."""
+    for candidate in reversed(complete(directory)):
+        problem = verify(candidate)
+        if problem is not None:
+            say(f"checkpoint {candidate.name} is damaged: {problem}; passing over it")
+            continue
+        saved = json.loads((candidate / MANIFEST).read_text(encoding="utf-8")).get("settings", {})
+        changed = [key for key in sorted(settings.keys() | saved.keys()) if settings.get(key) != saved.get(key)]
+        if changed:
+            what = "; ".join(f"{key} was {saved.get(key)!r}, now {settings.get(key)!r}" for key in changed)
+            raise Incompatible(f"{candidate}: cannot resume with changed settings: {what}",
+                               "set them back to resume, or train under a new name, or --force to start over")
+        return candidate
+    return None
 
 
 def trainable_of(model: Any) -> dict[str, Any]:
@@ -104,9 +217,24 @@ def load(checkpoint: Path, scheduler: Any) -> tuple[dict[str, Any], dict[str, An
     from safetensors.torch import load_file
 
     trainable = load_file(checkpoint / "trainable.safetensors")
-    saved = torch.load(checkpoint / "state.pt", weights_only=False)
+    try:
+        saved = torch.load(checkpoint / "state.pt", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError naming the forbidden global, or a damaged archive
+        raise ConfigError(f"{checkpoint / 'state.pt'}: not a tunesmith checkpoint state "
+                          f"({str(exc).splitlines()[0][:200]})",
+                          "it holds more than tensors and numbers (tunesmith never writes that): remove this "
+                          "checkpoint, or --force to start over") from exc
     scheduler.load_state_dict(saved["scheduler"])
-    random.setstate(saved["rng"]["python"])
-    np.random.set_state(saved["rng"]["numpy"])
-    torch.set_rng_state(saved["rng"]["torch"])
+    rng = saved["rng"]
+    random.setstate((3, tuple(rng["python"]), rng["python_gauss"]))
+    np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
+    torch.set_rng_state(rng["torch"])
     return trainable, saved["optimizer"], TrainState(**json.loads((checkpoint / "trainer_state.json").read_text()))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -27,10 +28,10 @@ from typing import Any
 from rich.console import Console
 
 from tunesmith import inference
-from tunesmith.atomic import atomic_path, write_json
+from tunesmith.atomic import atomic_path, remove_temporaries, write_json
 from tunesmith.config import Config
-from tunesmith.errors import DataError, ModelError
-from tunesmith.train import batches, checkpoint, distributed
+from tunesmith.errors import ConfigError, DataError, ModelError
+from tunesmith.train import batches, checkpoint, distributed, memory
 from tunesmith.train.accuracy import AccuracyProbe, stop_reached
 from tunesmith.train.budget import TimeBudget
 from tunesmith.train.checkpoint import TrainState
@@ -62,22 +63,27 @@ def pick_device(wanted: str) -> str:
     return wanted
 
 
-def train(config: Config, console: Console, resume: bool = False) -> TrainResult:
+def train(config: Config, console: Console, resume: bool = False, force: bool = False,
+          clock: Callable[[], float] = time.perf_counter) -> TrainResult:
+    """`resume`: continue from the newest intact checkpoint; `force`: start over where a run already trained
+    (without either, an existing run is refused rather than deleted). `clock`: seconds, for the time budget
+    and tokens/s; the tests pass one that ticks per step, so what they check never depends on the machine."""
     world = distributed.init(pick_device(config.train.device))
     if not world.main:
         logging.getLogger("tunesmith").setLevel(logging.ERROR)  # rank 0 reports; the others would repeat it
     try:
-        return _train(config, console if world.main else Console(quiet=True), resume, world)
+        return _train(config, console if world.main else Console(quiet=True), resume, force, clock, world)
     finally:
         distributed.teardown()
 
 
-def _train(config: Config, console: Console, resume: bool, world: distributed.World) -> TrainResult:
+def _train(config: Config, console: Console, resume: bool, force: bool, clock: Callable[[], float],
+           world: distributed.World) -> TrainResult:
     import torch
 
     from tunesmith.data import prepare
     from tunesmith.models import load_model, load_tokenizer, resolve_base, save_tokenizer
-    from tunesmith.train.lora import apply_lora
+    from tunesmith.train.lora import apply_lora, check_lora
 
     cfg = config.train
     run_dir = config.run_dir
@@ -87,6 +93,12 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
                          "on CPU use train.method: lora, which trains the same adapter on full-precision weights")
     if cfg.method == "qlora" and cfg.fsdp and world.size > 1:
         raise ModelError("train.fsdp does not shard 4-bit (qlora) weights", "use train.method: lora, or DDP (fsdp: false)")
+    if not resume and not force and checkpoint.trained_before(run_dir):
+        raise ConfigError(f"{run_dir} already holds a trained run (checkpoints, adapter or metrics.jsonl)",
+                          "--resume continues it; --set name=NEW trains a new one; --force deletes it and starts over")
+    if world.main:  # what a killed process left half-written: .tmp-adapter-*, .tmp-step-*, .tmp-train.jsonl-*
+        remove_temporaries(run_dir, run_dir / "checkpoints", run_dir / "data")
+    world.barrier()  # before any rank writes its own temporaries into data/
     torch.manual_seed(cfg.seed)
     if device == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -107,18 +119,22 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
         model.to(device)
     model.config.use_cache = False
     pad_id = tokenizer.pad_token_id
+    if cfg.method in ("lora", "qlora"):
+        check_lora(model, config.lora)
     if fast_path_wanted(config, device, model):
         engine = FastEngine(model, data, config, device, pad_id, world)
         console.print(f"GPU fast path: packed {len(data.train)} examples into {len(engine.buffers)} buffers "
                       f"of {engine.seq_len} tokens")
     else:
+        checkpointing = memory.use_checkpointing(config.train, model.config, data.train, use_bf16(config, device),
+                                                 device, console.print)
         if four_bit:
             from peft import prepare_model_for_kbit_training
 
             # QLoRA's recipe: norms and embeddings in fp32, inputs that carry gradients through frozen 4-bit layers.
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                     gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif cfg.gradient_checkpointing:
+        elif checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method in ("lora", "qlora"):
             model = apply_lora(model, config.lora, cfg.seed)
@@ -131,7 +147,8 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
 
     checkpoints = run_dir / "checkpoints"
     state = TrainState()
-    latest = checkpoint.newest(checkpoints) if resume else None
+    settings = checkpoint.resume_settings(config, "fast" if isinstance(engine, FastEngine) else "hf")
+    latest = checkpoint.resume_point(checkpoints, settings, console.print) if resume else None
     if latest is not None:  # every rank loads the same one: rank 0 is not writing while the others read
         trainable, optimizer_state, state = checkpoint.load(latest, scheduler)
         engine.load_trainable(trainable)
@@ -140,7 +157,9 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
             total_steps = state.total_steps
             scheduler = _rescheduled(scheduler, engine.optimizer, config, total_steps)
         console.print(f"resuming from {latest.name} (step {state.step} of {total_steps})")
-    elif checkpoints.exists() and world.main:
+    elif world.main:  # a new run, --force, or a resume with no intact checkpoint to resume from
+        if resume and checkpoint.complete(checkpoints):
+            console.print("no intact checkpoint to resume from: training from the start")
         _clear_previous(run_dir)
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     if world.main:
@@ -149,25 +168,25 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
     # --- loop: step, log, eval, checkpoint
     metrics = MetricsLog(run_dir, state.step, write=world.main)
     window_loss, window_steps, last_eval = state.window_loss, state.window_steps, None
-    t0, tokens_at_start, seen_inputs = time.perf_counter(), state.tokens, 0
+    t0, tokens_at_start, seen_inputs = clock(), state.tokens, 0
     budget = TimeBudget(cfg.max_minutes * 60, cfg, len(data.eval)) if cfg.max_minutes else None
     probe = AccuracyProbe(config, tokenizer, data.eval_examples) if cfg.eval_accuracy and data.eval else None
     stopped_early = None
 
     def evaluation(progress: TrainProgress) -> tuple[float, float]:
         """Eval loss and, with a probe, the accuracy of greedy answers, logged; returns (loss, seconds taken)."""
-        started = time.perf_counter()
+        started = clock()
         loss = engine.eval_loss()
         record = {"step": state.step, "eval_loss": round(loss, 4)}
         if probe is not None:
             record |= probe(engine.generation_model(), autocast(device, config))
-        record["seconds"] = round(state.elapsed + time.perf_counter() - t0, 1)
+        record["seconds"] = round(state.elapsed + clock() - t0, 1)
         metrics.write(record)
         progress.print("{" + ", ".join(f"'{key}': {value}" for key, value in record.items()
                                        if key not in ("eval_accuracy_seconds", "seconds")) + "}")
         nonlocal stopped_early
         stopped_early = stopped_early or stop_reached(cfg.stop_when, record)
-        return loss, time.perf_counter() - started
+        return loss, clock() - started
 
     with TrainProgress(console, total_steps, state.step) as progress:
         while state.step < total_steps:
@@ -185,7 +204,8 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
                 # One eval pass here, timed, so the fit counts what the eval passes to come will cost (the
                 # accuracy probe generates answers: far more than a forward pass over the eval split).
                 last_eval, eval_seconds = evaluation(progress)
-            elapsed = time.perf_counter() - t0
+            now = clock()
+            elapsed = now - t0
             tokens_per_second = seen_inputs / elapsed if elapsed else 0.0
             if budget is not None:
                 spent = world.first(state.elapsed + elapsed)  # rank 0's clock decides for every rank
@@ -210,8 +230,12 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
                 # On the fast path the loss, the gradient norm and the learning rate (CUDA graphs) are device
                 # tensors, read here only: a read waits for the GPU, and the CPU would stop queueing work.
                 loss_mean, grad_norm = float(window_loss) / window_steps, float(grad_norm)
+                if not math.isfinite(loss_mean):  # read here, not every step (a GPU read waits); the weights are
+                    # checked again before every save, so nothing trained past this is ever kept
+                    raise checkpoint.NotFinite(f"training stopped at step {state.step}: the loss is {loss_mean}",
+                                               cfg.learning_rate)
                 learning_rate = float(scheduler.get_last_lr()[0])
-                tokens_per_second = seen_inputs / (time.perf_counter() - t0)  # the GPU has caught up
+                tokens_per_second = seen_inputs / max(clock() - t0, 1e-9)  # the GPU has caught up
                 progress.update(state.step, tokens_per_second, loss_mean, learning_rate)
                 record = {
                     "step": state.step,
@@ -221,7 +245,7 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
                     "epoch": round(state.step / engine.steps_per_epoch, 2),
                     "tokens_per_second": round(tokens_per_second, 1),
                     "trained_tokens": state.tokens,
-                    "seconds": round(state.elapsed + time.perf_counter() - t0, 1),  # since training began
+                    "seconds": round(state.elapsed + now - t0, 1),  # since training began
                 }
                 metrics.write(record)
                 progress.print(article_line(record))
@@ -233,18 +257,21 @@ def _train(config: Config, console: Console, resume: bool, world: distributed.Wo
                 total_steps = state.total_steps = state.step
                 progress.resize(total_steps)
             if state.step % cfg.save_steps == 0 or state.step == total_steps:
-                state.elapsed += time.perf_counter() - t0
+                now = clock()  # the eval pass just run counts in this interval
+                state.elapsed += now - t0
                 state.window_loss, state.window_steps = float(window_loss), window_steps
-                t0, seen_inputs = time.perf_counter(), 0
+                t0, seen_inputs = now, 0
                 trainable, optimizer_state = engine.trainable(), engine.optimizer_state()  # all ranks: FSDP2 gathers
+                checkpoint.check_finite(trainable, state.step, cfg.learning_rate)
                 if world.main:
-                    checkpoint.save(checkpoints, trainable, optimizer_state, scheduler, state)
+                    checkpoint.save(checkpoints, trainable, optimizer_state, scheduler, state, settings)
     metrics.close()
 
     # --- save: a PEFT adapter that PeftModel.from_pretrained loads, whichever engine trained it; with
     # train.method: full the whole checkpoint (model/), which every later stage loads in place of base + adapter
     output_dir = inference.trained_dir(run_dir, config)
     trainable = engine.trainable()
+    checkpoint.check_finite(trainable, state.step, cfg.learning_rate)
     if world.main:
         with atomic_path(output_dir, directory=True) as tmp:
             engine.save_adapter(tmp, str(base), trainable)
@@ -432,6 +459,14 @@ def _last(path: Path, key: str) -> float | None:
     return value
 
 
+def record_config(config: Config) -> dict[str, Any]:
+    """The resolved config as run.json keeps it: never a secret (serve.api_key) in a run folder, which is copied,
+    shared and shown by the web UI."""
+    dumped = config.model_dump(mode="json")
+    dumped["serve"].pop("api_key", None)
+    return dumped
+
+
 def _file_hash(paths: list[str | None]) -> str:
     digest = hashlib.sha256()
     for name in paths:
@@ -451,7 +486,7 @@ def _run_record(config: Config, device: str, data: Any, started_at: str, final: 
         except metadata.PackageNotFoundError:
             pass
     return {
-        "config": config.model_dump(mode="json"),
+        "config": record_config(config),
         "versions": versions,
         "device": device,
         "world_size": world.size,

@@ -17,11 +17,10 @@ def linear_module_names(model: Any) -> list[str]:
     return sorted(names)
 
 
-def apply_lora(model: Any, lora: LoraConfig, seed: int) -> Any:
-    """Wrap `model` in a peft LoRA model; only the adapter weights train."""
+def check_lora(model: Any, lora: LoraConfig) -> None:
+    """The targeted modules exist, and lora.r is no larger than the narrowest of them: a rank above a layer's
+    width adds nothing and can exhaust memory (`lora.r: 200000` failed as a torch allocation error)."""
     import torch
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
 
     if lora.target_modules != "all-linear":
         available = linear_module_names(model)
@@ -31,6 +30,21 @@ def apply_lora(model: Any, lora: LoraConfig, seed: int) -> Any:
                 f"lora.target_modules: the model has no module named {', '.join(missing)}",
                 f"its linear modules are: {', '.join(available)} (or use all-linear)",
             )
+    widths = [min(module.in_features, module.out_features) for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] != "lm_head"
+              and (lora.target_modules == "all-linear" or name.rsplit(".", 1)[-1] in lora.target_modules)]
+    if widths and lora.r > min(widths):
+        raise ModelError(f"lora.r: {lora.r} is larger than the narrowest targeted layer ({min(widths)} wide)",
+                         f"use lora.r of at most {min(widths)}; 8 to 64 is usual")
+
+
+def apply_lora(model: Any, lora: LoraConfig, seed: int) -> Any:
+    """Wrap `model` in a peft LoRA model; only the adapter weights train."""
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    check_lora(model, lora)
     # The adapter's A matrices are initialized from the torch RNG: seeding here is what the article's
     # random_state=3407 does, so two runs with one seed start from identical adapters.
     torch.manual_seed(seed)

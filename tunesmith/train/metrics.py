@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Self
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from tunesmith.atomic import is_disk_full, write_text
+from tunesmith.errors import DiskFull
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLog:
@@ -28,18 +35,34 @@ class MetricsLog:
 
     def _truncate_after(self, step: int) -> None:
         # Lines logged after the checkpoint we resume from are about to be recomputed: drop them so the
-        # curve has each step once.
+        # curve has each step once. A process killed mid-write leaves a torn last line: drop that too.
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        kept = []
+        for number, line in enumerate(self.path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                log.warning("%s: line %d is not JSON (cut short when the run stopped?); dropped", self.path, number)
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                kept.append(line)
+        write_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()  # the UI and `tail -f` watch this file while training runs
+        # JSON has no NaN or Infinity: a number that is not finite is logged as null (and the loop stops on a
+        # loss that is not finite).
+        record = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                  for key, value in record.items()}
+        try:
+            self._file.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+            self._file.flush()  # the UI and `tail -f` watch this file while training runs
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise DiskFull(self.path) from exc
+            raise
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, int | float):
