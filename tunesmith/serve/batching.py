@@ -278,14 +278,21 @@ class Batcher:
 
     # ------------------------------------------------------------------ requests (event-loop side)
     def submit(self, seq: Sequence) -> None:
-        if len(seq.prompt) >= seq.n_ctx:
-            raise BadRequest(f"the prompt is {len(seq.prompt)} tokens, more than the context length "
-                             f"(num_ctx {seq.n_ctx})", "shorten the prompt or raise num_ctx")
+        """Queue `seq` for a slot; a refused one has its sampler freed."""
         with self._cond:
-            if self._closing:
-                raise EngineError("the model is being unloaded")
-            self._waiting.append(seq)
-            self._cond.notify_all()
+            if len(seq.prompt) >= seq.n_ctx:
+                error: EngineError = BadRequest(
+                    f"the prompt is {len(seq.prompt)} tokens, more than the context length (num_ctx {seq.n_ctx})",
+                    "shorten the prompt or raise num_ctx")
+            elif self._closing:
+                error = EngineError("the model is being unloaded", "retry")
+            else:
+                self._waiting.append(seq)
+                self._cond.notify_all()
+                return
+        self._L.llama_sampler_free(seq.sampler)
+        seq.sampler = None
+        raise error
 
     def wake(self) -> None:
         """Look at the requests again now (one was cancelled)."""

@@ -51,7 +51,7 @@ _construct_lock = threading.Lock()
 
 
 def open_llama(path: str | Path, *, n_ctx: int, n_threads: int | None = None, n_batch: int = 512,
-               lora_path: str | Path | None = None, embedding: bool = False) -> Any:
+               lora_path: str | Path | None = None, embedding: bool = False, flash_attn: bool = False) -> Any:
     """A `llama_cpp.Llama` for a GGUF file, with the settings every tunesmith caller needs (embeddings, eval).
 
     n_threads None means half the cores (`batching.default_threads` says why).
@@ -78,7 +78,8 @@ def open_llama(path: str | Path, *, n_ctx: int, n_threads: int | None = None, n_
             return llama_cpp.Llama(
                 model_path=str(path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=threads,
                 n_threads_batch=threads,
-                lora_path=str(lora_path) if lora_path else None, embedding=embedding, verbose=False, **kwargs)
+                lora_path=str(lora_path) if lora_path else None, embedding=embedding, flash_attn=flash_attn,
+                verbose=False, **kwargs)
         except ValueError as exc:
             raise EngineError(f"llama.cpp could not load {path}: {exc}",
                               "check that the file is a GGUF model llama.cpp supports") from exc
@@ -129,6 +130,12 @@ class Lease:
 def _resolve(future: asyncio.Future[Any]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _from_thread(loop: asyncio.AbstractEventLoop, callback: Any, *args: Any) -> None:
+    """Run `callback` on the event loop, from the decode thread; nothing to do once the loop has closed."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback, *args)
 
 
 class Engine:
@@ -338,9 +345,8 @@ class Engine:
                         tokens=tokens)
             return
         busy = loop.create_future()
-        seq = Sequence(tokens, opts, batcher.sampler(opts, grammar), lambda item: loop.call_soon_threadsafe(
-            queue.put_nowait, item), cancel, top_logprobs, limit, batcher.n_ctx,
-            on_done=lambda: loop.call_soon_threadsafe(_resolve, busy))
+        seq = Sequence(tokens, opts, batcher.sampler(opts, grammar), lambda item: _from_thread(loop, queue.put_nowait, item),
+                       cancel, top_logprobs, limit, batcher.n_ctx, on_done=lambda: _from_thread(loop, _resolve, busy))
         batcher.submit(seq)
         lease.busy = busy
         self._cancels.add(cancel)
