@@ -127,6 +127,17 @@ def test_requests_beyond_the_slots_wait_and_all_finish(live):
     assert len(results) == 12 and len(set(results)) == 1 and "Paris" in results[0], results
 
 
+def test_a_prompt_sharing_a_prefix_with_a_cached_one_reads_only_the_rest(live, oc):
+    story = "Once upon a time, in a small village by the sea, there lived an old fisherman and his cat. " * 4
+    first = oc.generate(model="smol", prompt=story + "What was the cat's name?", raw=True,
+                        options={**GREEDY, "num_predict": 4})
+    batcher = _batcher(live)
+    before = batcher.reused
+    oc.generate(model="smol", prompt=story + "Where did they live?", raw=True, options={**GREEDY, "num_predict": 4})
+    # The shared story was found in a slot's cache: only the new question was evaluated.
+    assert batcher.reused - before >= first.prompt_eval_count - 12
+
+
 # ---------------------------------------------------------------------- logprobs
 
 

@@ -42,6 +42,8 @@ N_BATCH = 512
 # lower-numbered slot is free (llama-server's --slot-prompt-similarity default).
 PROMPT_SIMILARITY = 0.1
 MAX_TOP_LOGPROBS = 20
+EXPLORE_EVERY = 50
+"""Every this many generation steps, the decode loop times the plan it did not choose (see Batcher._plan)."""
 
 
 class EngineError(TunesmithError):
@@ -156,7 +158,12 @@ class Batcher:
             raise
         self.slots = [Slot(i) for i in range(parallel)]
         self.widest = 0
-        """The most sequences one step has decoded together (tests read it to see that batching happened)."""
+        """The most sequences one llama_decode has taken together (tests read it to see batching happen)."""
+        self.reused = 0
+        """Prompt tokens found in a slot's cache instead of evaluated again, over the batcher's life."""
+        self._seconds: dict[int, float] = {}
+        """Moving average of the wall seconds of a llama_decode of n one-token sequences, by n."""
+        self._planned = 0
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -364,16 +371,17 @@ class Batcher:
             self._L.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
         slot.cached = slot.cached[:keep]
         seq.pending = seq.prompt[keep:]
+        self.reused += keep
         seq.admitted = time.perf_counter_ns()
         slot.seq = seq
 
     def _step(self) -> None:
-        """One llama_decode over every sequence in a slot, then sampling for those that have logits."""
-        L = self._L
+        """Feed every sequence in a slot its next token (or a chunk of its prompt), then sample for those that
+        have logits: in one llama_decode, or one call per sequence when the decode loop has measured that to
+        be cheaper (`_plan`)."""
         for slot in self.slots:
             if slot.seq is not None and slot.seq.cancel.is_set():
                 self._release(slot, "cancel")
-        batch = self.batch
         entries: list[tuple[Slot, list[int], bool]] = []
         budget = self.n_batch - sum(1 for s in self.slots if s.seq and s.seq.next_token is not None)
         # Tokens in sequence-id order: llama.cpp's per-sequence cache decodes consecutive ids in one pass.
@@ -387,8 +395,36 @@ class Batcher:
                 chunk = seq.pending[:budget]
                 budget -= len(chunk)
                 entries.append((slot, chunk, len(chunk) == len(seq.pending)))
-        if not entries:
-            return
+        for group in self._plan(entries):
+            self._decode(group)
+
+    def _plan(self, entries: list[tuple[Slot, list[int], bool]]) -> list[list[tuple[Slot, list[int], bool]]]:
+        """How to split a step into llama_decode calls.
+
+        On CPU, llama.cpp multiplies one token through a matrix-vector kernel and two or more through tiled
+        matrix-matrix kernels, whose cost does not grow with the tokens as one would guess: on 1 thread, q8_0
+        SmolLM2-135M took 7.5 ms of CPU a call for 1 token and about 32 ms for anything from 2 to 8
+        (bench/RESULTS.md). So a few generating sequences are faster one call each, many faster together. The
+        loop keeps the measured time of both kinds of call and takes the cheaper, trying the other one now and
+        then as the machine's load changes. Steps that read a prompt stay one call.
+        """
+        width = len(entries)
+        if width < 2 or any(len(tokens) != 1 for _, tokens, _ in entries):
+            return [entries] if entries else []
+        together, alone = self._seconds.get(width), self._seconds.get(1)
+        self._planned += 1
+        if together is None or alone is None:
+            apart = together is not None  # time the kind of call not yet timed
+        else:
+            apart = width * alone < together
+            if self._planned % EXPLORE_EVERY == 0:
+                apart = not apart
+        return [[entry] for entry in entries] if apart else [entries]
+
+    def _decode(self, entries: list[tuple[Slot, list[int], bool]]) -> None:
+        """One llama_decode over `entries`, then sampling from the logits it produced."""
+        L = self._L
+        batch = self.batch
         n = 0
         outputs: list[tuple[Slot, int]] = []
         for slot, tokens, wants_logits in entries:
@@ -403,6 +439,7 @@ class Batcher:
             if wants_logits:
                 outputs.append((slot, n - 1))
         batch.n_tokens = n
+        started = time.perf_counter()
         rc = L.llama_decode(self.ctx, batch)
         if rc != 0:
             error = EngineError(f"llama.cpp could not decode the batch (llama_decode returned {rc})",
@@ -415,7 +452,11 @@ class Batcher:
                 if seq is not None:
                     self._fail(seq, error)
             return
-        self.widest = max(self.widest, sum(1 for _, tokens, _ in entries if tokens))
+        if n == len(entries):  # one token each: a generation call, timed for _plan
+            elapsed = time.perf_counter() - started
+            previous = self._seconds.get(n)
+            self._seconds[n] = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
+        self.widest = max(self.widest, len(entries))
         for slot, tokens, _ in entries:
             slot.cached.extend(tokens)
             seq = slot.seq
