@@ -223,6 +223,11 @@ class Batcher:
             L.llama_model_free(self.model)
             self.model = None
 
+    @property
+    def alive(self) -> bool:
+        """False once the decode thread has ended (closed, or failed: then the model must be loaded again)."""
+        return self._thread.is_alive()
+
     def close(self) -> None:
         """Stop the decode thread (requests still inside end as cancelled) and free the model."""
         with self._cond:

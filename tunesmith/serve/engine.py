@@ -287,12 +287,13 @@ class Engine:
             while True:
                 runner = self.runners.get(name)
                 if runner is not None and runner.digest == manifest.model and runner.num_ctx == opts.num_ctx \
-                        and runner.num_thread == threads and runner.manifest.adapters == manifest.adapters:
+                        and runner.num_thread == threads and runner.manifest.adapters == manifest.adapters \
+                        and runner.batcher.alive:
                     runner.active += 1
                     return runner, 0
                 if runner is not None:
-                    # Loaded with other settings (num_ctx, num_thread, or the name now points at another blob):
-                    # reload when idle.
+                    # Loaded with other settings (num_ctx, num_thread, or the name now points at another blob),
+                    # or its decode thread failed: reload when idle.
                     if runner.active == 0:
                         await self._unload(runner)
                     else:
