@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -187,7 +188,11 @@ def tunesmith_server(home: Path, parallel: int, logs: Path) -> Iterator[Server]:
         proc = subprocess.Popen([sys.executable, "-m", "tunesmith.serve", "--port", str(port),
                                  "--set", f"serve.parallel={parallel}", "--set", "serve.max_queue=1024",
                                  "--set", f"serve.num_ctx={NUM_CTX}"],
-                                env={**os.environ, "TUNESMITH_HOME": str(home)}, stdout=out, stderr=out)
+                                # PYTHONPATH: the server of this checkout, whatever the venv has installed
+                                env={**os.environ, "TUNESMITH_HOME": str(home),
+                                     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                                                 os.environ.get("PYTHONPATH")]))},
+                                stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, "/", proc, log)
@@ -309,6 +314,8 @@ def main() -> None:
                         help="llama.cpp threads for both servers (default: tunesmith's own, half the cores)")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
     args = parser.parse_args()
+    # A SIGTERM (timeout, kill) unwinds like Ctrl-C, so the servers started here are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     levels = [int(c) for c in args.clients.split(",")]
 
     import llama_cpp
