@@ -93,7 +93,8 @@ def test_a_client_leaving_mid_batch_frees_its_slot(tmp_path, smollm2_gguf):
             staying_lines = staying.iter_lines()
             assert not json.loads(next(staying_lines))["done"]
             with httpx.stream("POST", server.url + "/api/generate", json=long, timeout=120) as leaving:
-                assert not json.loads(next(leaving.iter_lines()))["done"]
+                leaving_lines = leaving.iter_lines()  # kept: dropping it would close the connection here
+                assert not json.loads(next(leaving_lines))["done"]
                 batcher = _batcher(server)
                 assert all(slot.seq is not None for slot in batcher.slots)
             # The second client hung up: its slot empties within a step, while the first goes on.
@@ -264,9 +265,12 @@ def test_unload_while_busy_happens_when_the_request_ends(live, oc):
     long = {"model": "smol", "prompt": COUNT, "raw": True, "keep_alive": -1,
             "options": {"num_predict": 2000, "temperature": 0}}
     with httpx.stream("POST", live.url + "/api/generate", json=long, timeout=120) as running:
-        assert not json.loads(next(running.iter_lines()))["done"]
+        # Keep the line iterator: a dropped one is closed at once, and httpcore closes the connection with it.
+        lines = running.iter_lines()
+        assert not json.loads(next(lines))["done"]
         assert oc.generate(model="smol", prompt="", keep_alive=0).done_reason == "unload"
         assert MODEL in [m.model for m in oc.ps().models]  # still generating for the first client
+        assert not json.loads(next(lines))["done"]
     assert _wait(lambda: MODEL not in [m.model for m in oc.ps().models])
 
 
