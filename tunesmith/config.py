@@ -182,7 +182,9 @@ class ServeConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(11434, gt=0, lt=65536)
     api_key: str | None = None
-    parallel: int = Field(1, gt=0)
+    parallel: int = Field(4, gt=0)
+    """Sequences of one model decoded together (continuous batching, llama-server's -np); each has its own
+    cache of num_ctx tokens, so memory for the cache grows with it."""
     max_queue: int = Field(64, gt=0)
     max_loaded: int = Field(2, gt=0)
     keep_alive: str = "5m"

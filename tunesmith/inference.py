@@ -166,5 +166,15 @@ def generate_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str
         for row, i in enumerate(chunk):
             answer = out[row, width:].tolist()
             end = next((at for at, token in enumerate(answer) if token in stops), len(answer))
-            answers[i] = tokenizer.decode(answer[:end], skip_special_tokens=True).strip()
+            answers[i] = answer_text(tokenizer, answer[:end], cut=end == len(answer))
     return answers
+
+
+def answer_text(tokenizer: Any, tokens: list[int], cut: bool) -> str:
+    """The text of an answer's tokens. An answer `cut` at the token limit can end inside a character that the
+    tokenizer writes as several byte tokens; its bytes decode to U+FFFD, which is dropped, as Ollama drops
+    incomplete UTF-8 at the end of a response."""
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    if cut and text.endswith("\ufffd"):
+        text = text[:-1]
+    return text.strip()

@@ -145,7 +145,7 @@ def gguf_answers(gguf: Path, config: Config, conversations: list[list[dict[str, 
             if token in stop or len(out) >= max_new:
                 break
             out.append(token)
-        answers.append(tokenizer.decode(out, skip_special_tokens=True).strip())
+        answers.append(inference.answer_text(tokenizer, out, cut=len(out) >= max_new))
     return answers
 
 

@@ -87,6 +87,18 @@ class ChatRequest(Request):
     top_logprobs: int | None = None
 
 
+class TokenLogprob(Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class Logprob(TokenLogprob):
+    """One generated token's log probability (under the model's own distribution) and its top alternatives."""
+
+    top_logprobs: list[TokenLogprob] | None = None
+
+
 class Metrics(Response):
     total_duration: int | None = None
     load_duration: int | None = None
@@ -104,6 +116,7 @@ class GenerateResponse(Metrics):
     done: bool
     done_reason: str | None = None
     context: list[int] | None = None
+    logprobs: list[Logprob] | None = None
 
 
 class ChatMessageOut(Response):
@@ -119,6 +132,7 @@ class ChatResponse(Metrics):
     message: ChatMessageOut
     done: bool
     done_reason: str | None = None
+    logprobs: list[Logprob] | None = None
 
 
 # --------------------------------------------------------------------------- model management
@@ -286,12 +300,16 @@ class ChatCompletionRequest(OpenAIRequest):
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     reasoning_effort: str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 class CompletionRequest(OpenAIRequest):
     model: str = ""
     prompt: str = ""
     suffix: str | None = None
+    logprobs: int | None = None
+    """The legacy API's form: how many alternatives to list for each token (0 lists none)."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None

@@ -40,6 +40,7 @@ from tunesmith.serve.generation import (
     capabilities,
     chat_messages,
     grammar_for,
+    logprobs_request,
     resolve_think,
     run,
 )
@@ -149,6 +150,9 @@ class Server:
             raise ApiError(404, not_found or f"model '{name}' not found") from exc
 
     def options_for(self, manifest: Manifest, request_options: dict[str, Any] | None) -> options.Options:
+        ignored = sorted(options.CPU_IGNORED & set(request_options or {}))
+        if ignored:
+            log.info("options %s ignored: %s", ", ".join(ignored), options.CPU_IGNORED_REASON)
         return options.resolve(self.config.num_ctx, manifest.parameters, request_options)
 
     def keep_alive(self, value: Any) -> float:
@@ -159,8 +163,8 @@ class Server:
         if keep_alive == 0:
             await self.engine.unload(name)
             return "unload"
-        lease = await self.engine.acquire(name, manifest, opts.num_ctx, context=False)
-        self.engine.release(lease, keep_alive)
+        lease = await self.engine.acquire(name, manifest, opts, keep_alive)
+        await self.engine.finish(lease)
         return "load"
 
     def details(self, manifest: Manifest) -> t.ModelDetails:
@@ -222,6 +226,11 @@ class ClosingStreamingResponse(StreamingResponse):
 
 def stream_response(chunks: AsyncIterator[bytes], media_type: str = "application/x-ndjson") -> StreamingResponse:
     return ClosingStreamingResponse(chunks, media_type=media_type)
+
+
+def all_logprobs(events: list[Any]) -> list[t.Logprob] | None:
+    """A non-streamed answer's log probabilities: every event's, in order (None when none were asked for)."""
+    return [t.Logprob(**lp) for e in events for lp in e.logprobs] or None
 
 
 def final_metrics(stats: Any) -> dict[str, Any]:
@@ -387,7 +396,9 @@ def _ollama_routes(app: FastAPI, server: Server) -> None:
     async def ps() -> dict[str, Any]:
         models = []
         for name, runner in list(engine.runners.items()):
-            expires = runner.expires_at if runner.expires_at != FOREVER else time.time() + 100 * 365 * 86400
+            expires = engine.expires_at(runner)
+            if expires == FOREVER:
+                expires = time.time() + 100 * 365 * 86400  # Ollama's way of saying "never"
             models.append(t.ProcessModel(
                 name=name, model=name, size=runner.size, digest=runner.digest.removeprefix("sha256:"),
                 details=server.details(runner.manifest), context_length=runner.num_ctx,
@@ -413,6 +424,7 @@ def _ollama_routes(app: FastAPI, server: Server) -> None:
         if req.suffix and "insert" not in capabilities(manifest) and not req.template:
             raise ApiError(400, f"{req.model} does not support insert")
         grammar = grammar_for(req.format)
+        top_logprobs = logprobs_request(req.logprobs, req.top_logprobs)
         if req.raw:
             prompt = req.prompt
         else:
@@ -426,10 +438,10 @@ def _ollama_routes(app: FastAPI, server: Server) -> None:
             prompt = templates.build_prompt(template, msgs, think=think and grammar is None, is_think_set=think_set,
                                             prompt=req.prompt if req.suffix else "", suffix=req.suffix)
         job = Job(name, manifest, prompt, opts, keep_alive, grammar, think=think and grammar is None,
-                  context=req.context)
+                  context=req.context, top_logprobs=top_logprobs)
 
         def chunk(event: Any) -> t.GenerateResponse:
-            base = {"model": req.model, "created_at": now_rfc3339()}
+            base = {"model": req.model, "created_at": now_rfc3339(), "logprobs": event.logprobs or None}
             if isinstance(event, Done):
                 context = None if req.raw else event.stats.tokens
                 return t.GenerateResponse(**base, done=True, context=context, **final_metrics(event.stats))
@@ -445,6 +457,7 @@ def _ollama_routes(app: FastAPI, server: Server) -> None:
             final = chunk(all_events[-1])
             final.response = "".join(chunk(e).response for e in all_events[:-1])
             final.thinking = "".join(e.text for e in all_events if isinstance(e, Thinking)) or None
+            final.logprobs = all_logprobs(all_events)
             return JSONResponse(final.wire())
 
         async def body() -> AsyncIterator[bytes]:
@@ -477,13 +490,15 @@ def _ollama_routes(app: FastAPI, server: Server) -> None:
         think, think_set = resolve_think(req.model, manifest, req.think)
         grammar = grammar_for(req.format)
         think = think and grammar is None  # a format grammar applies from the first token
+        top_logprobs = logprobs_request(req.logprobs, req.top_logprobs)
         msgs = chat_messages(manifest, [m.model_dump(exclude_none=True) for m in req.messages])
         prompt = templates.build_prompt(manifest.template or "{{ .Prompt }}", msgs, tools=req.tools or None,
                                         think=think, is_think_set=think_set)
-        job = Job(name, manifest, prompt, opts, keep_alive, grammar, think=think, tools=req.tools or None)
+        job = Job(name, manifest, prompt, opts, keep_alive, grammar, think=think, tools=req.tools or None,
+                  top_logprobs=top_logprobs)
 
         def chunk(event: Any) -> t.ChatResponse:
-            base = {"model": req.model, "created_at": now_rfc3339()}
+            base = {"model": req.model, "created_at": now_rfc3339(), "logprobs": event.logprobs or None}
             if isinstance(event, Done):
                 return t.ChatResponse(**base, message=t.ChatMessageOut(), done=True, **final_metrics(event.stats))
             if isinstance(event, Thinking):
@@ -502,6 +517,7 @@ def _ollama_routes(app: FastAPI, server: Server) -> None:
             final.message.thinking = "".join(e.text for e in all_events if isinstance(e, Thinking)) or None
             calls = [t.ToolCall(**c) for e in all_events if isinstance(e, ToolCalls) for c in e.calls]
             final.message.tool_calls = calls or None
+            final.logprobs = all_logprobs(all_events)
             return JSONResponse(final.wire())
 
         async def body() -> AsyncIterator[bytes]:
@@ -558,8 +574,13 @@ def _ollama_routes(app: FastAPI, server: Server) -> None:
             manifest.messages = [m.model_dump(exclude_none=True) for m in req.messages]
         if req.parameters:
             for key in req.parameters:
-                if key not in options.Options.__dataclass_fields__ and key not in modelfile.DEPRECATED_OPTIONS:
+                if key not in options.Options.__dataclass_fields__ and key not in modelfile.DEPRECATED_OPTIONS \
+                        and key not in options.CPU_IGNORED:
                     raise ApiError(400, f"unknown parameter '{key}'")
+            ignored = sorted(options.CPU_IGNORED & set(req.parameters))
+            if ignored:
+                log.info("create %s: parameters %s are kept in the model but ignored: %s", name, ", ".join(ignored),
+                         options.CPU_IGNORED_REASON)
             options.resolve(server.config.num_ctx, req.parameters)  # type check
             manifest.parameters = {**manifest.parameters, **{k: v for k, v in req.parameters.items()
                                                             if k not in modelfile.DEPRECATED_OPTIONS}}
@@ -687,11 +708,12 @@ async def _embed(server: Server, name: str, manifest: Manifest, request_options:
     started = time.perf_counter_ns()
     opts = server.options_for(manifest, request_options)
     keep_alive = server.keep_alive(keep_alive_value)
-    lease = await server.engine.acquire(name, manifest, opts.num_ctx, context=False)
+    lease = await server.engine.acquire(name, manifest, opts, keep_alive)
     try:
         vectors, count = await server.engine.embed(lease, inputs, truncate)
+        await server.engine.finish(lease)
     finally:
-        server.engine.release(lease, keep_alive)
+        server.engine.release(lease)
     return vectors, count, lease.load_duration, time.perf_counter_ns() - started
 
 

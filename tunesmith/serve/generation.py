@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tunesmith.serve import templates, thinking, tools
-from tunesmith.serve.engine import BadRequest, Engine, Stats
+from tunesmith.serve.engine import MAX_TOP_LOGPROBS, BadRequest, Engine, Stats
 from tunesmith.serve.options import Options
 from tunesmith.serve.store import Manifest
 
@@ -24,21 +24,26 @@ DEFAULT_TEMPLATE = "{{ .Prompt }}"
 @dataclass
 class Content:
     text: str
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    """Log probabilities of the tokens generated since the last event (when the request asked for them)."""
 
 
 @dataclass
 class Thinking:
     text: str
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
 class ToolCalls:
     calls: list[dict[str, Any]]
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
 class Done:
     stats: Stats
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
 
 
 Event = Content | Thinking | ToolCalls | Done
@@ -107,6 +112,8 @@ class Job:
     think: bool = False
     tools: list[dict[str, Any]] | None = None
     context: list[int] | None = None
+    top_logprobs: int | None = None
+    """None: no log probabilities; else each token's, with this many alternatives (Ollama's logprobs/top_logprobs)."""
     cancel: threading.Event = field(default_factory=threading.Event)
     started: int = field(default_factory=time.perf_counter_ns)
 
@@ -117,38 +124,60 @@ def tool_names(tool_list: list[dict[str, Any]] | None) -> set[str] | None:
     return {t.get("function", {}).get("name") for t in tool_list if isinstance(t, dict)}
 
 
+def logprobs_request(logprobs: bool | None, top_logprobs: int | None) -> int | None:
+    """Job.top_logprobs for a request's `logprobs`/`top_logprobs`, checked as Ollama checks them (0-20, even when
+    logprobs is off; top_logprobs alone returns nothing, as there)."""
+    top = top_logprobs or 0
+    if not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise BadRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
+    return top if logprobs else None
+
+
 async def run(engine: Engine, job: Job) -> AsyncIterator[Event]:
-    """Acquire the model, generate, and turn text pieces into events; releases the model when done."""
-    lease = await engine.acquire(job.name, job.manifest, job.opts.num_ctx)
+    """Acquire the model, generate, and turn text pieces into events; releases the model when done.
+
+    The model is released before `Done` is yielded, so a client holding its final chunk finds the server
+    already in its next state (what /api/ps reports, an unload with keep_alive 0).
+    """
+    lease = await engine.acquire(job.name, job.manifest, job.opts, job.keep_alive)
     try:
         prompt = job.prompt
         if job.context:
             # Older clients carry the conversation as tokens; Ollama detokenizes and prepends them.
-            prefix = lease.llama.detokenize(job.context, special=True).decode("utf-8", errors="replace")
-            prompt = prefix + prompt
+            prompt = engine.detokenize(lease, job.context) + prompt
         # A template may open the thinking block itself (`...assistant\n<think>\n`); then output starts inside it.
         opened = prompt.rstrip().endswith(thinking.OPEN)
         parser = thinking.ThinkingParser(started=opened) if job.think else None
         holding = bool(job.tools)
         held = ""
-        async for item in engine.stream(lease, prompt, job.opts, job.grammar, job.cancel):
+        # Log probabilities wait for the next event that carries text (the text of their tokens may be held).
+        logprobs: list[dict[str, Any]] = []
+
+        def take() -> list[dict[str, Any]]:
+            nonlocal logprobs
+            taken, logprobs = logprobs, []
+            return taken
+
+        async for item in engine.stream(lease, prompt, job.opts, job.grammar, job.cancel, job.top_logprobs):
             if isinstance(item, Stats):
                 if parser is not None:
                     thought, text = parser.flush()
                     if thought:
-                        yield Thinking(thought)
+                        yield Thinking(thought, take())
                     held += text if holding else ""
                     if text and not holding:
-                        yield Content(text)
+                        yield Content(text, take())
                 if held:
                     calls = tools.parse_tool_calls(held, tool_names(job.tools))
-                    yield ToolCalls(calls) if calls else Content(held)
+                    yield ToolCalls(calls, take()) if calls else Content(held, take())
                 item.total_duration = time.perf_counter_ns() - job.started
-                yield Done(item)
+                await engine.finish(lease)
+                yield Done(item, take())
                 return
-            thought, text = parser.add(item) if parser is not None else ("", item)
+            logprobs.extend(item.logprobs)
+            thought, text = parser.add(item.text) if parser is not None else ("", item.text)
             if thought:
-                yield Thinking(thought)
+                yield Thinking(thought, take())
             if not text:
                 continue
             if holding:
@@ -156,6 +185,6 @@ async def run(engine: Engine, job: Job) -> AsyncIterator[Event]:
                 if tools.may_be_tool_call(held):
                     continue
                 holding, text, held = False, held, ""
-            yield Content(text)
+            yield Content(text, take())
     finally:
-        engine.release(lease, job.keep_alive)
+        engine.release(lease)

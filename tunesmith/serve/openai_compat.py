@@ -28,6 +28,7 @@ from tunesmith.serve.generation import (
     capabilities,
     chat_messages,
     grammar_for,
+    logprobs_request,
     resolve_think,
     run,
 )
@@ -96,6 +97,25 @@ def _openai_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for i, c in enumerate(calls)]
 
 
+def _openai_logprobs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ollama's log probabilities in OpenAI's shape, which always has `bytes` and `top_logprobs` (maybe [])."""
+    return [{"token": e["token"], "logprob": e["logprob"], "bytes": e.get("bytes"),
+             "top_logprobs": [{"token": a["token"], "logprob": a["logprob"], "bytes": a.get("bytes")}
+                              for a in e.get("top_logprobs") or []]} for e in entries]
+
+
+def _legacy_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
+    """/v1/completions' older shape: parallel lists of tokens, their log probabilities, the alternatives as
+    {token: logprob} maps, and each token's character offset in the text (from `offset`)."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{a["token"]: a["logprob"] for a in e.get("top_logprobs") or []} for e in entries],
+            "text_offset": offsets}
+
+
 def _usage(stats: Any) -> dict[str, int]:
     return {"prompt_tokens": stats.prompt_eval_count, "completion_tokens": stats.eval_count,
             "total_tokens": stats.prompt_eval_count + stats.eval_count}
@@ -146,12 +166,14 @@ def install_openai_routes(app: FastAPI, server: Server) -> None:
             think_value = req.reasoning_effort != "none"
         think, think_set = resolve_think(req.model, manifest, think_value)
         think = think and grammar is None
+        top_logprobs = logprobs_request(req.logprobs, req.top_logprobs)
         if req.tools and "tools" not in capabilities(manifest):
             raise ApiError(400, f"{req.model} does not support tools")
         msgs = chat_messages(manifest, [_to_ollama_message(m) for m in req.messages])
         prompt = templates.build_prompt(manifest.template or "{{ .Prompt }}", msgs, tools=req.tools or None,
                                         think=think, is_think_set=think_set)
-        job = Job(name, manifest, prompt, opts, server.keep_alive(None), grammar, think=think, tools=req.tools or None)
+        job = Job(name, manifest, prompt, opts, server.keep_alive(None), grammar, think=think, tools=req.tools or None,
+                  top_logprobs=top_logprobs)
         ident = f"chatcmpl-{random.randrange(999)}"
         created = int(time.time())
         base = {"id": ident, "created": created, "model": req.model, "system_fingerprint": "fp_ollama"}
@@ -168,15 +190,18 @@ def install_openai_routes(app: FastAPI, server: Server) -> None:
                 message["reasoning"] = reasoning
             if calls:
                 message["tool_calls"] = _openai_tool_calls(calls)
-            return JSONResponse({**base, "object": "chat.completion", "choices": [
-                {"index": 0, "message": message, "finish_reason": _finish_reason(stats, bool(calls))}],
-                "usage": _usage(stats)})
+            choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": _finish_reason(stats, bool(calls))}
+            if top_logprobs is not None:
+                choice["logprobs"] = {"content": _openai_logprobs([lp for e in all_events for lp in e.logprobs])}
+            return JSONResponse({**base, "object": "chat.completion", "choices": [choice], "usage": _usage(stats)})
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
-            return _sse({**base, "object": "chat.completion.chunk",
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        def chunk(delta: dict[str, Any], finish: str | None, logprobs: list[dict[str, Any]] | None = None) -> bytes:
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+            if logprobs:
+                choice["logprobs"] = {"content": _openai_logprobs(logprobs)}
+            return _sse({**base, "object": "chat.completion.chunk", "choices": [choice]})
 
         async def body() -> AsyncIterator[bytes]:
             saw_calls = False
@@ -185,15 +210,16 @@ def install_openai_routes(app: FastAPI, server: Server) -> None:
                 while True:
                     event = pending.pop() if pending else await anext(events)
                     if isinstance(event, Content):
-                        yield chunk({"role": "assistant", "content": event.text}, None)
+                        yield chunk({"role": "assistant", "content": event.text}, None, event.logprobs)
                     elif isinstance(event, Thinking):
-                        yield chunk({"role": "assistant", "content": "", "reasoning": event.text}, None)
+                        yield chunk({"role": "assistant", "content": "", "reasoning": event.text}, None, event.logprobs)
                     elif isinstance(event, ToolCalls):
                         saw_calls = True
                         yield chunk({"role": "assistant", "content": "",
-                                     "tool_calls": _openai_tool_calls(event.calls)}, None)
+                                     "tool_calls": _openai_tool_calls(event.calls)}, None, event.logprobs)
                     elif isinstance(event, Done):
-                        yield chunk({"role": "assistant", "content": ""}, _finish_reason(event.stats, saw_calls))
+                        yield chunk({"role": "assistant", "content": ""}, _finish_reason(event.stats, saw_calls),
+                                    event.logprobs)
                         if include_usage:
                             yield _sse({**base, "object": "chat.completion.chunk", "choices": [],
                                         "usage": _usage(event.stats)})
@@ -215,7 +241,10 @@ def install_openai_routes(app: FastAPI, server: Server) -> None:
         msgs = chat_messages(manifest, [{"role": "user", "content": req.prompt}])
         prompt = templates.build_prompt(manifest.template or "{{ .Prompt }}", msgs,
                                         prompt=req.prompt if req.suffix else "", suffix=req.suffix or "")
-        job = Job(name, manifest, prompt, opts, server.keep_alive(None))
+        if req.logprobs is not None and not 0 <= req.logprobs <= 5:
+            raise ApiError(400, "logprobs must be between 0 and 5")  # OpenAI's limit for this legacy API
+        job = Job(name, manifest, prompt, opts, server.keep_alive(None),
+                  top_logprobs=req.logprobs)
         ident = f"cmpl-{random.randrange(999)}"
         base = {"id": ident, "object": "text_completion", "created": int(time.time()), "model": req.model,
                 "system_fingerprint": "fp_ollama"}
@@ -225,21 +254,34 @@ def install_openai_routes(app: FastAPI, server: Server) -> None:
             all_events = [first, *await collect(request, job, events)]
             stats = next(e.stats for e in all_events if isinstance(e, Done))
             text = "".join(e.text for e in all_events if isinstance(e, Content))
+            logprobs = None if req.logprobs is None else _legacy_logprobs(
+                [lp for e in all_events for lp in e.logprobs], 0)
             return JSONResponse({**base, "choices": [
-                {"text": text, "index": 0, "logprobs": None, "finish_reason": _finish_reason(stats, False)}],
+                {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": _finish_reason(stats, False)}],
                 "usage": _usage(stats)})
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def body() -> AsyncIterator[bytes]:
+            offset = 0
+
+            def legacy(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+                nonlocal offset
+                if req.logprobs is None:
+                    return None
+                shaped = _legacy_logprobs(entries, offset)
+                offset += sum(len(e["token"]) for e in entries)
+                return shaped
+
             try:
                 pending: list[Any] = [first]
                 while True:
                     event = pending.pop() if pending else await anext(events)
                     if isinstance(event, Content):
-                        yield _sse({**base, "choices": [{"text": event.text, "index": 0, "finish_reason": None}]})
+                        yield _sse({**base, "choices": [{"text": event.text, "index": 0, "finish_reason": None,
+                                                         "logprobs": legacy(event.logprobs)}]})
                     elif isinstance(event, Done):
-                        yield _sse({**base, "choices": [{"text": "", "index": 0,
+                        yield _sse({**base, "choices": [{"text": "", "index": 0, "logprobs": legacy(event.logprobs),
                                                          "finish_reason": _finish_reason(event.stats, False)}]})
                         if include_usage:
                             yield _sse({**base, "choices": [], "usage": _usage(event.stats)})

@@ -13,6 +13,13 @@ from tunesmith.serve.modelfile import BOOL_OPTIONS, DEPRECATED_OPTIONS, FLOAT_OP
 log = logging.getLogger("tunesmith.serve")
 
 
+# Ollama's runner options that place a model on GPUs or choose how its file is read. Ollama accepts them in
+# `create` and in requests; here llama.cpp runs on the CPU with the file memory-mapped, so they are accepted,
+# kept in the model, and ignored (and the log says so).
+CPU_IGNORED = frozenset({"num_gpu", "main_gpu", "use_mmap", "numa"})
+CPU_IGNORED_REASON = "tunesmith runs llama.cpp on the CPU, reading the model file memory-mapped"
+
+
 class OptionError(TunesmithError):
     """An option has the wrong type, or keep_alive does not parse."""
 
@@ -71,6 +78,11 @@ def resolve(num_ctx: int, *layers: dict[str, Any] | None) -> Options:
     known = set(Options.__dataclass_fields__)
     for layer in layers:
         for name, value in (layer or {}).items():
+            if name in CPU_IGNORED:
+                if value is not None:
+                    _typed(name, value)
+                log.debug("option %s ignored: %s", name, CPU_IGNORED_REASON)
+                continue
             if name not in known:
                 if name not in DEPRECATED_OPTIONS:
                     log.info("invalid option provided: %s", name)
