@@ -64,8 +64,8 @@ def run_tunesmith(a, work: Path, low_memory: bool) -> dict:
                                                    str(path)], env={**os.environ, "COLUMNS": "400"},
                                                   timeout=a.timeout, log=a.log)
     text = "\n".join(line for _, line in lines)
-    # rich wraps the console to the terminal's width (80 in a pipe) and the progress bar ends with a carriage
-    # return: match the end of the line alone. On 2026-12-02 the whole-word pattern missed a finished run.
+    # "adapter saved to ..." (or "model saved to" for a full fine-tune); rich wraps at the terminal's width, so the
+    # command runs with COLUMNS=400. On 2026-12-02 a run whose CLI said only "saved to" was missed.
     done = re.search(r"saved to (\S+) \((\d+) steps", text)
     adapter = work / "runs" / "article5" / "adapter" / "adapter_model.safetensors"
     if code or not done or not adapter.exists():

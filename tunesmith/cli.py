@@ -112,7 +112,8 @@ def train(
         raise typer.Exit(distributed.relaunch(processes, sys.argv[1:]))
     result = run_training(settings, console, resume=resume, force=force)
     if distributed.is_main_process():
-        console.print(f"saved to {result.output_dir} ({result.steps} steps, {result.seconds:.0f} s, "
+        what = "model" if settings.train.method == "full" else "adapter"  # the words scripts and tests look for
+        console.print(f"{what} saved to {result.output_dir} ({result.steps} steps, {result.seconds:.0f} s, "
                       f"train loss {result.train_loss}, eval loss {result.eval_loss})")
 
 
