@@ -113,7 +113,7 @@ def _serve(ctx: Context) -> None:
     with contextlib.nullcontext() if ctx.deploy else client.server_at(host) as server:
         asked, samples = [], _sample_prompts(ctx)
         for prompt, reference in samples:
-            reply = _ask(host, ctx.config.name, prompt)
+            reply = _ask(host, ctx.config.name, prompt, ctx.config.eval.max_new_tokens)
             right = reference is not None and reply.strip() == reference.strip()
             asked.append((prompt, right))
             ctx.console.print(f"  prompt: {prompt}", highlight=False)
@@ -138,12 +138,14 @@ def _serve(ctx: Context) -> None:
                 pass
 
 
-def _ask(host: str, model: str, prompt: str) -> str:
-    """The article's request: POST /api/generate with stream false."""
+def _ask(host: str, model: str, prompt: str, num_predict: int) -> str:
+    """The article's request: POST /api/generate with stream false, its answer bounded as the eval stage bounds
+    them (`eval.max_new_tokens`): "right" means the same here as in the eval table, and a model that never ends its
+    turn cannot print pages of text (the curl line shown afterwards carries no bound, as the article's)."""
     import httpx
 
-    response = httpx.post(f"{host}/api/generate", json={"model": model, "prompt": prompt, "stream": False},
-                          timeout=300)
+    response = httpx.post(f"{host}/api/generate", json={"model": model, "prompt": prompt, "stream": False,
+                                                          "options": {"num_predict": num_predict}}, timeout=300)
     if response.status_code != 200:
         raise TunesmithError(f"{host}/api/generate answered {response.status_code}: {response.text[:200]}")
     return response.json()["response"]
