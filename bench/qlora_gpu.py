@@ -44,9 +44,19 @@ sys.path.insert(0, str(HERE))
 
 from train_gpu import QWEN3_06B
 
-STEPS, BATCH, LOG_EVERY, SEED = 100, 8, 10, 3407
+# Qwen3-1.7B's shape (its config.json on the hub): linear layers are 82% of it, against 74% for 0.6B.
+QWEN3_17B = QWEN3_06B | {"hidden_size": 2048, "intermediate_size": 6144}
+MODELS = {"Qwen3-0.6B": QWEN3_06B, "Qwen3-1.7B": QWEN3_17B}
+# (label, model, train.method, steps): the first three train on the same data, seed and schedule; the 1.7B pair
+# measures memory only. "qlora, peft cast" is peft's prepare_model_for_kbit_training in place of tunesmith's
+# prepare_4bit (its float32 cast of everything that is not 4-bit), for contrast.
+RUNS = [("lora", "Qwen3-0.6B", "lora", 100), ("qlora", "Qwen3-0.6B", "qlora", 100),
+        ("qlora, peft cast", "Qwen3-0.6B", "qlora", 100),
+        ("lora", "Qwen3-1.7B", "lora", 20), ("qlora", "Qwen3-1.7B", "qlora", 20)]
+
+BATCH, LOG_EVERY, SEED = 8, 10, 3407
 WHEELS = ["bitsandbytes==0.50.2", "rapidfuzz==3.14.6", "pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.7.0",
-          "typing-inspection==0.4.2"]
+          "typing-inspection==0.4.5"]
 PLATFORMS = ["manylinux_2_24_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 WORDS = ["amber", "basil", "cedar", "delta", "ember", "fjord", "grove", "heron", "iris", "juniper", "kestrel", "lumen", "maple", "nectar", "onyx", "pewter", "quartz", "raven", "sable", "tundra", "umber", "violet", "willow", "xenon", "yarrow", "zephyr"]
 
@@ -78,18 +88,21 @@ def prepare(folder: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ the run (GPU)
 
-def make_base(folder: Path, tokenizer: Path) -> Path:
+def make_base(folder: Path, tokenizer: Path, name: str = "Qwen3-0.6B") -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
 
-    base = folder / "base"
+    base = folder / ("base" if name == "Qwen3-0.6B" else f"base-{name}")
     if (base / "config.json").exists():
         return base
     torch.manual_seed(0)
-    config = Qwen3Config(**QWEN3_06B)
+    config = Qwen3Config(**MODELS[name])
     config.architectures = ["Qwen3ForCausalLM"]
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.device("cuda"):  # random init of 2B parameters is minutes on the CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(base)
+    del model
+    torch.cuda.empty_cache()
     AutoTokenizer.from_pretrained(tokenizer).save_pretrained(base)
     return base
 
@@ -107,29 +120,35 @@ def make_data(folder: Path) -> tuple[Path, list[str], dict[str, str]]:
     return path, held_out, codes
 
 
-def config_for(folder: Path, base: Path, data: Path, method: str) -> dict:
-    return {"name": method, "runs_dir": str(folder / "runs"), "model": {"base": str(base)},
+def config_for(folder: Path, base: Path, data: Path, method: str, name: str, steps: int) -> dict:
+    return {"name": name, "runs_dir": str(folder / "runs"), "model": {"base": str(base)},
             "data": {"train_file": str(data), "eval_fraction": 0.0},
-            "train": {"method": method, "fast": False, "max_steps": STEPS, "batch_size": BATCH, "log_steps": LOG_EVERY,
-                      "save_steps": STEPS, "eval_steps": STEPS, "learning_rate": 1e-3, "seed": SEED,
+            "train": {"method": method, "fast": False, "max_steps": steps, "batch_size": BATCH, "log_steps": LOG_EVERY,
+                      "save_steps": steps, "eval_steps": steps, "learning_rate": 1e-3, "seed": SEED,
                       "optimizer": "adamw_8bit"}}
 
 
-def train_one(folder: Path, method: str) -> dict:
-    """One training run in this process (called in a child process per method)."""
+def train_one(folder: Path, name: str) -> dict:
+    """One training run in this process (called in a child process per run)."""
     import torch
     from rich.console import Console
 
     from tunesmith.config import Config
-    from tunesmith.train.loop import train
+    from tunesmith.train import loop
 
-    config = Config.model_validate(json.loads((folder / f"{method}.json").read_text()))
+    if name.endswith("peft-cast"):
+        from peft import prepare_model_for_kbit_training
+
+        loop.prepare_4bit = lambda model, checkpointing: prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = Config.model_validate(json.loads((folder / f"{name}.json").read_text()))
     torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    result = train(config, Console(quiet=True))
+    result = loop.train(config, Console(quiet=True))
     seconds = time.perf_counter() - started
     metrics = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"method": method, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    memory = json.loads((config.run_dir / "run.json").read_text())["final"]["gpu_memory_gib"]
+    return {"peak_gib": torch.cuda.max_memory_allocated() / 2**30, "memory": memory,
             "reserved_gib": torch.cuda.max_memory_reserved() / 2**30, "seconds": round(seconds, 1),
             "curve": [(m["step"], m["loss"]) for m in metrics if "loss" in m], "adapter": str(result.output_dir)}
 
@@ -203,17 +222,20 @@ def run(folder: Path, out: Path | None, work: Path) -> None:
 
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     work.mkdir(parents=True, exist_ok=True)
-    base = make_base(work, folder / "tokenizer")
+    bases = {name: make_base(work, folder / "tokenizer", name) for name in MODELS}
+    base = bases["Qwen3-0.6B"]
     data, held_out, _ = make_data(work)
     runs = {}
-    for method in ("lora", "qlora"):
-        (work / f"{method}.json").write_text(json.dumps(config_for(work, base, data, method)))
-        done = subprocess.run([sys.executable, __file__, "train-one", str(work), method], capture_output=True, text=True,
+    for label, model, method, steps in RUNS:
+        name = f"{model}-{label}".replace(", ", "-").replace(" ", "-")
+        (work / f"{name}.json").write_text(json.dumps(config_for(work, bases[model], data, method, name, steps)))
+        done = subprocess.run([sys.executable, __file__, "train-one", str(work), name], capture_output=True, text=True,
                               check=False)
         if done.returncode != 0:
-            sys.exit(f"{method} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
-        runs[method] = json.loads(done.stdout.strip().splitlines()[-1])
-    merged = agreement(work, base, Path(runs["qlora"]["adapter"]), held_out)
+            sys.exit(f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+        runs[name] = json.loads(done.stdout.strip().splitlines()[-1]) | {"label": label, "model": model,
+                                                                          "steps": steps}
+    merged = agreement(work, base, Path(runs["Qwen3-0.6B-qlora"]["adapter"]), held_out)
     versions = (f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, "
                 f"peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}")
     section = report(runs, merged, torch.cuda.get_device_name(0), versions)
@@ -227,13 +249,19 @@ def run(folder: Path, out: Path | None, work: Path) -> None:
 def report(runs: dict, merged: dict, card: str, versions: str) -> str:
     lines = [f"### QLoRA vs LoRA, {card} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})", versions, "",
              "    PYTHONPATH=.carry/qlora/site python3 bench/qlora_gpu.py run .carry/qlora --out $OUT", "",
-             "| method | peak GiB (reserved) | seconds (100 steps, load included) |", "|---|---|---|"]
-    for method, r in runs.items():
-        lines.append(f"| {method} | {r['peak_gib']:.2f} ({r['reserved_gib']:.2f}) | {r['seconds']} |")
-    steps = [step for step, _ in runs["lora"]["curve"]]
-    lines += ["", "| step | " + " | ".join(str(s) for s in steps) + " |", "|---" * (len(steps) + 1) + "|"]
-    for method, r in runs.items():
-        lines.append(f"| {method} loss | " + " | ".join(f"{loss:.4f}" for _, loss in r["curve"]) + " |")
+             ("| model | method | GiB after load | load peak | training peak | whole run peak (reserved) | steps | "
+              "seconds (load included) |"), "|---|---|---|---|---|---|---|---|"]
+    for r in runs.values():
+        m = r["memory"]
+        lines.append(f"| {r['model']} | {r['label']} | {m['after_load']:.2f} | {m['load_peak']:.2f} | "
+                     f"{m['training_peak']:.2f} | {r['peak_gib']:.2f} ({r['reserved_gib']:.2f}) | {r['steps']} | "
+                     f"{r['seconds']} |")
+    curves = {name: r for name, r in runs.items() if r["model"] == "Qwen3-0.6B"}
+    steps = [step for step, _ in runs["Qwen3-0.6B-lora"]["curve"]]
+    lines += ["", "| Qwen3-0.6B, step | " + " | ".join(str(s) for s in steps) + " |",
+              "|---" * (len(steps) + 1) + "|"]
+    for r in curves.values():
+        lines.append(f"| {r['label']} loss | " + " | ".join(f"{loss:.4f}" for _, loss in r["curve"]) + " |")
     lines += ["", ("| QLoRA model (4-bit base + adapter) against | merge check (rel.) | greedy answers identical | "
                    "greedy tokens agree | top-1 agree | logit max abs diff | mean abs diff |"),
               "|---|---|---|---|---|---|---|"]
@@ -255,14 +283,14 @@ def main() -> None:
     running.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "qlora-bench")
     one = sub.add_parser("train-one")
     one.add_argument("work", type=Path)
-    one.add_argument("method")
+    one.add_argument("name")
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(args.folder)
     elif args.command == "run":
         run(args.folder, args.out, args.work)
     else:
-        print(json.dumps(train_one(args.work, args.method)))
+        print(json.dumps(train_one(args.work, args.name)))
 
 
 if __name__ == "__main__":

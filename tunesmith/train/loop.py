@@ -129,11 +129,7 @@ def _train(config: Config, console: Console, resume: bool, force: bool, clock: C
         checkpointing = memory.use_checkpointing(config.train, model.config, data.train, use_bf16(config, device),
                                                  device, console.print)
         if four_bit:
-            from peft import prepare_model_for_kbit_training
-
-            # QLoRA's recipe: norms and embeddings in fp32, inputs that carry gradients through frozen 4-bit layers.
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                                    gradient_checkpointing_kwargs={"use_reentrant": False})
+            prepare_4bit(model, checkpointing)
         elif checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method in ("lora", "qlora"):
@@ -166,6 +162,7 @@ def _train(config: Config, console: Console, resume: bool, force: bool, clock: C
         write_json(run_dir / "run.json", _run_record(config, device, data, started_at, None, world))
 
     # --- loop: step, log, eval, checkpoint
+    gpu_memory = _gpu_memory_at_start() if device == "cuda" else None
     metrics = MetricsLog(run_dir, state.step, write=world.main)
     window_loss, window_steps, last_eval = state.window_loss, state.window_steps, None
     t0, tokens_at_start, seen_inputs = clock(), state.tokens, 0
@@ -289,6 +286,11 @@ def _train(config: Config, console: Console, resume: bool, force: bool, clock: C
         "trained_tokens": state.tokens,
         "trained_tokens_per_second": round((state.tokens - tokens_at_start) / max(seconds, 1e-9), 1),
     }
+    if gpu_memory is not None:  # what Unsloth users read off its last cell: what the card must hold
+        gpu_memory["training_peak"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        final["gpu_memory_gib"] = gpu_memory
+        console.print(f"GPU memory: {gpu_memory['after_load']:.2f} GiB after load, "
+                      f"{gpu_memory['training_peak']:.2f} GiB peak while training")
     if digests:
         final["rank_weight_sha256"] = digests
     if stopped_early:
@@ -297,6 +299,35 @@ def _train(config: Config, console: Console, resume: bool, force: bool, clock: C
         write_json(run_dir / "run.json", _run_record(config, device, data, started_at, final, world))
     return TrainResult(run_dir, output_dir, state.step, final["train_loss"], final["eval_loss"], seconds,
                        final["trained_tokens_per_second"])
+
+
+def prepare_4bit(model: Any, checkpointing: bool) -> None:
+    """A 4-bit (NF4) base made ready for training an adapter: every base weight frozen, activations
+    recomputed when asked.
+
+    Not peft's `prepare_model_for_kbit_training`: it casts every parameter that is not 4-bit (embeddings,
+    norms, an untied LM head) from bf16 to float32, a guard for fp16 compute, whose narrow range overflows in the
+    norms. tunesmith computes in bf16, which has float32's range, and the norms already upcast inside their
+    forward (Llama, Qwen, Gemma). The cast is not free: Qwen3-0.6B's tied 151,936 x 1,024 embedding is a quarter
+    of the model and doubles to 0.58 GiB, more than its 4-bit linear layers take (bench/RESULTS.md, issue 17).
+    """
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if checkpointing:
+        # Non-reentrant checkpointing carries gradients through frozen layers without peft's
+        # input-requires-grad hook (the reentrant kind needs it).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _gpu_memory_at_start() -> dict[str, float]:
+    """GPU memory once the model, adapter and optimizer are set up: the peak while loading (a 4-bit base is
+    quantized as it loads) and what stays resident; the training peak is counted from here."""
+    import torch
+
+    memory = {"load_peak": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+              "after_load": round(torch.cuda.memory_allocated() / 2**30, 3)}
+    torch.cuda.reset_peak_memory_stats()
+    return memory
 
 
 def completion_loss(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
