@@ -1,7 +1,7 @@
 """Concurrent streaming clients on `tunesmith serve` against llama.cpp's own `llama-server`, in one command.
 
     .venv/bin/python bench/serve_load.py [--clients 1,4,8,16] [--duration 30] [--num-predict 64] [--threads N]
-                                         [--no-append]
+                                         [--rounds R] [--no-append]
 
 Both servers get the same GGUF (SmolLM2-135M-Instruct q8_0, made from the built-in model), the same thread
 count, the same prompts (ChatML-rendered, sent raw) and greedy decoding without repeat penalty. For each client
@@ -9,7 +9,9 @@ count N, tunesmith with `serve.parallel N` and `llama-server -np N` each serve N
 after another for --duration seconds. Reported per row: aggregate tokens/s (every sampled token of every stream,
 the end-of-generation token included, over the wall time), p50/p95 time to first token, requests completed, and
 how many answers differ from that prompt's answer decoded alone on the same server (recorded first, one request
-at a time). Two more rows: tunesmith with `serve.parallel 1` (one sequence at a time, as before batching) at
+at a time). With --rounds R both servers stay up and serve the load in turns, R times each (the order swapped
+every round); a row pools its rounds, and the notes list tunesmith's tokens/s over llama-server's round by
+round. Two more rows: tunesmith with `serve.parallel 1` (one sequence at a time, as before batching) at
 the largest client count up to 8, and llama-cpp-python alone on one stream (no server).
 
 llama-server is built from the pinned source distribution on first use (bench/llama_server.py, minutes), the
@@ -296,6 +298,20 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def rate(result: Load) -> float:
+    return sum(a.tokens for _, a in result.answers) / result.wall
+
+
+def pooled(results: list[Load]) -> Load:
+    """Several rounds as one: every answer, and the wall time summed (tokens/s over all rounds)."""
+    out = Load()
+    for result in results:
+        out.answers += result.answers
+        out.broken += result.broken
+        out.wall += result.wall
+    return out
+
+
 def row(clients: int, name: str, result: Load, refs: list[Answer] | None) -> str:
     tokens = sum(a.tokens for _, a in result.answers)
     ttft = [a.ttft for _, a in result.answers]
@@ -312,6 +328,8 @@ def main() -> None:
     parser.add_argument("--num-predict", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0,
                         help="llama.cpp threads for both servers (default: tunesmith's own, half the cores)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="load each server this many times per client count, in turns (rows pool them)")
     parser.add_argument("--no-append", action="store_true", help="print only; do not append to bench/RESULTS.md")
     args = parser.parse_args()
     # A SIGTERM (timeout, kill) unwinds like Ctrl-C, so the servers started here are stopped too.
@@ -347,19 +365,27 @@ def main() -> None:
         a.text != b.text for a, b in zip(ts_refs, ls_refs, strict=True))
     rows.append(row(1, "llama-cpp-python alone (no server)", direct(gguf, threads, args.duration, args.num_predict),
                     None))
+    ratios = []
     for clients in levels:
-        with tunesmith_server(home, clients, logs) as server:
-            rows.append(row(clients, server.name, asyncio.run(load(server, clients, args.duration,
-                                                                   args.num_predict)), ts_refs))
-        with llama_server(binary, gguf, clients, threads, logs) as server:
-            rows.append(row(clients, server.name, asyncio.run(load(server, clients, args.duration,
-                                                                   args.num_predict)), ls_refs))
+        # Both servers up at once and loaded in turn, the order swapped every round: a slow minute of a shared
+        # machine then falls on both, and the ratio of each round is a like-for-like pair.
+        with tunesmith_server(home, clients, logs) as ts, llama_server(binary, gguf, clients, threads, logs) as ls:
+            runs: dict[str, list[Load]] = {ts.name: [], ls.name: []}
+            for r in range(args.rounds):
+                for server in (ts, ls) if r % 2 == 0 else (ls, ts):
+                    runs[server.name].append(asyncio.run(load(server, clients, args.duration, args.num_predict)))
+            for server, refs in ((ts, ts_refs), (ls, ls_refs)):
+                rows.append(row(clients, server.name, pooled(runs[server.name]), refs))
+            per_round = [rate(a) / rate(b) for a, b in zip(runs[ts.name], runs[ls.name], strict=True)]
+            ratios.append(f"- {clients} clients: tunesmith / llama-server tokens/s by round: "
+                          + ", ".join(f"{x:.3f}" for x in per_round))
     load_after = os.getloadavg()
 
     header = ("| clients | server | tokens/s (all streams) | TTFT p50 s | TTFT p95 s | requests "
               "| answers differing from single-stream |\n|---|---|---|---|---|---|---|")
     table = header + "\n" + "\n".join(rows)
-    notes = "\n".join(f"- {k}: {v} of {len(PROMPTS)} prompts differ" for k, v in mismatches.items())
+    notes = "\n".join([*(f"- {k}: {v} of {len(PROMPTS)} prompts differ" for k, v in mismatches.items()),
+                       *(ratios if args.rounds > 1 else [])])
     print(table)
     print(notes)
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}; server logs in {logs}")
@@ -373,7 +399,7 @@ def main() -> None:
         f"llama-cpp-python {llama_cpp.__version__} (llama-server built from its sdist with the Makefile's "
         f"LLAMA_CMAKE_ARGS), SmolLM2-135M-Instruct q8_0, {threads} llama.cpp thread(s), num_ctx {NUM_CTX} per "
         f"sequence, flash attention on, greedy, num_predict {args.num_predict}, {len(PROMPTS)} prompts, "
-        f"{args.duration:.0f} s per row.\nCommand: `.venv/bin/python {command}`\n\n{table}\n\n{notes}\n"
+        f"{args.duration:.0f} s per row and round, {args.rounds} round(s).\nCommand: `.venv/bin/python {command}`\n\n{table}\n\n{notes}\n"
     )
     results = ROOT / "bench" / "RESULTS.md"
     with open(results, "a", encoding="utf-8") as f:

@@ -289,3 +289,42 @@ def test_create_accepts_gpu_parameters_and_logs_that_they_are_ignored(oc, caplog
     with pytest.raises(ollama.ResponseError, match="unknown parameter"):
         oc.create(model="bad-params", from_="smol", parameters={"no_such_parameter": 1})
     oc.delete("gpu-params")
+
+
+def test_a_burst_of_prompts_is_read_one_at_a_time_in_arrival_order(smollm2_gguf):
+    """Four requests arrive in one instant: each step reads one prompt, the earliest first, so the first
+    request is already generating while the last prompt waits (not all four answering only after all are read)."""
+    from tunesmith.serve.batching import Batcher, Piece, Sequence
+    from tunesmith.serve.options import Options
+
+    batcher = Batcher(smollm2_gguf, num_ctx=512, parallel=4, n_threads=1)
+    try:
+        opts = Options(**GREEDY, num_predict=12)
+        done = [threading.Event() for _ in range(4)]
+        seqs: list[Sequence] = []
+        generated_by_first_when_last_started: list[int] = []
+
+        def emit(i: int):
+            def receive(item) -> None:
+                if i == 3 and isinstance(item, Piece) and not generated_by_first_when_last_started:
+                    generated_by_first_when_last_started.append(len(seqs[0].generated))
+                if not isinstance(item, Piece):
+                    done[i].set()
+            return receive
+
+        # Raw prompts whose greedy continuations do not end at once.
+        prompts = ["1, 2, 3, 4, 5,", "10, 20, 30, 40,", "a, b, c, d, e,", "Monday, Tuesday, Wednesday,"]
+        with batcher._cond:  # the decode loop admits under this lock: all four are waiting when it next looks
+            for i in range(4):
+                seq = Sequence(batcher.tokenize(prompts[i]), opts, batcher.sampler(opts), emit(i), threading.Event(),
+                               None, 12, batcher.n_ctx)
+                seqs.append(seq)
+                batcher.submit(seq)
+        assert all(event.wait(120) for event in done)
+        firsts = [seq.first_at for seq in seqs]
+        assert firsts == sorted(firsts) and len(set(firsts)) == 4
+        # Steps 1-4 read prompts 0-3 in turn; request 0 sampled a token at each of them.
+        assert generated_by_first_when_last_started[0] >= 3
+        assert batcher.widest == 4
+    finally:
+        batcher.close()

@@ -151,6 +151,8 @@ class Batcher:
         self.n_batch = n_batch
         self.n_threads = n_threads or default_threads()
         self.model = self.ctx = self.batch = self.lora = None
+        self._pieces: dict[int, bytes] = {}
+        self._eog: dict[int, bool] = {}
         try:
             self._load(str(model_path), num_ctx, lora_path)
         except BaseException:
@@ -248,6 +250,16 @@ class Batcher:
             size = -n
 
     def piece(self, token: int, special: bool = False) -> bytes:
+        """The token's bytes; the decode thread's calls are cached (a ctypes call gives up the GIL, and
+        getting it back can wait on the event loop)."""
+        if not special:
+            cached = self._pieces.get(token)
+            if cached is None:
+                cached = self._pieces[token] = self._piece(token, False)
+            return cached
+        return self._piece(token, True)
+
+    def _piece(self, token: int, special: bool) -> bytes:
         buffer = ctypes.create_string_buffer(64)
         n = self._L.llama_token_to_piece(self.vocab, token, buffer, 64, 0, special)
         if n < 0:
@@ -259,7 +271,10 @@ class Batcher:
         return b"".join(self.piece(t, special) for t in tokens).decode("utf-8", errors="replace")
 
     def is_eog(self, token: int) -> bool:
-        return bool(self._L.llama_vocab_is_eog(self.vocab, token))
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(self._L.llama_vocab_is_eog(self.vocab, token))
+        return eog
 
     def sampler(self, opts: Options, grammar: Any = None) -> Any:
         """A sampler chain for `opts`, in llama-cpp-python's order: penalties, grammar, then greedy at
@@ -389,6 +404,7 @@ class Batcher:
                 self._release(slot, "cancel")
         entries: list[tuple[Slot, list[int], bool]] = []
         budget = self.n_batch - sum(1 for s in self.slots if s.seq and s.seq.next_token is not None)
+        reading = self._reading()
         # Tokens in sequence-id order: llama.cpp's per-sequence cache decodes consecutive ids in one pass.
         for slot in self.slots:
             seq = slot.seq
@@ -396,12 +412,24 @@ class Batcher:
                 continue
             if seq.next_token is not None:
                 entries.append((slot, [seq.next_token], True))
-            elif budget > 0 and seq.pending:
+            elif seq is reading and budget > 0:
                 chunk = seq.pending[:budget]
-                budget -= len(chunk)
                 entries.append((slot, chunk, len(chunk) == len(seq.pending)))
         for group in self._plan(entries):
             self._decode(group)
+
+    def _reading(self) -> Sequence | None:
+        """The one prompt a step reads: the earliest to arrive of those still pending.
+
+        One at a time, first come first served. On CPU a prompt costs about the same per token alone or
+        together with others (~3 ms a token for SmolLM2-135M on one thread), so reading a burst of 8 prompts
+        in one call gives all 8 their first token when the last is read (~0.4 s), and reading them in turn
+        gives the first after ~0.05 s and only the last after ~0.4 s; the generating sequences advance a token
+        with each of those steps instead of waiting out one long one (bench/RESULTS.md, issue 19).
+        """
+        pending = [slot.seq for slot in self.slots if slot.seq is not None and slot.seq.pending
+                   and slot.seq.next_token is None]
+        return min(pending, key=lambda seq: seq.submitted, default=None)
 
     def _plan(self, entries: list[tuple[Slot, list[int], bool]]) -> list[list[tuple[Slot, list[int], bool]]]:
         """How to split a step into llama_decode calls.
@@ -422,7 +450,11 @@ class Batcher:
             apart = together is not None  # time the kind of call not yet timed
         else:
             apart = width * alone < together
-            if self._planned % EXPLORE_EVERY == 0:
+            # Try the other kind now and then, in case the machine's load has changed which is cheaper; rarely
+            # where it was far dearer (8 sequences one call each cost 1.7x one call for all), since each try
+            # costs the difference.
+            close = max(width * alone, together) < 1.3 * min(width * alone, together)
+            if self._planned % (EXPLORE_EVERY if close else 8 * EXPLORE_EVERY) == 0:
                 apart = not apart
         return [[entry] for entry in entries] if apart else [entries]
 
