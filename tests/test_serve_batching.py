@@ -291,23 +291,25 @@ def test_create_accepts_gpu_parameters_and_logs_that_they_are_ignored(oc, caplog
     oc.delete("gpu-params")
 
 
-def test_a_burst_of_prompts_is_read_one_at_a_time_in_arrival_order(smollm2_gguf):
-    """Four requests arrive in one instant: each step reads one prompt, the earliest first, so the first
-    request is already generating while the last prompt waits (not all four answering only after all are read)."""
+def _burst(gguf, monkeypatch, read_together_after: int) -> tuple[list[int], int]:
+    """Four requests arriving in one instant: their first-token stamps, and how many tokens the first had
+    generated when the last gave its first."""
+    from tunesmith.serve import batching
     from tunesmith.serve.batching import Batcher, Piece, Sequence
     from tunesmith.serve.options import Options
 
-    batcher = Batcher(smollm2_gguf, num_ctx=512, parallel=4, n_threads=1)
+    monkeypatch.setattr(batching, "READ_TOGETHER_AFTER", read_together_after)  # the clock is not what is tested
+    batcher = Batcher(gguf, num_ctx=512, parallel=4, n_threads=1)
     try:
         opts = Options(**GREEDY, num_predict=12)
         done = [threading.Event() for _ in range(4)]
         seqs: list[Sequence] = []
-        generated_by_first_when_last_started: list[int] = []
+        first_had: list[int] = []
 
         def emit(i: int):
             def receive(item) -> None:
-                if i == 3 and isinstance(item, Piece) and not generated_by_first_when_last_started:
-                    generated_by_first_when_last_started.append(len(seqs[0].generated))
+                if i == 3 and isinstance(item, Piece) and not first_had:
+                    first_had.append(len(seqs[0].generated))
                 if not isinstance(item, Piece):
                     done[i].set()
             return receive
@@ -321,10 +323,20 @@ def test_a_burst_of_prompts_is_read_one_at_a_time_in_arrival_order(smollm2_gguf)
                 seqs.append(seq)
                 batcher.submit(seq)
         assert all(event.wait(120) for event in done)
-        firsts = [seq.first_at for seq in seqs]
-        assert firsts == sorted(firsts) and len(set(firsts)) == 4
-        # Steps 1-4 read prompts 0-3 in turn; request 0 sampled a token at each of them.
-        assert generated_by_first_when_last_started[0] >= 3
         assert batcher.widest == 4
+        return [seq.first_at for seq in seqs], first_had[0]
     finally:
         batcher.close()
+
+
+def test_a_burst_of_prompts_is_read_one_at_a_time_in_arrival_order(smollm2_gguf, monkeypatch):
+    """Each step reads one prompt, the earliest first: the first request is generating while the last prompt
+    waits, rather than all four answering only once all four are read."""
+    firsts, first_had = _burst(smollm2_gguf, monkeypatch, read_together_after=10**15)
+    assert firsts == sorted(firsts) and len(set(firsts)) == 4
+    assert first_had >= 3  # steps 1-4 read prompts 0-3 in turn; request 0 sampled a token at each
+
+
+def test_prompts_that_waited_long_enough_are_read_together(smollm2_gguf, monkeypatch):
+    _, first_had = _burst(smollm2_gguf, monkeypatch, read_together_after=0)
+    assert first_had == 1  # all four read in the first step

@@ -42,6 +42,8 @@ N_BATCH = 512
 # lower-numbered slot is free (llama-server's --slot-prompt-similarity default).
 PROMPT_SIMILARITY = 0.1
 MAX_TOP_LOGPROBS = 20
+READ_TOGETHER_AFTER = 150_000_000
+"""Nanoseconds a request may wait for its prompt to be read in turn before it is read with the others."""
 EXPLORE_EVERY = 50
 """Every this many generation steps, the decode loop times the plan it did not choose (see Batcher._plan)."""
 
@@ -404,7 +406,7 @@ class Batcher:
                 self._release(slot, "cancel")
         entries: list[tuple[Slot, list[int], bool]] = []
         budget = self.n_batch - sum(1 for s in self.slots if s.seq and s.seq.next_token is not None)
-        reading = self._reading()
+        reading = self._reading(time.perf_counter_ns())
         # Tokens in sequence-id order: llama.cpp's per-sequence cache decodes consecutive ids in one pass.
         for slot in self.slots:
             seq = slot.seq
@@ -412,24 +414,29 @@ class Batcher:
                 continue
             if seq.next_token is not None:
                 entries.append((slot, [seq.next_token], True))
-            elif seq is reading and budget > 0:
+            elif seq in reading and budget > 0:
                 chunk = seq.pending[:budget]
+                budget -= len(chunk)
                 entries.append((slot, chunk, len(chunk) == len(seq.pending)))
         for group in self._plan(entries):
             self._decode(group)
 
-    def _reading(self) -> Sequence | None:
-        """The one prompt a step reads: the earliest to arrive of those still pending.
+    def _reading(self, now: int) -> list[Sequence]:
+        """The prompts a step reads: the earliest to arrive of those still pending, and with it any that has
+        waited READ_TOGETHER_AFTER.
 
-        One at a time, first come first served. On CPU a prompt costs about the same per token alone or
-        together with others (~3 ms a token for SmolLM2-135M on one thread), so reading a burst of 8 prompts
-        in one call gives all 8 their first token when the last is read (~0.4 s), and reading them in turn
-        gives the first after ~0.05 s and only the last after ~0.4 s; the generating sequences advance a token
-        with each of those steps instead of waiting out one long one (bench/RESULTS.md, issue 19).
+        One at a time, first come first served, as long as that keeps waits short. On CPU a prompt costs
+        about the same per token alone or together with others (~3 ms a token for SmolLM2-135M on one thread),
+        so reading a burst of 8 prompts in one call gives all 8 their first token when the last is read
+        (~0.4 s), and reading them in turn gives the first after ~0.05 s and only the last after ~0.4 s; the
+        generating sequences advance a token with each of those steps. But a sequence still reading its prompt
+        is not generating: with 16 clients, reading strictly in turn left the batch narrower (each token dearer)
+        and the last of a burst waiting longest, so prompts that have waited long enough are read together
+        (bench/RESULTS.md, issue 19).
         """
-        pending = [slot.seq for slot in self.slots if slot.seq is not None and slot.seq.pending
-                   and slot.seq.next_token is None]
-        return min(pending, key=lambda seq: seq.submitted, default=None)
+        pending = sorted((slot.seq for slot in self.slots if slot.seq is not None and slot.seq.pending
+                          and slot.seq.next_token is None), key=lambda seq: seq.submitted)
+        return pending[:1] + [seq for seq in pending[1:] if now - seq.submitted >= READ_TOGETHER_AFTER]
 
     def _plan(self, entries: list[tuple[Slot, list[int], bool]]) -> list[list[tuple[Slot, list[int], bool]]]:
         """How to split a step into llama_decode calls.
