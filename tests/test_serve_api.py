@@ -273,7 +273,7 @@ def test_server_keeps_serving_after_bad_requests(oc, live):
 
 def test_oversized_body_is_refused(live):
     with socket.create_connection(("127.0.0.1", live.port)) as s:
-        s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 100000000\r\n\r\n")
         reply = s.recv(4096).decode()
     assert reply.startswith("HTTP/1.1 413")
@@ -284,13 +284,13 @@ def test_non_loopback_needs_api_key_and_bearer(tmp_path, smollm2_gguf):
         create_app(ServeConfig(host="0.0.0.0"), Store(tmp_path))
     store = Store(tmp_path)
     add_smol(store, smollm2_gguf)
-    server = start_server(store, host="0.0.0.0", api_key="s3cret")
+    server = start_server(store, host="0.0.0.0", api_key="s3cret-0123456789abcdef")
     try:
         assert httpx.get(server.url + "/api/tags").status_code == 401
         assert httpx.get(server.url + "/api/tags", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        ok = httpx.get(server.url + "/api/tags", headers={"Authorization": "Bearer s3cret"})
+        ok = httpx.get(server.url + "/api/tags", headers={"Authorization": "Bearer s3cret-0123456789abcdef"})
         assert ok.status_code == 200 and ok.json()["models"]
-        assert ts_client.list_models(server.url, api_key="s3cret")[0]["name"] == MODEL
+        assert ts_client.list_models(server.url, api_key="s3cret-0123456789abcdef")[0]["name"] == MODEL
     finally:
         server.stop()
 
@@ -593,7 +593,7 @@ def test_client_that_leaves_while_queued_is_skipped(tmp_path, smollm2_gguf):
             lines = running.iter_lines()
             next(lines)
             with socket.create_connection(("127.0.0.1", server.port)) as queued:
-                queued.sendall(b"POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                queued.sendall(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
                 assert _wait(lambda: server.engine.pending == 2, timeout=10)
             # The queued client hung up; now the running one does too. Neither generates its 2000 tokens.

@@ -191,16 +191,27 @@ def export(
 def serve(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    api_key: Annotated[str | None, typer.Option("--api-key", help="Required for a non-loopback bind.")] = None,
+    api_key: Annotated[str | None, typer.Option(
+        "--api-key", help="The key clients send (Authorization: Bearer KEY). It shows in the process list: "
+                          "prefer TUNESMITH_API_KEY or --api-key-file. A non-loopback bind requires a key of at "
+                          "least 16 characters without whitespace.")] = None,
+    api_key_file: Annotated[Path | None, typer.Option(
+        "--api-key-file", help="Read the API key from this file (its first line).")] = None,
     runs: Annotated[Path | None, typer.Option("--runs", help="The runs folder the web UI at /ui shows "
                                                              "(default: the config's runs_dir, `runs`).")] = None,
 ) -> None:
     """Serve the model store through Ollama's API (default 127.0.0.1:11434; TUNESMITH_HOST like OLLAMA_HOST),
-    and the web UI at /ui."""
-    from tunesmith.serve.app import apply_env
+    and the web UI at /ui. The API key comes from --api-key, --api-key-file, the config's serve.api_key or
+    TUNESMITH_API_KEY, in that order. Browsers' cross-origin requests are refused unless their origin is a
+    loopback one or is listed in TUNESMITH_ORIGINS (comma-separated, * wildcards), as with OLLAMA_ORIGINS."""
+    from tunesmith.serve.app import apply_env, read_api_key_file
     from tunesmith.serve.app import serve as run_server
 
     settings = apply_env(_config(config, set_).serve)
+    if api_key and api_key_file:
+        raise ConfigError("--api-key and --api-key-file both given", "give one of them")
+    if api_key_file:
+        api_key = read_api_key_file(api_key_file)
     if api_key:
         settings = settings.model_copy(update={"api_key": api_key})
     if runs:

@@ -189,6 +189,8 @@ class ServeConfig(Section):
     max_loaded: int = Field(2, gt=0)
     keep_alive: str = "5m"
     num_ctx: int = Field(2048, gt=0)
+    max_blob_bytes: int = Field(64 * 2**30, gt=0)
+    """The largest file /api/blobs accepts (a model's GGUF); a disk that fills first is answered 507 as well."""
     runs_dir: str = RUNS_DIR
     """The runs the web UI at /ui shows. Unless set here, the top-level runs_dir (where training writes)."""
 

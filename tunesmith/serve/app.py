@@ -10,18 +10,17 @@ import asyncio
 import contextlib
 import datetime
 import hashlib
-import hmac
 import ipaddress
 import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from gguf import Keys
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from tunesmith.config import ServeConfig
 from tunesmith.errors import ConfigError, DiskFull, TunesmithError
 from tunesmith.serve import api_types as t
-from tunesmith.serve import gguf_meta, known_templates, modelfile, options, templates
+from tunesmith.serve import gguf_meta, known_templates, modelfile, options, strict_json, templates
 from tunesmith.serve.engine import BadRequest, Engine, EngineError
 from tunesmith.serve.generation import (
     Content,
@@ -44,6 +43,7 @@ from tunesmith.serve.generation import (
     resolve_think,
     run,
 )
+from tunesmith.serve.guard import UI_COOKIE, Guard, allowed_origins, error_response, ui_token
 from tunesmith.serve.options import FOREVER, OptionError
 from tunesmith.serve.store import (
     BlobNotFound,
@@ -64,7 +64,7 @@ log = logging.getLogger("tunesmith.serve")
 # The Ollama API level these routes implement (clients compare it, e.g. for `think` support).
 OLLAMA_API_VERSION = "0.13.0"
 MAX_BODY_BYTES = 64 * 1024 * 1024
-"""JSON bodies (prompts, base64 images) above this are refused; blob uploads are not limited."""
+"""JSON bodies (prompts, base64 images) above this are refused; blob uploads have serve.max_blob_bytes."""
 API_KEY_ENV = "TUNESMITH_API_KEY"
 
 M = TypeVar("M", bound=BaseModel)
@@ -102,6 +102,37 @@ def api_key_for(config: ServeConfig) -> str | None:
     return config.api_key or os.environ.get(API_KEY_ENV) or None
 
 
+def read_api_key_file(path: str | Path) -> str:
+    """The key in a key file: its first line, without the line break editors and `echo` add."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the API key file ({exc.__class__.__name__}: {exc})",
+                          "pass a readable file holding the key on its first line") from exc
+    lines = text.splitlines()
+    key = lines[0].strip("\r\n") if lines else ""
+    if not key:
+        raise ConfigError(f"{path}: the API key file is empty", "write the key on its first line")
+    return key
+
+
+MIN_API_KEY = 16
+
+
+def check_api_key(host: str, api_key: str | None) -> None:
+    """A server others can reach needs a key they cannot guess: at least MIN_API_KEY characters, no whitespace
+    (a stray space or tab from a shell or a file is not a key)."""
+    if is_loopback(host):
+        return
+    hint = (f"set {API_KEY_ENV} or pass --api-key-file FILE (--api-key shows in the process list); "
+            "e.g. `openssl rand -hex 16`; clients send Authorization: Bearer KEY")
+    if not api_key:
+        raise ConfigError(f"serve.host {host} is not a loopback address and no API key is set", hint)
+    if len(api_key) < MIN_API_KEY or any(c.isspace() for c in api_key):
+        raise ConfigError(f"serve.host {host} is not a loopback address and its API key is too weak: it must be "
+                          f"at least {MIN_API_KEY} characters without whitespace", hint)
+
+
 async def read_json(request: Request, model: type[M]) -> M:
     """The body as `model`; 400 with a one-line reason for an empty body, bad JSON or wrong types."""
     # Counted as it arrives: a chunked body has no Content-Length for the guard to check.
@@ -116,8 +147,8 @@ async def read_json(request: Request, model: type[M]) -> M:
     if not body.strip():
         raise ApiError(400, "missing request body")
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = strict_json.loads(body)
+    except strict_json.InvalidJSON as exc:
         raise ApiError(400, f"invalid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise ApiError(400, f"invalid request: expected a JSON object, got {type(data).__name__}")
@@ -136,6 +167,7 @@ class Server:
         self.config = config
         self.store = store or Store()
         self.engine = Engine(self.store, config)
+        self._context_lengths: dict[str, int | None] = {}
 
     # ------------------------------------------------------------------ helpers
     def manifest(self, name: str, *, not_found: str | None = None) -> tuple[str, Manifest]:
@@ -153,7 +185,19 @@ class Server:
         ignored = sorted(options.CPU_IGNORED & set(request_options or {}))
         if ignored:
             log.info("options %s ignored: %s", ", ".join(ignored), options.CPU_IGNORED_REASON)
-        return options.resolve(self.config.num_ctx, manifest.parameters, request_options)
+        opts = options.resolve(self.config.num_ctx, manifest.parameters, request_options)
+        return options.fit(opts, self.context_length(manifest))
+
+    def context_length(self, manifest: Manifest) -> int | None:
+        """The context the model was trained for (GGUF `<arch>.context_length`), read once per blob."""
+        if manifest.model not in self._context_lengths:
+            try:
+                meta, _ = gguf_meta.read_metadata(self.store.blob_path(manifest.model))
+            except (OSError, gguf_meta.GGUFError):
+                return None  # loading it will say what is wrong
+            value = meta.get(f"{meta.get(Keys.General.ARCHITECTURE)}.context_length")
+            self._context_lengths[manifest.model] = value if isinstance(value, int) and value > 0 else None
+        return self._context_lengths[manifest.model]
 
     def keep_alive(self, value: Any) -> float:
         return options.keep_alive_seconds(value, self.config.keep_alive)
@@ -250,9 +294,7 @@ def final_metrics(stats: Any) -> dict[str, Any]:
 def create_app(config: ServeConfig, store: Store | None = None) -> FastAPI:
     """The API app for `config`. Refuses a non-loopback host without an API key."""
     api_key = api_key_for(config)
-    if not is_loopback(config.host) and not api_key:
-        raise ConfigError(f"serve.host {config.host} is not a loopback address and no API key is set",
-                          f"pass --api-key or set {API_KEY_ENV} (clients then send Authorization: Bearer)")
+    check_api_key(config.host, api_key)
     server = Server(config, store)
 
     @contextlib.asynccontextmanager
@@ -264,7 +306,8 @@ def create_app(config: ServeConfig, store: Store | None = None) -> FastAPI:
 
     app = FastAPI(title="tunesmith", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
-    _install_guards(app, api_key)
+    app.add_middleware(Guard, api_key=api_key, check_host=is_loopback(config.host), origins=allowed_origins(),
+                       max_body=MAX_BODY_BYTES)
     _install_errors(app)
     _ollama_routes(app, server)
     from tunesmith.serve.openai_compat import install_openai_routes
@@ -276,48 +319,6 @@ def create_app(config: ServeConfig, store: Store | None = None) -> FastAPI:
     return app
 
 
-# A browser cannot add an Authorization header to page loads, so on a server with an API key the web UI logs
-# in once (/ui/login) and gets this cookie: an HMAC of the key, never the key itself; HttpOnly, SameSite=Strict
-# (another site's page cannot make the browser send it). It opens the API too, for the UI's own fetches.
-UI_COOKIE = "tunesmith_ui"
-# Open without a key: the login form, and the UI's CSS and JavaScript (package files, nothing of the user's).
-OPEN_PATHS = ("/ui/login", "/ui/static/")
-
-
-def ui_token(api_key: str) -> str:
-    return hmac.new(api_key.encode(), b"tunesmith web UI", hashlib.sha256).hexdigest()
-
-
-def authorized(request: Request, api_key: str) -> bool:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode()):
-        return True
-    cookie = request.cookies.get(UI_COOKIE, "")
-    return hmac.compare_digest(cookie.encode(), ui_token(api_key).encode())
-
-
-def _install_guards(app: FastAPI, api_key: str | None) -> None:
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        path = request.url.path
-        if api_key is not None and not path.startswith(OPEN_PATHS) and not authorized(request, api_key):
-            if request.method == "GET" and (path == "/ui" or path.startswith("/ui/")) and "/api/" not in path:
-                return RedirectResponse("/ui/login", status_code=303)  # a person at a browser: ask for the key
-            return error_response(request, 401, "unauthorized: missing or wrong API key")
-        if not request.url.path.startswith("/api/blobs/"):
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-                return error_response(request, 413, f"request body too large (limit {MAX_BODY_BYTES} bytes)")
-        return await call_next(request)
-
-
-def error_response(request: Request, status: int, message: str) -> JSONResponse:
-    if request.url.path.startswith("/v1/"):
-        kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
-        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status)
-    return JSONResponse({"error": message}, status)
-
-
 _STATUS = {DiskFull: 507, ModelNotFound: 404, BlobNotFound: 400, InvalidName: 400, InvalidDigest: 400, DigestMismatch: 400,
            OptionError: 400, TemplateError: 400, modelfile.ModelfileError: 400, gguf_meta.GGUFError: 400}
 
@@ -325,13 +326,13 @@ _STATUS = {DiskFull: 507, ModelNotFound: 404, BlobNotFound: 400, InvalidName: 40
 def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(request, exc.status, exc.message)
+        return error_response(request.url.path, exc.status, exc.message)
 
     @app.exception_handler(TunesmithError)
     async def tunesmith_error(request: Request, exc: TunesmithError) -> JSONResponse:
         status = exc.status_code if isinstance(exc, EngineError) else next(
             (code for kind, code in _STATUS.items() if isinstance(exc, kind)), 500)
-        return error_response(request, status, exc.message)
+        return error_response(request.url.path, status, exc.message)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -340,7 +341,7 @@ def _install_errors(app: FastAPI) -> None:
             return PlainTextResponse("404 page not found", 404)
         if exc.status_code == 405:
             return PlainTextResponse("405 method not allowed", 405)
-        return error_response(request, exc.status_code, str(exc.detail))
+        return error_response(request.url.path, exc.status_code, str(exc.detail))
 
 
 def _safe_file_name(name: str) -> bool:
@@ -609,8 +610,17 @@ def _ollama_routes(app: FastAPI, server: Server) -> None:
     @app.post("/api/blobs/{digest}")
     async def post_blob(digest: str, request: Request) -> Response:
         parse_digest(digest)
+        limit = server.config.max_blob_bytes
+        too_large = ApiError(413, f"blob too large (limit {limit} bytes, serve.max_blob_bytes)")
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            raise too_large
+        size = 0
         with store.blob_writer(digest) as writer:
             async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:  # a chunked upload announces no length: count it as it comes
+                    raise too_large
                 writer.write(chunk)
         return Response(status_code=201 if writer.created else 200)
 
@@ -742,4 +752,4 @@ def serve(config: ServeConfig) -> None:
     uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5)
 
 
-__all__ = ["BadRequest", "create_app", "serve"]
+__all__ = ["UI_COOKIE", "BadRequest", "create_app", "serve", "ui_token"]

@@ -10,6 +10,7 @@ unloads when its keep_alive expires. A request stops within one token when its c
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
@@ -151,6 +152,9 @@ class Engine:
         self._tasks: set[asyncio.Task[None]] = set()
         self._cancels: set[threading.Event] = set()
         """The cancel flags of running generations, so shutdown can stop them."""
+        self.served: collections.Counter[str] = collections.Counter()
+        """How the generations that reached the model ended, by done_reason (stop, length, cancel). A request
+        dropped while it waited for a slot never reaches it and is not counted (the tests count on that)."""
 
     @property
     def cond(self) -> asyncio.Condition:
@@ -324,6 +328,13 @@ class Engine:
 
     # ------------------------------------------------------------------ work
     def detokenize(self, lease: Lease, tokens: list[int]) -> str:
+        """The text of token ids a client sent (generate's `context`), each checked against the vocabulary
+        first: llama.cpp aborts the whole process on an id outside it."""
+        n_vocab = lease.runner.batcher.n_vocab
+        bad = next((t for t in tokens if not (isinstance(t, int) and 0 <= t < n_vocab)), None)
+        if bad is not None:
+            raise BadRequest(f"invalid context: token id {bad} is outside the model's vocabulary (0 to {n_vocab - 1})",
+                             "send back the context of this model's own earlier answer")
         return lease.runner.batcher.detokenize(tokens)
 
     async def stream(self, lease: Lease, prompt: str, opts: Options, grammar: Any = None,
@@ -346,7 +357,13 @@ class Engine:
                         tokens=tokens)
             return
         busy = loop.create_future()
-        seq = Sequence(tokens, opts, batcher.sampler(opts, grammar), lambda item: _from_thread(loop, queue.put_nowait, item),
+
+        def deliver(item: Any) -> None:  # on the event loop
+            if isinstance(item, Stats) and seq.admitted:
+                self.served[item.done_reason] += 1
+            queue.put_nowait(item)
+
+        seq = Sequence(tokens, opts, batcher.sampler(opts, grammar), lambda item: _from_thread(loop, deliver, item),
                        cancel, top_logprobs, limit, batcher.n_ctx, on_done=lambda: _from_thread(loop, _resolve, busy))
         batcher.submit(seq)
         lease.busy = busy

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 
 from tunesmith.errors import TunesmithError
 from tunesmith.serve import api_types as t
-from tunesmith.serve import templates
+from tunesmith.serve import strict_json, templates
 from tunesmith.serve.generation import (
     Content,
     Done,
@@ -82,9 +82,14 @@ def _to_ollama_message(m: t.OpenAIMessage) -> dict[str, Any]:
         for call in m.tool_calls:
             fn = call.get("function", {})
             args = fn.get("arguments", "{}")
-            calls.append({"id": call.get("id"),
-                          "function": {"name": fn.get("name", ""),
-                                       "arguments": json.loads(args) if isinstance(args, str) else args}})
+            if isinstance(args, str):
+                try:
+                    args = strict_json.loads(args)
+                except strict_json.InvalidJSON as exc:
+                    from tunesmith.serve.app import ApiError
+
+                    raise ApiError(400, f"invalid tool call arguments: {exc}") from exc
+            calls.append({"id": call.get("id"), "function": {"name": fn.get("name", ""), "arguments": args}})
         message["tool_calls"] = calls
     if m.role == "tool" and m.name:
         message["tool_name"] = m.name

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,15 +48,26 @@ class Options:
     stop: list[str] = field(default_factory=list)
 
 
+INT32 = (-2**31, 2**31 - 1)
+"""llama.cpp takes these options as 32-bit integers; the seed alone is 64-bit here (llama.cpp keeps its low 32 bits)."""
+INT64 = (-2**63, 2**63 - 1)
+
+
 def _typed(name: str, value: Any) -> Any:
     if name in INT_OPTIONS:
         # JSON numbers may arrive as 4096.0 from Python clients; Go accepts whole floats for ints.
-        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+                or value != int(value):
             raise OptionError(f'option "{name}" must be of type integer')
+        low, high = INT64 if name == "seed" else INT32
+        if not low <= value <= high:
+            raise OptionError(f'option "{name}" must be an integer from {low} to {high}')
         return int(value)
     if name in FLOAT_OPTIONS:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise OptionError(f'option "{name}" must be of type float')
+        if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+            raise OptionError(f'option "{name}" must be a finite 32-bit float')
         return float(value)
     if name in BOOL_OPTIONS:
         if not isinstance(value, bool):
@@ -69,14 +82,20 @@ def _typed(name: str, value: Any) -> Any:
     return value
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def resolve(num_ctx: int, *layers: dict[str, Any] | None) -> Options:
     """Defaults, then each layer in order (the model's PARAMETERs, then the request's options).
 
-    Unknown keys are logged and ignored, as Ollama does; wrong types are errors.
+    Unknown keys are logged and ignored, as Ollama does; wrong types and values out of llama.cpp's range
+    are errors.
     """
     opts = Options(num_ctx=num_ctx)
     known = set(Options.__dataclass_fields__)
     for layer in layers:
+        if layer is not None and not isinstance(layer, dict):
+            raise OptionError("options must be an object")
         for name, value in (layer or {}).items():
             if name in CPU_IGNORED:
                 if value is not None:
@@ -92,6 +111,25 @@ def resolve(num_ctx: int, *layers: dict[str, Any] | None) -> Options:
             setattr(opts, name, _typed(name, value))
     if opts.num_ctx < 1:
         raise OptionError('option "num_ctx" must be positive')
+    if opts.num_thread < 0:
+        raise OptionError('option "num_thread" must be 0 (as many as suit this machine) or more')
+    return opts
+
+
+def fit(opts: Options, context_length: int | None) -> Options:
+    """`opts` bounded by the model and the machine, as Ollama bounds them: num_ctx at most the context the
+    model was trained for (larger asks llama.cpp for a cache it cannot use, and one large enough to fail to
+    allocate), repeat_last_n at most num_ctx (llama.cpp allocates a window that long), num_thread at most the
+    cores (more threads only spin on the same cores)."""
+    if context_length and opts.num_ctx > context_length:
+        log.warning("requested context size too large for model: num_ctx %d, n_ctx_train %d", opts.num_ctx,
+                    context_length)
+        opts.num_ctx = context_length
+    opts.repeat_last_n = min(opts.repeat_last_n, opts.num_ctx)
+    cores = os.cpu_count() or 1
+    if opts.num_thread > cores:
+        log.info("num_thread %d is more than this machine's %d cores; using %d", opts.num_thread, cores, cores)
+        opts.num_thread = cores
     return opts
 
 

@@ -368,7 +368,10 @@ def parse(source: str) -> list[Any]:
     """Parse a template into nodes (cached: servers render the same few templates over and over)."""
     nodes = _PARSED.get(source)
     if nodes is None:
-        nodes = _Parser(source).parse()
+        try:
+            nodes = _Parser(source).parse()
+        except RecursionError as exc:
+            raise TemplateError("template: nested too deeply") from exc
         if len(_PARSED) > 256:
             _PARSED.clear()
         _PARSED[source] = nodes
@@ -544,10 +547,30 @@ class _ContinueLoop(Exception):
     pass
 
 
+MAX_STEPS = 1_000_000
+"""Nodes and loop iterations one execution may run: a chat template takes tens per message, so this is room for
+tens of thousands of messages, and a `{{ range 1000000000 }}` in a request's template stops in about a second."""
+MAX_OUTPUT = 64 * 1024 * 1024
+"""Characters one execution may write (the server refuses bodies above 64 MiB; a prompt is never larger)."""
+
+
 class _State:
     def __init__(self, root: Any):
         self.out: list[str] = []
         self.vars: list[list[Any]] = [["$", root]]
+        self.steps = 0
+        self.size = 0
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps > MAX_STEPS:
+            raise TemplateError(f"template: execution stopped after {MAX_STEPS} steps (a range too long?)")
+
+    def write(self, text: str) -> None:
+        self.size += len(text)
+        if self.size > MAX_OUTPUT:
+            raise TemplateError(f"template: execution stopped: output over {MAX_OUTPUT} characters")
+        self.out.append(text)
 
     def set_var(self, name: str, value: Any) -> None:
         for slot in reversed(self.vars):
@@ -565,12 +588,13 @@ class _State:
 
 def _walk(state: _State, nodes: list[Any], dot: Any) -> None:
     for node in nodes:
+        state.step()
         if isinstance(node, Text):
-            state.out.append(node.text)
+            state.write(node.text)
         elif isinstance(node, Action):
             value = _eval_pipe(state, node.pipe, dot)
             if not node.pipe.decl:
-                state.out.append(to_text(value))
+                state.write(to_text(value))
         elif isinstance(node, Branch):
             _branch(state, node, dot)
         elif isinstance(node, Break):
@@ -605,21 +629,24 @@ def _branch(state: _State, node: Branch, dot: Any) -> None:
 def _range(state: _State, node: Branch, dot: Any) -> None:
     pipe = node.pipe
     value = _eval_pipe(state, Pipe([], False, pipe.cmds), dot)
+    # Lazily: `range N` of a request's template must not build a list of N pairs first.
+    pairs: Iterator[tuple[Any, Any]]
     if isinstance(value, dict):
-        pairs: list[tuple[Any, Any]] = [(k, value[k]) for k in sorted(value)]
+        pairs, empty = ((k, value[k]) for k in sorted(value)), not value
     elif isinstance(value, list | tuple):
-        pairs = list(enumerate(value))
+        pairs, empty = enumerate(value), not value
     elif isinstance(value, int) and not isinstance(value, bool):
-        pairs = [(i, i) for i in range(value)]
+        pairs, empty = ((i, i) for i in range(value)), value <= 0
     elif value is None:
-        pairs = []
+        pairs, empty = iter(()), True
     else:
         raise TemplateError(f"template: range can't iterate over {to_text(value)}")
-    if not pairs:
+    if empty:
         if node.else_body is not None:
             _scoped(state, node.else_body, dot)
         return
     for key, elem in pairs:
+        state.step()
         mark = len(state.vars)
         if len(pipe.decl) == 1:
             state.vars.append([pipe.decl[0], elem])

@@ -5,9 +5,10 @@
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
+
+from tunesmith.serve import strict_json
 
 _BLOCK_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
@@ -26,8 +27,8 @@ def _as_call(obj: Any) -> dict[str, Any] | None:
     args = fn.get("arguments", fn.get("parameters", {}))
     if isinstance(args, str):
         try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
+            args = strict_json.loads(args)
+        except strict_json.InvalidJSON:
             return None
     if not isinstance(name, str) or not isinstance(args, dict):
         return None
@@ -40,8 +41,8 @@ def parse_tool_calls(text: str, tool_names: set[str] | None = None) -> list[dict
     blocks = _BLOCK_RE.findall(text) if "<tool_call>" in text else [text.strip()]
     for block in blocks:
         try:
-            parsed = json.loads(block)
-        except json.JSONDecodeError:
+            parsed = strict_json.loads(block)
+        except strict_json.InvalidJSON:
             continue
         candidates.extend(parsed if isinstance(parsed, list) else [parsed])
     calls = []

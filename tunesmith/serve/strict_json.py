@@ -1,0 +1,60 @@
+"""JSON as Go's encoding/json reads a request body: no NaN or Infinity, no number beyond a float64, and a
+bounded nesting depth, so a body can only ever be refused (400), never crash a handler.
+
+Go stops at 10,000 levels; here the bound is lower because Python code downstream (validation, templates, the
+JSON-schema grammar) recurses once or more per level and Python's stack holds about 1,000 frames.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+MAX_DEPTH = 100
+"""Arrays and objects nested deeper than this are refused; real requests (JSON schemas, tool arguments) nest
+a few levels."""
+
+
+class InvalidJSON(ValueError):
+    """A body that is not JSON as Go reads it; the message is one line."""
+
+
+def _constant(name: str) -> Any:
+    raise InvalidJSON(f"{name} is not a JSON value")
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise InvalidJSON(f"number {text[:40]} is out of range")
+    return value
+
+
+def loads(data: str | bytes) -> Any:
+    """`data` parsed; InvalidJSON for anything Go's encoding/json refuses, or nested deeper than MAX_DEPTH."""
+    try:
+        value = json.loads(data, parse_constant=_constant, parse_float=_float)
+    except RecursionError as exc:
+        raise InvalidJSON(f"nested more than {MAX_DEPTH} levels deep") from exc
+    except InvalidJSON:
+        raise
+    except json.JSONDecodeError as exc:
+        raise InvalidJSON(str(exc)) from exc
+    except ValueError as exc:  # UnicodeDecodeError, and integers of more than 4,300 digits
+        raise InvalidJSON(str(exc).splitlines()[0]) from exc
+    _check_depth(value)
+    return value
+
+
+def _check_depth(value: Any) -> None:
+    # Iterative: the point is to refuse what would make recursive code fail.
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        for child in children:
+            if isinstance(child, dict | list):
+                if depth + 1 > MAX_DEPTH:
+                    raise InvalidJSON(f"nested more than {MAX_DEPTH} levels deep")
+                stack.append((child, depth + 1))
