@@ -23,9 +23,9 @@ from tunesmith.serve.store import Store
 
 # Small numbers keep each generation to a few tokens of a short context.
 BASE_OPTIONS = {"num_predict": 2, "num_ctx": 128, "temperature": 0}
-INTS: list[Any] = [-2**70, -2**63, -2**31 - 1, -2**31, -1, 0, 1, 2**31 - 1, 2**31, 2**32 + 1, 2**63, 2**70,
-                   1.5, "1", True, None, [], {}]
-FLOATS: list[Any] = [-1e308, -1.0, -0.0, 0.0, 1e-45, 1.0, 1e38, 1e308, 2**70, "0.5", True, None, []]
+# Edges of what llama.cpp takes (int32, int64, float32), beyond them, and the wrong types.
+INTS: list[Any] = [-2**63, -2**31 - 1, -1, 0, 1, 2**31 - 1, 2**31, 2**70, 1.5, "1", True, None]
+FLOATS: list[Any] = [-1e308, -1.0, 0.0, 1e38, 1e308, "0.5", None]
 STRINGS: list[Any] = ["", "\x00", "\ud800", "<|im_start|>", "<|im_end|>", "{{ .Prompt }}", "\u2028é😀", "x" * 5000,
                       5, None, [], {}]
 TOKEN_LISTS: list[Any] = [[-5], [49152], [2_000_000_000], [2**31], [2**63], [-2**63], [2**70], [0], [1, 2, 3],
@@ -130,7 +130,8 @@ def test_chat_fields_never_crash_the_server(server):
         [{"role": "user"}], [{}], [5], "x", {}, None]
     fields = {"messages": messages, "format": FORMATS, "tools": TOOLS, "think": [True, "high", 5],
               "logprobs": [True], "top_logprobs": INTS, "keep_alive": [-1, "1x", 2**70]}
-    for field, value, body in [*_fields(base, fields), *_option_cases(base)]:
+    # Options take the same path as generate's, fuzzed there.
+    for field, value, body in _fields(base, fields):
         _probe(server, "/api/chat", body, f"chat {field}={value!r:.60}")
 
 

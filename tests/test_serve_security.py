@@ -367,3 +367,15 @@ def test_a_non_streaming_client_that_leaves_stops_its_generation(live):
     s.close()
     assert _wait(lambda: engine.pending == 0)
     assert engine.served - served == Counter(cancel=1)  # not "length": it did not run its 1000 tokens
+
+
+def test_strict_json_reads_as_go_does():
+    from tunesmith.serve.strict_json import MAX_DEPTH, InvalidJSON, loads
+
+    for bad in (b'{"a": NaN}', b"[Infinity]", b"[-Infinity]", b"[1e400]", b"9" * 5000, b"\xff",
+                b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1), b"[" * 100_000):
+        with pytest.raises(InvalidJSON):
+            loads(bad)
+    assert loads(b"[" * MAX_DEPTH + b"]" * MAX_DEPTH)
+    # A lone surrogate half becomes U+FFFD, as Go decodes it; a valid pair stays one character.
+    assert loads(b'{"a": "x\\ud800y", "b": ["\\ud83d\\ude00"]}') == {"a": "x\ufffdy", "b": ["\U0001f600"]}

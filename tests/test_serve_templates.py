@@ -306,3 +306,31 @@ def test_chatml_go_template_matches_smollm2_hf_chat_template(smollm2_gguf):
     for messages in conversations:
         expected = hf.render(messages=messages, add_generation_prompt=True)
         assert build_prompt(go_template, messages) == expected
+
+
+def test_a_huge_range_stops_cleanly_without_building_a_list():
+    """`{{ range N }}` in a request's template: once a list of N pairs (311 MiB for N = 4 million), now lazy and
+    bounded by the execution's step count."""
+    import tracemalloc
+
+    from tunesmith.serve import templates
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(TemplateError, match="steps"):
+            render("{{ range 4000000 }}{{ end }}", {})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20, peak
+    for template in ("{{ range 1000000000000 }}{{ end }}", "{{ range 100000 }}{{ range 100000 }}{{ end }}{{ end }}"):
+        with pytest.raises(TemplateError, match="steps"):
+            render(template, {})
+    with pytest.raises(TemplateError, match="output"):
+        render("{{ range 60 }}{{ $.Big }}{{ end }}", {"Big": "x" * (templates.MAX_OUTPUT // 50)})
+    assert render("{{ range 3 }}{{ . }}{{ else }}none{{ end }}|{{ range 0 }}x{{ else }}none{{ end }}", {}) == "012|none"
+
+
+def test_a_template_nested_too_deeply_is_a_template_error():
+    with pytest.raises(TemplateError, match="nested too deeply"):
+        render("{{ if true }}" * 5000 + "{{ end }}" * 5000, {})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 MAX_DEPTH = 100
@@ -41,9 +42,30 @@ def loads(data: str | bytes) -> Any:
         raise
     except json.JSONDecodeError as exc:
         raise InvalidJSON(str(exc)) from exc
-    except ValueError as exc:  # UnicodeDecodeError, and integers of more than 4,300 digits
-        raise InvalidJSON(str(exc).splitlines()[0]) from exc
+    except UnicodeDecodeError as exc:
+        raise InvalidJSON(f"not UTF-8: {exc}") from exc
+    except ValueError as exc:  # Python refuses to convert integers of more than 4,300 digits
+        raise InvalidJSON("a number is out of range") from exc
     _check_depth(value)
+    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+    if _SURROGATE_ESCAPE.search(raw):
+        value = _without_lone_surrogates(value)
+    return value
+
+
+# Valid pairs decode to one character; what is left of \ud800-\udfff after parsing is a lone half, which Go
+# reads as U+FFFD and which Python could not even encode as UTF-8 later (a 500 in the tokenizer).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_without_lone_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
     return value
 
 
