@@ -54,7 +54,9 @@ def server(tmp_path_factory, smollm2_gguf):
     log = open(home / "server.log", "wb")  # noqa: SIM115 - closed below, after the process
     env = {**os.environ, "TUNESMITH_HOST": f"127.0.0.1:{port}", "TUNESMITH_MODELS": str(home / "models"),
            "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", "--set", "serve.parallel=2"],
+    # serve.num_ctx 128: requests that leave the length open (OpenAI's max_tokens unset) end within 128 tokens.
+    process = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", "--set", "serve.parallel=2",
+                                "--set", "serve.num_ctx=128"],
                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -110,7 +112,8 @@ def _option_cases(base: dict[str, Any]):
 def test_generate_fields_never_crash_the_server(server):
     base = {"model": "smol", "prompt": "Hi", "stream": False, "options": BASE_OPTIONS}
     fields = {"context": TOKEN_LISTS, "prompt": STRINGS, "suffix": STRINGS, "system": STRINGS, "raw": [True, 5],
-              "template": STRINGS + ["{{ range 3 }}{{ . }}{{ end }}", "{{ .Missing.Deep }}", "{{ if }}"],
+              "template": STRINGS + ["{{ range 3 }}{{ . }}{{ end }}", "{{ .Missing.Deep }}", "{{ if }}",
+                                     "{{ range 1000000000000 }}{{ end }}"],
               "format": FORMATS, "keep_alive": [-1, 0.0001, "1x", "-5m", 2**70, 1e308, [], True],
               "think": [True, "max", "none", 5], "logprobs": [True, 5], "top_logprobs": INTS,
               "images": [["aGk="], "x", [5]], "stream": [True, 5], "model": ["", "../x", "x" * 300, 5, None]}

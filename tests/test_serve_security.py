@@ -379,3 +379,13 @@ def test_strict_json_reads_as_go_does():
     assert loads(b"[" * MAX_DEPTH + b"]" * MAX_DEPTH)
     # A lone surrogate half becomes U+FFFD, as Go decodes it; a valid pair stays one character.
     assert loads(b'{"a": "x\\ud800y", "b": ["\\ud83d\\ude00"]}') == {"a": "x\ufffdy", "b": ["\U0001f600"]}
+
+
+def test_a_prompt_that_renders_empty_is_400_and_frees_its_slot(live):
+    """SmolLM2 adds no BOS token: a template that writes nothing left a sequence with no token to start from,
+    holding its slot (and its client) forever. Found by tests/test_serve_fuzz.py."""
+    body = {"model": "smol", "prompt": "hi", "template": "{{ .Missing.Deep }}", "stream": False, "options": TINY}
+    _one_line_400(httpx.post(live.url + "/api/generate", json=body, timeout=60), "prompt is empty")
+    assert _wait(lambda: live.engine.pending == 0)
+    ok = httpx.post(live.url + "/api/generate", json={**body, "template": None}, timeout=60)
+    assert ok.status_code == 200

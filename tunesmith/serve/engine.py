@@ -351,6 +351,11 @@ class Engine:
         if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
             raise BadRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
         tokens = batcher.tokenize(prompt)
+        if not tokens:
+            # Nothing to start from (an empty prompt on a model without BOS): the decode loop would hold the
+            # slot forever waiting for a first token.
+            raise BadRequest("the prompt is empty after the template: there is nothing to generate from",
+                             "send a prompt, or a template that writes it")
         limit = opts.num_predict if opts.num_predict >= 0 else batcher.n_ctx
         if limit == 0 and len(tokens) < batcher.n_ctx:
             yield Stats(done_reason="length", load_duration=lease.load_duration, prompt_eval_count=len(tokens),
