@@ -290,7 +290,7 @@ def test_time_budget_stops_a_run_that_slows_down_after_the_fit(tmp_path, tiny_qw
 def test_bf16_auto_follows_the_cpus_bf16_instructions(setting, device, expected):
     """auto: bf16 on CPUs with AMX or AVX512-BF16 (1.48x on goDrive, bench/RESULTS.md), fp32 elsewhere."""
     from tunesmith.config import Config
-    from tunesmith.train.loop import cpu_has_bf16, use_bf16
+    from tunesmith.train.loss import cpu_has_bf16, use_bf16
 
     config = Config.model_validate({"model": {"base": "x"}, "train": {"bf16": setting}})
     flags = Path("/proc/cpuinfo").read_text().split()
