@@ -27,10 +27,10 @@ from typing import Any
 
 from rich.console import Console
 
-from tunesmith import inference
-from tunesmith.atomic import atomic_path, remove_temporaries, write_json
+from tunesmith.atomic import atomic_path, remove_temporaries
 from tunesmith.config import Config
 from tunesmith.errors import ConfigError, DataError, ModelError
+from tunesmith.run import Run, record_config
 from tunesmith.train import checkpoint, distributed, memory
 from tunesmith.train.accuracy import AccuracyProbe, stop_reached
 from tunesmith.train.budget import TimeBudget
@@ -87,18 +87,18 @@ def _train(config: Config, console: Console, resume: bool, force: bool, clock: C
     from tunesmith.train.lora import apply_lora, check_lora
 
     cfg = config.train
-    run_dir = config.run_dir
+    run = Run.of(config)
     device = pick_device(cfg.device)
     if cfg.method == "qlora" and device != "cuda":
         raise ModelError("train.method: qlora needs a CUDA GPU (bitsandbytes 4-bit weights)",
                          "on CPU use train.method: lora, which trains the same adapter on full-precision weights")
     if cfg.method == "qlora" and cfg.fsdp and world.size > 1:
         raise ModelError("train.fsdp does not shard 4-bit (qlora) weights", "use train.method: lora, or DDP (fsdp: false)")
-    if not resume and not force and checkpoint.trained_before(run_dir):
-        raise ConfigError(f"{run_dir} already holds a trained run (checkpoints, adapter or metrics.jsonl)",
+    if not resume and not force and run.has_outputs("train"):
+        raise ConfigError(f"{run.dir} already holds a trained run (checkpoints, adapter or metrics.jsonl)",
                           "--resume continues it; --set name=NEW trains a new one; --force deletes it and starts over")
     if world.main:  # what a killed process left half-written: .tmp-adapter-*, .tmp-step-*, .tmp-train.jsonl-*
-        remove_temporaries(run_dir, run_dir / "checkpoints", run_dir / "data")
+        remove_temporaries(run.dir, run.checkpoints, run.data)
     world.barrier()  # before any rank writes its own temporaries into data/
     torch.manual_seed(cfg.seed)
     if device == "cpu":
@@ -142,7 +142,7 @@ def _train(config: Config, console: Console, resume: bool, force: bool, clock: C
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * engine.steps_per_epoch)
     scheduler = _scheduler(engine.optimizer, config, total_steps)
 
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = run.checkpoints
     state = TrainState()
     settings = checkpoint.resume_settings(config, "fast" if isinstance(engine, FastEngine) else "hf")
     latest = checkpoint.resume_point(checkpoints, settings, console.print) if resume else None
@@ -157,14 +157,14 @@ def _train(config: Config, console: Console, resume: bool, force: bool, clock: C
     elif world.main:  # a new run, --force, or a resume with no intact checkpoint to resume from
         if resume and checkpoint.complete(checkpoints):
             console.print("no intact checkpoint to resume from: training from the start")
-        _clear_previous(run_dir)
+        run.clear("train")
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     if world.main:
-        write_json(run_dir / "run.json", _run_record(config, device, data, started_at, None, world))
+        run.write_record(_run_record(config, device, data, started_at, None, world))
 
     # --- loop: step, log, eval, checkpoint
     gpu_memory = _gpu_memory_at_start() if device == "cuda" else None
-    metrics = MetricsLog(run_dir, state.step, write=world.main)
+    metrics = MetricsLog(run.metrics, run.tensorboard, state.step, write=world.main)
     window_loss, window_steps, last_eval = state.window_loss, state.window_steps, None
     t0, tokens_at_start, seen_inputs = clock(), state.tokens, 0
     budget = TimeBudget(cfg.max_minutes * 60, cfg, len(data.eval)) if cfg.max_minutes else None
@@ -267,7 +267,7 @@ def _train(config: Config, console: Console, resume: bool, force: bool, clock: C
 
     # --- save: a PEFT adapter that PeftModel.from_pretrained loads, whichever engine trained it; with
     # train.method: full the whole checkpoint (model/), which every later stage loads in place of base + adapter
-    output_dir = inference.trained_dir(run_dir, config)
+    output_dir = run.trained_dir(config)
     trainable = engine.trainable()
     checkpoint.check_finite(trainable, state.step, cfg.learning_rate)
     if world.main:
@@ -277,12 +277,12 @@ def _train(config: Config, console: Console, resume: bool, force: bool, clock: C
     digests = world.weight_digests(trainable) if world.size > 1 else None
     if digests and len(set(digests)) > 1:  # a bug, not a user error: the ranks stopped training one model
         raise RuntimeError(f"ranks ended with different adapter weights: {digests}")
-    world.barrier()  # metrics.jsonl is complete before any rank reads the final numbers from it
+    world.barrier()  # the metrics file is complete before any rank reads the final numbers from it
     seconds = state.elapsed
     final = {
         "steps": state.step,
-        "train_loss": _last(run_dir / "metrics.jsonl", "loss"),
-        "eval_loss": last_eval if last_eval is not None else _last(run_dir / "metrics.jsonl", "eval_loss"),
+        "train_loss": _last(run.metrics, "loss"),
+        "eval_loss": last_eval if last_eval is not None else _last(run.metrics, "eval_loss"),
         "train_seconds": round(seconds, 1),
         "trained_tokens": state.tokens,
         "trained_tokens_per_second": round((state.tokens - tokens_at_start) / max(seconds, 1e-9), 1),
@@ -297,8 +297,8 @@ def _train(config: Config, console: Console, resume: bool, force: bool, clock: C
     if stopped_early:
         final["stopped_early"] = stopped_early
     if world.main:
-        write_json(run_dir / "run.json", _run_record(config, device, data, started_at, final, world))
-    return TrainResult(run_dir, output_dir, state.step, final["train_loss"], final["eval_loss"], seconds,
+        run.write_record(_run_record(config, device, data, started_at, final, world))
+    return TrainResult(run.dir, output_dir, state.step, final["train_loss"], final["eval_loss"], seconds,
                        final["trained_tokens_per_second"])
 
 
@@ -382,14 +382,6 @@ def _rescheduled(scheduler: Any, optimizer: Any, config: Config, total_steps: in
     return fitted
 
 
-def _clear_previous(run_dir: Path) -> None:
-    import shutil
-
-    for name in ("checkpoints", inference.ADAPTER, inference.FULL_MODEL, "tb"):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-
-
 def _last(path: Path, key: str) -> float | None:
     value = None
     if path.exists():
@@ -398,14 +390,6 @@ def _last(path: Path, key: str) -> float | None:
             if key in record:
                 value = record[key]
     return value
-
-
-def record_config(config: Config) -> dict[str, Any]:
-    """The resolved config as run.json keeps it: never a secret (serve.api_key) in a run folder, which is copied,
-    shared and shown by the web UI."""
-    dumped = config.model_dump(mode="json")
-    dumped["serve"].pop("api_key", None)
-    return dumped
 
 
 def _file_hash(paths: list[str | None]) -> str:
