@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.atomic import write_text
+from tunesmith.evaluate.run import model_label
 from tunesmith.evaluate.scorers import mean_scores
 from tunesmith.run import Run
 
@@ -91,10 +92,6 @@ def _table(headers: list[str], rows: list[list[Any]], table_id: str) -> str:
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
-def _label(model: str) -> str:
-    return Path(model).name if model.endswith(".gguf") else model
-
-
 def build_report(run_dir: Path) -> Path:
     folder = Run(run_dir)
     run = _read_json(folder.record) or {}
@@ -159,13 +156,13 @@ def _eval_section(rows: list[dict[str, Any]]) -> str:
     table_rows = []
     for model, model_rows in by_model.items():
         means = mean_scores([r["scores"] for r in model_rows])
-        table_rows.append([_label(model), len(model_rows), *[means.get(key) for key in headline]])
+        table_rows.append([model_label(model), len(model_rows), *[means.get(key) for key in headline]])
     out = [_table(["model", "n", *headline], table_rows, "eval-table")]
     detail = [key for key in keys if ":" in key]  # a task scorer's per-rule scores, e.g. recall:seatbelt
     if detail:
         model_means = {model: mean_scores([r["scores"] for r in model_rows]) for model, model_rows in by_model.items()}
         out.append("<h3>Per-rule scores (mean over the answers each applies to)</h3>")
-        out.append(_table(["score", *[_label(model) for model in by_model]],
+        out.append(_table(["score", *[model_label(model) for model in by_model]],
                           [[key, *[model_means[model].get(key) for model in by_model]] for key in detail],
                           "rule-table"))
     base = {r["index"]: r for r in by_model.get("base", [])}

@@ -163,7 +163,7 @@ def print_summary(results: list[ModelScores], console: Console) -> None:
     table = Table(title="evaluation (mean over held-out examples)")
     table.add_column("score")
     for result in results:
-        table.add_column(_label(result.model), justify="right")
+        table.add_column(model_label(result.model), justify="right")
     table.add_row("examples", *[str(result.n) for result in results])
     for key in headline + [key for key in keys if ":" in key]:
         table.add_row(key, *[f"{result.means[key]:.3f}" if result.means.get(key) is not None else "–"
@@ -173,9 +173,8 @@ def print_summary(results: list[ModelScores], console: Console) -> None:
     console.print(table)
 
 
-def _label(model: str) -> str:
-    """`base`, `finetuned`, or a GGUF's quantization (runs/goDrive/gguf/goDrive.q8_0.gguf -> q8_0)."""
-    if not model.endswith(".gguf"):
-        return model
-    parts = Path(model).name.split(".")
-    return parts[-2] if len(parts) > 2 else Path(model).name
+def model_label(model: str) -> str:
+    """How tables name a model: `base`, `finetuned`, or a GGUF's file name (runs/goDrive/gguf/goDrive.q8_0.gguf ->
+    goDrive.q8_0.gguf): its whole path is too long for a column, and the quantization alone does not say which
+    file it was."""
+    return Path(model).name if model.endswith(".gguf") else model

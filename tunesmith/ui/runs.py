@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 # Reuse the report's readers, so the page and report.html read the run's files the same way.
-from tunesmith.evaluate.report import _label, _read_json
-from tunesmith.evaluate.run import summarize
+from tunesmith.evaluate.report import _read_json
+from tunesmith.evaluate.run import model_label, summarize
 from tunesmith.run import CHECKPOINTS, EVAL_ANSWERS, FIDELITY, GGUF, METRICS, MODELFILE, REPORT, RUN_JSON
 
 # A run's name is its config's `name`, which also names its model: the store's rule for a name part.
@@ -167,7 +167,7 @@ def eval_table(run_dir: Path) -> tuple[list[str], list[list[Any]]]:
     results = summarize(run_dir)
     # The headline scores; the task scorer's per-rule ones (`rule:...`) stay in report.html.
     keys = [key for key in dict.fromkeys(k for result in results for k in result.means) if ":" not in key]
-    return keys, [[_label(r.model), r.n, *[r.means.get(key) for key in keys]] for r in results]
+    return keys, [[model_label(r.model), r.n, *[r.means.get(key) for key in keys]] for r in results]
 
 
 @dataclass
