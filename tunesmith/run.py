@@ -248,7 +248,7 @@ class Run:
         """Whether any output of `stage` is there (an empty checkpoints/ folder is none)."""
         for name in OUTPUTS[stage]:
             path = self.dir / name
-            if path.is_dir() and any(path.iterdir()) or path.is_file():
+            if path.is_file() or (path.is_dir() and any(path.iterdir())):
                 return True
         return False
 
