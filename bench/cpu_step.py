@@ -21,8 +21,8 @@ import torch
 
 from tunesmith.config import load_config
 from tunesmith.models import load_model, resolve_base
-from tunesmith.train.loop import completion_loss
 from tunesmith.train.lora import apply_lora
+from tunesmith.train.loss import completion_loss
 
 
 def main() -> None:

@@ -71,8 +71,9 @@ def profile(steps: int, base: str) -> dict:
     from tunesmith.models import load_model, load_tokenizer, resolve_base
     from tunesmith.train import distributed
     from tunesmith.train.engines import HFEngine
-    from tunesmith.train.loop import _dtype, _optimizer, completion_loss, use_bf16
+    from tunesmith.train.loop import _optimizer
     from tunesmith.train.lora import apply_lora
+    from tunesmith.train.loss import completion_loss, model_dtype, use_bf16
 
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(scratch)
@@ -81,7 +82,7 @@ def profile(steps: int, base: str) -> dict:
         tokenizer = load_tokenizer(resolved)
         data = prepare(config, tokenizer)
     torch.manual_seed(config.train.seed)
-    model = load_model(resolved, dtype=_dtype(config, "cpu"))
+    model = load_model(resolved, dtype=model_dtype(config, "cpu"))
     model.config.use_cache = False
     model = apply_lora(model, config.lora, config.train.seed)
     forward = distributed.wrap(model, completion_loss, distributed.ALONE, "cpu", False, use_bf16(config, "cpu"))

@@ -6,7 +6,7 @@ import torch
 
 from tunesmith.models import load_model
 from tunesmith.train import batches
-from tunesmith.train.loop import completion_loss
+from tunesmith.train.loss import completion_loss
 
 
 def _examples() -> list[dict[str, list[int]]]:

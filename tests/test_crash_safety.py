@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.disk import leave_free, pages, small_disk
+from tests.train_support import adapter_weights, write_train_config
 
 SECRET = "s3cret-api-key-0123456789"
 
@@ -41,24 +42,7 @@ def cli(capsys):
 
 
 def _write_config(tmp: Path, model: Path, data: Path, name: str = "run", **train) -> Path:
-    config = {
-        "name": name,
-        "runs_dir": str(tmp / "runs"),
-        "model": {"base": str(model)},
-        "data": {"train_file": str(data), "eval_fraction": 0.125},
-        "serve": {"api_key": SECRET},
-        "train": {"max_steps": 12, "batch_size": 4, "save_steps": 3, "log_steps": 1, "eval_steps": 6,
-                  "learning_rate": 5e-3, "bf16": False, **train},
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def _adapter(run: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(run / "adapter" / "adapter_model.safetensors")
+    return write_train_config(tmp, model, data, name, serve={"api_key": SECRET}, **train)
 
 
 def _same_adapter(a: dict, b: dict) -> None:
@@ -89,7 +73,7 @@ def trained(tiny_qwen3, tmp_path_factory) -> tuple[Path, Path, dict]:
 
     train(load_config(config), Console(quiet=True))
     run = tmp / "runs" / "run"
-    return run, config, _adapter(run)
+    return run, config, adapter_weights(run)
 
 
 def _copy(trained: tuple[Path, Path, dict], tmp_path: Path) -> tuple[Path, Path]:
@@ -127,7 +111,7 @@ def test_resume_passes_over_a_truncated_checkpoint_trims_a_torn_metrics_line_and
     assert done.returncode == 0, done.stderr
     assert "checkpoint step-00000012 is damaged: trainable.safetensors has" in done.stdout
     assert "resuming from step-00000009 (step 9 of 12)" in done.stdout
-    _same_adapter(_adapter(run), trained[2])  # the three steps retraced exactly
+    _same_adapter(adapter_weights(run), trained[2])  # the three steps retraced exactly
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))
     assert not list(run.rglob(".tmp-*")), "a killed process's temporaries were kept"
@@ -238,4 +222,4 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_the_run_resumes_a
         resumed = cli("train", "--config", str(on_disk), "--resume")
         assert resumed.returncode == 0, resumed.stderr
         assert "resuming from step-00000003" in resumed.stdout
-        _same_adapter(_adapter(out), adapter)
+        _same_adapter(adapter_weights(out), adapter)

@@ -51,11 +51,11 @@ def test_prepare_reports_skips_and_duplicates_and_writes_its_files_atomically(tm
     assert stats["tokens"]["train"]["count"] == 36 and stats["tokens"]["train"]["over_max"] == 0
     assert stats["trained_tokens"]["min"] >= 2
     out = cfg.run_dir / "data"
-    assert sorted(p.name for p in out.iterdir()) == ["duplicates.txt", "eval.jsonl", "stats.json",
-                                                     "train.jsonl"]  # no .tmp- left
+    assert sorted(p.name for p in out.iterdir()) == ["duplicates.txt", "stats.json", "train.jsonl",
+                                                     "validation.jsonl"]  # no .tmp- left
     assert (out / "duplicates.txt").read_text(encoding="utf-8").splitlines() == stats["duplicates"]
     assert json.loads((out / "stats.json").read_text(encoding="utf-8"))["split"]["eval"] == 4
-    written = [json.loads(line) for line in (out / "eval.jsonl").read_text(encoding="utf-8").splitlines()]
+    written = [json.loads(line) for line in (out / "validation.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [w["messages"] for w in written] == [e.messages for e in prepared.eval_examples]
     assert written[0]["messages"][0] == {"role": "system", "content": "系统"}
     lines = summary_lines(stats)

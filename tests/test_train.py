@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, run_cli
+from tests.train_support import adapter_weights, write_train_config
 
 
 def _dataset(path: Path, n: int = 48) -> Path:
@@ -24,24 +25,7 @@ def _dataset(path: Path, n: int = 48) -> Path:
 
 
 def _config(tmp: Path, model: Path, name: str, **train) -> Path:
-    config = {
-        "name": name,
-        "runs_dir": str(tmp / "runs"),
-        "model": {"base": str(model)},
-        "data": {"train_file": str(_dataset(tmp / "train.jsonl")), "eval_fraction": 0.125},
-        # fp32: the comparisons below are at fp32 rounding (bf16, the default on AMX CPUs, is tested apart)
-        "train": {"max_steps": 12, "batch_size": 4, "save_steps": 3, "log_steps": 1, "eval_steps": 6,
-                  "learning_rate": 5e-3, "bf16": False, **train},
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def _adapter(run: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(run / "adapter" / "adapter_model.safetensors")
+    return write_train_config(tmp, model, _dataset(tmp / "train.jsonl"), name, **train)
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:
@@ -74,7 +58,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_qwen3):
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from step-" in resumed.stdout
 
-    a, b = _adapter(tmp_path / "runs" / "straight"), _adapter(run)
+    a, b = adapter_weights(tmp_path / "runs" / "straight"), adapter_weights(run)
     assert a.keys() == b.keys() and len(a) == 2 * 7 * 2  # A and B for 7 projections in 2 layers
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
@@ -167,7 +151,7 @@ def test_fast_path_through_tunesmith_train_resumes_and_saves_a_peft_adapter(tmp_
     assert "GPU fast path: packed" in done.stdout
     run = tmp_path / "runs" / "fast"
     PeftModel.from_pretrained(load_model(tiny_qwen3), run / "adapter")
-    reference = _adapter(run)
+    reference = adapter_weights(run)
     # The step keeps its loss and gradient norm on the device; the loop reads both at log steps (log_steps 1).
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "loss" in r] == list(range(1, 7))
@@ -181,7 +165,7 @@ def test_fast_path_through_tunesmith_train_resumes_and_saves_a_peft_adapter(tmp_
     resumed = run_cli("train", "--config", str(straight), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from step-00000003" in resumed.stdout
-    for key, value in _adapter(run).items():
+    for key, value in adapter_weights(run).items():
         torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6)
 
 
@@ -257,7 +241,7 @@ def test_time_budget_fits_the_schedule_and_a_resume_keeps_its_length(tmp_path, t
     last = [record for record in logged if "loss" in record][-1]
     assert (last["step"], last["learning_rate"]) == (26, 0.0)  # the schedule ended where the budget did
     assert [record["step"] for record in logged if "eval_loss" in record] == [15, 20, 26]
-    reference = _adapter(run)
+    reference = adapter_weights(run)
 
     # Lose the last checkpoint and the adapter, then resume under a budget 30x larger: the length fitted
     # before stands, and the run retraces its last steps exactly.
@@ -268,7 +252,7 @@ def test_time_budget_fits_the_schedule_and_a_resume_keeps_its_length(tmp_path, t
     assert "resuming from step-00000024 (step 24 of 26)" in out
     assert "steps fit" not in out
     assert json.loads((run / "run.json").read_text())["final"]["steps"] == 26
-    for key, value in _adapter(run).items():
+    for key, value in adapter_weights(run).items():
         torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6)
 
 
@@ -290,7 +274,7 @@ def test_time_budget_stops_a_run_that_slows_down_after_the_fit(tmp_path, tiny_qw
 def test_bf16_auto_follows_the_cpus_bf16_instructions(setting, device, expected):
     """auto: bf16 on CPUs with AMX or AVX512-BF16 (1.48x on goDrive, bench/RESULTS.md), fp32 elsewhere."""
     from tunesmith.config import Config
-    from tunesmith.train.loop import cpu_has_bf16, use_bf16
+    from tunesmith.train.loss import cpu_has_bf16, use_bf16
 
     config = Config.model_validate({"model": {"base": "x"}, "train": {"bf16": setting}})
     flags = Path("/proc/cpuinfo").read_text().split()

@@ -26,6 +26,7 @@ from tunesmith.evaluate.report import build_report
 from tunesmith.evaluate.scorers import score_all
 from tunesmith.export import fidelity
 from tunesmith.export.modelfile import write_modelfile
+from tunesmith.run import Run
 from tunesmith.serve.known_templates import CHATML
 from tunesmith.serve.store import Store
 from tunesmith.train.distributed import World
@@ -51,9 +52,8 @@ def make_run(runs: Path, name: str, steps: int, *, ended: bool, started: datetim
     final = {"steps": steps, "train_loss": train_record(steps)["loss"], "eval_loss": 0.61, "train_seconds": 60.0,
              "trained_tokens": 512 * steps, "trained_tokens_per_second": 430.0} if ended else None
     data = SimpleNamespace(train=[{}] * 96, eval=[{}] * 8)
-    write_json(run / "run.json", _run_record(Config(name=name, runs_dir=str(runs)), "cpu", data, started_at, final,
-                                             World()))
-    log = MetricsLog(run, 0)
+    Run(run).write_record(_run_record(Config(name=name, runs_dir=str(runs)), "cpu", data, started_at, final, World()))
+    log = MetricsLog(Run(run).metrics, Run(run).tensorboard, 0)
     for step in range(1, steps + 1):
         log.write(train_record(step))
         if step % 5 == 0:  # the eval record's keys as the loop writes them with train.eval_accuracy on
@@ -178,7 +178,7 @@ def test_loss_curve_has_a_point_per_step_and_grows_while_training(site, page, tm
     page.evaluate("window.notReloaded = true")
 
     # Training logs two more steps, as the loop does: append, flush, while the page keeps polling.
-    log = MetricsLog(run, steps[-1])
+    log = MetricsLog(Run(run).metrics, Run(run).tensorboard, steps[-1])
     for step in (steps[-1] + 1, steps[-1] + 2):
         log.write(train_record(step))
     log.write({"step": steps[-1] + 2, "eval_loss": 0.5, "eval_exact_match": 0.875})

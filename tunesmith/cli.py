@@ -20,6 +20,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer v
 
 from tunesmith.config import Config, load_config
 from tunesmith.errors import ConfigError, TunesmithError
+from tunesmith.run import MODELFILE  # `ollama create`'s default file name, which runs write too
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -43,6 +44,16 @@ RunOpt = Annotated[Path | None, typer.Option("--run", help="A run folder, runs/<
 
 def _config(config: Path | None, sets: list[str] | None) -> Config:
     return load_config(config, sets or [])
+
+
+def _live(run_dir: Path, config: Path | None, sets: list[str] | None) -> Config | None:
+    """The live config a command on a trained run takes its own section from (tunesmith/run.py): the --config
+    file (with --set), or run.json's config edited by --set; None when the command line gives neither."""
+    from tunesmith.run import Run
+
+    if config is not None:
+        return _config(config, sets)
+    return load_config(None, sets, base=Run(run_dir).read_record()["config"]) if sets else None
 
 
 def _host(config: Path | None, sets: list[str] | None) -> str | None:
@@ -134,9 +145,10 @@ def _check_gpus(processes: int, device: str) -> None:
 def generate(prompt: str, run: RunOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Answer one prompt with the fine-tuned model (base + adapter, or the fully fine-tuned model), streaming."""
     from tunesmith import inference
+    from tunesmith.run import Run
 
     run_dir = run or _config(config, set_).run_dir
-    settings = inference.run_config(run_dir)
+    settings = Run(run_dir).recorded_config()
     model, tokenizer = inference.load_finetuned(run_dir, settings)
     for piece in inference.stream(model, tokenizer, inference.messages_for(prompt, settings), settings):
         console.out(piece, end="", highlight=False)
@@ -154,11 +166,11 @@ def eval_(
     set_: SetOpt = None,
 ) -> None:
     """Score base vs fine-tuned vs each GGUF on held-out examples; writes runs/<name>/eval.jsonl."""
-    from tunesmith import inference
     from tunesmith.evaluate.run import evaluate, gguf_models, print_summary
+    from tunesmith.run import Run
 
     run_dir = run or _config(config, set_).run_dir
-    settings = inference.run_config(run_dir)
+    settings = Run(run_dir).config_for("eval", _live(run_dir, config, set_))
     names: list[str] = []
     for name in models.split(","):
         if name == "gguf":
@@ -180,11 +192,9 @@ def export(
     """Merge, convert to GGUF, quantize, write the Modelfile and check fidelity."""
     from tunesmith.export import export_run
 
-    loaded = _config(config, set_)
-    # The run's own export settings, unless this command line gives a config or --set of its own.
-    settings = loaded.export if (config or set_) else None
-    export_run(run or loaded.run_dir, quant.split(",") if quant is not None else None, console, strict=strict,
-               settings=settings)
+    run_dir = run or _config(config, set_).run_dir
+    export_run(run_dir, quant.split(",") if quant is not None else None, console, strict=strict,
+               live=_live(run_dir, config, set_))
 
 
 @app.command()
@@ -224,7 +234,7 @@ def serve(
 @app.command()
 def create(
     name: str,
-    file: Annotated[Path, typer.Option("--file", "-f", help="The Modelfile.")] = Path("Modelfile"),
+    file: Annotated[Path, typer.Option("--file", "-f", help="The Modelfile.")] = Path(MODELFILE),
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -307,14 +317,14 @@ def deploy(
     set_: SetOpt = None,
 ) -> None:
     """Upload the exported GGUF and create the model on an Ollama (or tunesmith) server."""
-    from tunesmith import inference
+    from tunesmith.run import Run
     from tunesmith.serve import client
 
-    run_dir = run or _config(config, set_).run_dir
-    modelfile = run_dir / "Modelfile"
+    folder = Run(run or _config(config, set_).run_dir)
+    modelfile = folder.modelfile
     if not modelfile.is_file():
-        raise ConfigError(f"{run_dir}: no Modelfile", "run `tunesmith export` first")
-    model_name = name or inference.run_config(run_dir).name
+        raise ConfigError(f"{folder.dir}: no Modelfile", "run `tunesmith export` first")
+    model_name = name or folder.recorded_config().name
     client.create_from_modelfile(to, model_name, modelfile, progress=console.print,
                                  api_key=os.environ.get("TUNESMITH_API_KEY") or os.environ.get("OLLAMA_API_KEY"))
     console.print(f"created {model_name} on {to}; try: curl {to}/api/generate -d "
@@ -339,11 +349,11 @@ def pipeline(
 def report(run: RunOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Rebuild runs/<name>/report.html."""
     from tunesmith.evaluate.report import build_report
+    from tunesmith.run import Run
 
-    run_dir = run or _config(config, set_).run_dir
-    if not (run_dir / "run.json").is_file():
-        raise ConfigError(f"{run_dir}: not a tunesmith run (no run.json)", "pass --run runs/<name> of a trained run")
-    console.print(f"report: {build_report(run_dir)}")
+    folder = Run(run or _config(config, set_).run_dir)
+    folder.read_record()  # not a run: one line that says so
+    console.print(f"report: {build_report(folder.dir)}")
 
 
 def main(argv: list[str] | None = None) -> int:

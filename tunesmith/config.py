@@ -6,6 +6,7 @@ Every default in tunesmith lives here. The LoRA and seed defaults are the refere
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 from pathlib import Path
@@ -236,14 +237,16 @@ class Config(Section):
         return self
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
     """Read the YAML file (if any), apply `key.path=value` overrides, validate.
 
     Relative file paths in `data.*` and `eval.file` are taken relative to the config file, so a
-    config works from any working directory.
+    config works from any working directory. `base`, without a file: the settings the overrides edit (a run's
+    recorded config) instead of the defaults.
     """
-    raw: dict[str, Any] = {}
-    source = "<defaults>"
+    raw: dict[str, Any] = copy.deepcopy(base) if base is not None and path is None else {}
+    source = "<defaults>" if base is None else "<the run's config>"
     if path is not None:
         source = str(path)
         raw = _read_yaml(Path(path))

@@ -84,7 +84,7 @@ def _torch() -> list[Check]:
         # Not a problem: tunesmith trains on CPU too, only slower.
         checks.append(Check("cuda", "not available: training runs on the CPU"))
         checks.append(Check("gpu", "none"))
-        from tunesmith.train.loop import cpu_has_bf16
+        from tunesmith.train.loss import cpu_has_bf16
 
         checks.append(Check("bf16", "CPU has AMX/AVX512-BF16: training computes in bf16" if cpu_has_bf16()
                             else "CPU without bf16 instructions: training uses fp32"))

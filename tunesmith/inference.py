@@ -6,48 +6,23 @@ Used by `tunesmith generate` (the article's quick inference test) and by evaluat
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from tunesmith.config import Config
-from tunesmith.errors import ConfigError, ModelError
-
-
-def run_config(run_dir: Path) -> Config:
-    """The resolved config a run was trained with (from its run.json)."""
-    record = run_dir / "run.json"
-    if not record.is_file():
-        raise ConfigError(f"{run_dir}: not a tunesmith run (no run.json)", "pass --run runs/<name> of a trained run")
-    return Config.model_validate(json.loads(record.read_text(encoding="utf-8"))["config"])
-
-
-ADAPTER = "adapter"
-FULL_MODEL = "model"
-
-
-def trained_dir(run_dir: Path, config: Config) -> Path:
-    """Where training leaves its result: the PEFT adapter (`adapter/`, LoRA and QLoRA), or with
-    `train.method: full` the whole fine-tuned checkpoint (`model/`)."""
-    return Path(run_dir) / (FULL_MODEL if config.train.method == "full" else ADAPTER)
-
-
-def trained(run_dir: Path, config: Config) -> bool:
-    """Whether training completed: its result is written last and atomically, so existing means complete."""
-    directory = trained_dir(run_dir, config)
-    weights = "model.safetensors" if config.train.method == "full" else "adapter_model.safetensors"
-    return (directory / weights).is_file() or (directory / f"{weights}.index.json").is_file()
+from tunesmith.errors import ModelError
+from tunesmith.run import Run
 
 
 def load_finetuned(run_dir: Path, config: Config) -> tuple[Any, Any]:
     """(model, tokenizer) as fine-tuned: base + the run's adapter, or the fully fine-tuned checkpoint."""
+    directory = Run(run_dir).trained_dir(config)
     if config.train.method != "full":
-        return load(config, trained_dir(run_dir, config))
+        return load(config, directory)
     from tunesmith.models import load_model, load_tokenizer
 
-    directory = trained_dir(run_dir, config)
     if not (directory / "config.json").is_file():
         raise ModelError(f"{directory}: no fine-tuned model here", "run `tunesmith train` first")
     model = load_model(directory, trust_remote_code=config.model.trust_remote_code)

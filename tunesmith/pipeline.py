@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from rich.console import Console
 
 from tunesmith.atomic import write_json
-from tunesmith.config import Config
+from tunesmith.config import Config, ServeConfig
 from tunesmith.errors import TunesmithError
+from tunesmith.run import OUTPUTS, Run, held_out_file
 
 
 @dataclass
@@ -32,10 +31,18 @@ class Context:
     serve: bool = True
     deploy: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    _stage_configs: dict[str, Config] = field(default_factory=dict)
 
     @property
-    def run_dir(self) -> Path:
-        return self.config.run_dir
+    def run(self) -> Run:
+        return Run.of(self.config)
+
+    def stage_config(self, stage: str) -> Config:
+        """The config a stage after training runs with (run.py's rule: run.json's, with the stage's own section
+        from this pipeline's config), worked out once per stage, so a difference is said once."""
+        if stage not in self._stage_configs:
+            self._stage_configs[stage] = self.run.config_for(stage, self.config)
+        return self._stage_configs[stage]
 
 
 class StageFailed(TunesmithError):
@@ -62,42 +69,38 @@ def _train(ctx: Context) -> None:
 def _eval(ctx: Context) -> None:
     from tunesmith.evaluate.run import evaluate, print_summary
 
-    results = evaluate(ctx.config, ctx.run_dir, None, ["base", "finetuned"], ctx.console)
+    results = evaluate(ctx.stage_config("eval"), ctx.run.dir, None, ["base", "finetuned"], ctx.console)
     print_summary(results, ctx.console)
 
 
 def _export(ctx: Context) -> None:
     from tunesmith.export import export_run
 
-    export_run(ctx.run_dir, None, ctx.console)
+    export_run(ctx.run.dir, None, ctx.console, live=ctx.config)
 
 
 def _eval_gguf(ctx: Context) -> None:
     from tunesmith.evaluate.run import evaluate, gguf_models, print_summary
 
-    results = evaluate(ctx.config, ctx.run_dir, None, gguf_models(ctx.run_dir), ctx.console, keep_existing=True)
+    results = evaluate(ctx.stage_config("eval"), ctx.run.dir, None, gguf_models(ctx.run.dir), ctx.console,
+                       keep_existing=True)
     print_summary(results, ctx.console)
 
 
 def _gguf_evaluated(ctx: Context) -> bool:
     from tunesmith.evaluate.run import evaluated_models, gguf_models
 
-    ggufs = gguf_models(ctx.run_dir)
-    return bool(ggufs) and set(ggufs) <= evaluated_models(ctx.run_dir)
-
-
-def _trained(ctx: Context) -> bool:
-    from tunesmith import inference
-
-    return inference.trained(ctx.run_dir, ctx.config)
+    ggufs = gguf_models(ctx.run.dir)
+    return bool(ggufs) and set(ggufs) <= evaluated_models(ctx.run.dir)
 
 
 def _create(ctx: Context) -> None:
     from tunesmith.serve import client
 
     host = ctx.deploy or _host(ctx.config)
-    with contextlib.nullcontext() if ctx.deploy else client.server_at(host):
-        client.create_from_modelfile(host, ctx.config.name, ctx.run_dir / "Modelfile")
+    serve = ctx.stage_config("serve").serve
+    with contextlib.nullcontext() if ctx.deploy else client.server_at(host, serve):
+        client.create_from_modelfile(host, ctx.config.name, ctx.run.modelfile, api_key=_key(ctx, serve))
     ctx.console.print(f"  created {ctx.config.name} on {host}")
 
 
@@ -110,10 +113,11 @@ def _serve(ctx: Context) -> None:
     from tunesmith.serve import client
 
     host = ctx.deploy or _host(ctx.config)
-    with contextlib.nullcontext() if ctx.deploy else client.server_at(host) as server:
-        asked, samples = [], _sample_prompts(ctx)
+    serve, evaluation = ctx.stage_config("serve").serve, ctx.stage_config("eval")
+    with contextlib.nullcontext() if ctx.deploy else client.server_at(host, serve) as server:
+        asked, samples = [], _sample_prompts(evaluation)
         for prompt, reference in samples:
-            reply = _ask(host, ctx.config.name, prompt, ctx.config.eval.max_new_tokens)
+            reply = _ask(host, ctx.config.name, prompt, evaluation.eval.max_new_tokens, _key(ctx, serve))
             right = reference is not None and reply.strip() == reference.strip()
             asked.append((prompt, right))
             ctx.console.print(f"  prompt: {prompt}", highlight=False)
@@ -138,14 +142,15 @@ def _serve(ctx: Context) -> None:
                 pass
 
 
-def _ask(host: str, model: str, prompt: str, num_predict: int) -> str:
+def _ask(host: str, model: str, prompt: str, num_predict: int, api_key: str | None) -> str:
     """The article's request: POST /api/generate with stream false, its answer bounded as the eval stage bounds
     them (`eval.max_new_tokens`): "right" means the same here as in the eval table, and a model that never ends its
     turn cannot print pages of text (the curl line shown afterwards carries no bound, as the article's)."""
     import httpx
 
     response = httpx.post(f"{host}/api/generate", json={"model": model, "prompt": prompt, "stream": False,
-                                                          "options": {"num_predict": num_predict}}, timeout=300)
+                                                          "options": {"num_predict": num_predict}}, timeout=300,
+                          headers={"Authorization": f"Bearer {api_key}"} if api_key else None)
     if response.status_code != 200:
         raise TunesmithError(f"{host}/api/generate answered {response.status_code}: {response.text[:200]}")
     return response.json()["response"]
@@ -155,18 +160,24 @@ def _host(config: Config) -> str:
     return f"http://{config.serve.host}:{config.serve.port}"
 
 
-def _sample_prompts(ctx: Context) -> list[tuple[str, str | None]]:
+def _key(ctx: Context, serve: ServeConfig) -> str | None:
+    """The key the pipeline's own requests carry: the server it started has the serve section's; a server
+    deployed to is reached as `tunesmith deploy` reaches it (the client reads TUNESMITH_API_KEY)."""
+    return None if ctx.deploy else serve.api_key
+
+
+def _sample_prompts(config: Config) -> list[tuple[str, str | None]]:
     """The first SAMPLES held-out prompts with their reference answers; training prompts (reference None) when
     there is no held-out file."""
     from tunesmith.evaluate.run import load_cases
 
-    held_out = ctx.config.eval.file or ctx.config.data.test_file
-    cases = load_cases(held_out or ctx.config.data.train_file, ctx.config, SAMPLES)
+    held_out = held_out_file(config)
+    cases = load_cases(held_out or config.data.train_file, config, SAMPLES)
     return [(case.messages[-1]["content"], case.reference if held_out else None) for case in cases]
 
 
-def _exist(*names: str) -> Callable[[Context], bool]:
-    return lambda ctx: all((ctx.run_dir / name).exists() for name in names)
+def _done(stage: str) -> Callable[[Context], bool]:
+    return lambda ctx: ctx.run.complete(stage, ctx.config)
 
 
 def _never(ctx: Context) -> bool:
@@ -176,16 +187,13 @@ def _never(ctx: Context) -> bool:
 # name, function, "is it complete?" (outputs are written atomically, so existing means complete)
 STAGES: list[tuple[str, Callable[[Context], None], Callable[[Context], bool]]] = [
     ("data", _data, _never),  # seconds, and it re-validates the data file, which may have changed
-    ("train", _train, _trained),  # adapter/ (LoRA, QLoRA) or model/ (full fine-tuning)
-    ("eval", _eval, _exist("eval.jsonl")),
-    ("export", _export, _exist("Modelfile", "fidelity.json")),
+    ("train", _train, _done("train")),  # adapter/ (LoRA, QLoRA) or model/ (full fine-tuning)
+    ("eval", _eval, _done("eval")),
+    ("export", _export, _done("export")),
     ("eval-gguf", _eval_gguf, _gguf_evaluated),
     ("create", _create, _never),
     ("serve", _serve, _never),
 ]
-# What --force STAGE removes before redoing it.
-_OUTPUTS = {"train": ["adapter", "model", "checkpoints", "metrics.jsonl", "tb"], "eval": ["eval.jsonl"],
-            "export": ["merged", "gguf", "Modelfile", "fidelity.json"]}
 
 
 def run_pipeline(config: Config, console: Console, force: set[str] | None = None, serve: bool = True,
@@ -196,15 +204,13 @@ def run_pipeline(config: Config, console: Console, force: set[str] | None = None
         raise TunesmithError(f"--force: unknown stage {', '.join(sorted(unknown))}",
                              f"stages: {', '.join(name for name, _, _ in STAGES)}")
     ctx = Context(config, console, serve=serve, deploy=deploy)
-    console.print(f"[bold]tunesmith pipeline[/] {config.name}: base {config.model.base}, run folder {ctx.run_dir}")
+    console.print(f"[bold]tunesmith pipeline[/] {config.name}: base {config.model.base}, run folder {ctx.run.dir}")
     for name, stage, complete in STAGES:
         if name not in force and complete(ctx):
             console.print(f"[dim]✓ {name}: complete, skipped (--force {name} to redo)[/]")
             continue
-        if name in force:
-            for output in _OUTPUTS.get(name, []):
-                path = ctx.run_dir / output
-                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        if name in force and name in OUTPUTS:  # what --force STAGE removes before redoing it
+            ctx.run.clear(name)
         console.print(f"[bold cyan]▶ {name}[/]")
         started = time.perf_counter()
         try:
@@ -217,11 +223,11 @@ def run_pipeline(config: Config, console: Console, force: set[str] | None = None
         if name in ("eval", "eval-gguf", "export"):
             from tunesmith.evaluate.report import build_report
 
-            console.print(f"  report: {build_report(ctx.run_dir)}")
+            console.print(f"  report: {build_report(ctx.run.dir)}")
     return ctx.timings
 
 
 def _record_timings(ctx: Context) -> None:
-    path = ctx.run_dir / "timings.json"
+    path = ctx.run.timings
     previous = json.loads(path.read_text()) if path.exists() else {}
     write_json(path, {**previous, **ctx.timings})

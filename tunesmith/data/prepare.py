@@ -2,7 +2,7 @@
 
 `prepare(config, tokenizer) -> Prepared` with `.train` and `.eval` (lists of {"input_ids", "labels"}),
 the matching `.train_examples` / `.eval_examples` (messages + source), and `.stats` (also written as
-`data/stats.json`, next to `data/train.jsonl` and `data/eval.jsonl`, each written atomically).
+`data/stats.json`, next to the splits `data/train.jsonl` and `data/validation.jsonl`, each written atomically).
 Everything that removes or changes an example is counted in the stats and logged: skipped records,
 duplicates, stripped <think> blocks, truncated or dropped overlong examples.
 """
@@ -23,6 +23,7 @@ from tunesmith.data.split import dedupe, overlap, split
 from tunesmith.data.stats import length_stats
 from tunesmith.data.validate import Example, LoadReport, load_examples
 from tunesmith.errors import DataError
+from tunesmith.run import Run
 
 log = logging.getLogger("tunesmith.data")
 
@@ -113,17 +114,17 @@ def prepare(config: Config, tokenizer: Any) -> Prepared:
         "think_stripped": think_stripped,
         "loss_on": config.train.loss_on,
     }
-    out = config.run_dir / "data"
-    _write_jsonl(out / "train.jsonl", train_examples)
-    _write_jsonl(out / "eval.jsonl", eval_examples)
-    write_json(out / "stats.json", stats)
-    (out / "duplicates.txt").unlink(missing_ok=True)
+    run = Run.of(config)
+    _write_jsonl(run.train_split, train_examples)
+    _write_jsonl(run.eval_split, eval_examples)
+    write_json(run.stats, stats)
+    run.duplicates.unlink(missing_ok=True)
     if duplicates:
-        write_text(out / "duplicates.txt", "".join(line + "\n" for line in duplicates))
-    _summarize("duplicates removed (data.dedupe)", duplicates, out / "duplicates.txt", logging.INFO)
+        write_text(run.duplicates, "".join(line + "\n" for line in duplicates))
+    _summarize("duplicates removed (data.dedupe)", duplicates, run.duplicates, logging.INFO)
     _summarize(f"examples over train.max_seq_length {max_length} ({data.overlength})", overlong,
-               out / "stats.json", logging.WARNING)
-    _summarize("eval examples also in training", leaked, out / "stats.json", logging.WARNING)
+               run.stats, logging.WARNING)
+    _summarize("eval examples also in training", leaked, run.stats, logging.WARNING)
     return Prepared(train, evaluation, stats, train_examples, eval_examples)
 
 

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.atomic import write_text
+from tunesmith.evaluate.run import model_label
 from tunesmith.evaluate.scorers import mean_scores
+from tunesmith.run import Run
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }
@@ -90,16 +92,13 @@ def _table(headers: list[str], rows: list[list[Any]], table_id: str) -> str:
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
-def _label(model: str) -> str:
-    return Path(model).name if model.endswith(".gguf") else model
-
-
 def build_report(run_dir: Path) -> Path:
-    run = _read_json(run_dir / "run.json") or {}
-    metrics = _read_jsonl(run_dir / "metrics.jsonl")
-    rows = _read_jsonl(run_dir / "eval.jsonl")
-    fidelity = _read_json(run_dir / "fidelity.json")
-    timings = _read_json(run_dir / "timings.json") or {}
+    folder = Run(run_dir)
+    run = _read_json(folder.record) or {}
+    metrics = _read_jsonl(folder.metrics)
+    rows = _read_jsonl(folder.eval_answers)
+    fidelity = _read_json(folder.fidelity)
+    timings = _read_json(folder.timings) or {}
     name = (run.get("config") or {}).get("name", run_dir.name)
     parts = [f"<h1>tunesmith run: {html.escape(name)}</h1>"]
     config = run.get("config") or {}
@@ -130,7 +129,7 @@ def build_report(run_dir: Path) -> Path:
     parts.append(_eval_section(rows))
 
     parts.append("<h2>Export</h2>")
-    parts.append(_export_section(run_dir, fidelity))
+    parts.append(_export_section(folder, fidelity))
 
     parts.append("<h2>Timings</h2>")
     if timings:
@@ -140,7 +139,7 @@ def build_report(run_dir: Path) -> Path:
 
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: {html.escape(name)}</title>"
             f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
-    target = run_dir / "report.html"
+    target = folder.report
     write_text(target, page)
     return target
 
@@ -157,13 +156,13 @@ def _eval_section(rows: list[dict[str, Any]]) -> str:
     table_rows = []
     for model, model_rows in by_model.items():
         means = mean_scores([r["scores"] for r in model_rows])
-        table_rows.append([_label(model), len(model_rows), *[means.get(key) for key in headline]])
+        table_rows.append([model_label(model), len(model_rows), *[means.get(key) for key in headline]])
     out = [_table(["model", "n", *headline], table_rows, "eval-table")]
     detail = [key for key in keys if ":" in key]  # a task scorer's per-rule scores, e.g. recall:seatbelt
     if detail:
         model_means = {model: mean_scores([r["scores"] for r in model_rows]) for model, model_rows in by_model.items()}
         out.append("<h3>Per-rule scores (mean over the answers each applies to)</h3>")
-        out.append(_table(["score", *[_label(model) for model in by_model]],
+        out.append(_table(["score", *[model_label(model) for model in by_model]],
                           [[key, *[model_means[model].get(key) for model in by_model]] for key in detail],
                           "rule-table"))
     base = {r["index"]: r for r in by_model.get("base", [])}
@@ -177,8 +176,8 @@ def _eval_section(rows: list[dict[str, Any]]) -> str:
     return "".join(out)
 
 
-def _export_section(run_dir: Path, fidelity: Any) -> str:
-    files = sorted((run_dir / "gguf").glob("*.gguf")) if (run_dir / "gguf").exists() else []
+def _export_section(run: Run, fidelity: Any) -> str:
+    files = sorted(run.gguf.glob("*.gguf"))
     if not files:
         return '<p class="muted">not exported yet (`tunesmith export`)</p>'
     rows = [[path.name, f"{path.stat().st_size / 2**20:.1f} MiB"] for path in files]

@@ -22,6 +22,7 @@ from tunesmith.atomic import atomic_path
 from tunesmith.config import Config
 from tunesmith.errors import ConfigError
 from tunesmith.evaluate.scorers import load_scorer, mean_scores, score_all
+from tunesmith.run import Run, held_out_file
 
 
 @dataclass
@@ -59,7 +60,7 @@ def evaluated_models(run_dir: Path) -> set[str]:
 
 
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "eval.jsonl"
+    path = Run(run_dir).eval_answers
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -80,7 +81,7 @@ def summarize(run_dir: Path) -> list[ModelScores]:
 
 def evaluate(config: Config, run_dir: Path, file: str | Path | None, models: list[str], console: Console,
              limit: int | None = None, keep_existing: bool = False) -> list[ModelScores]:
-    file = file or config.eval.file or config.data.test_file
+    file = file or held_out_file(config)
     if not file:
         raise ConfigError("nothing to evaluate on: set eval.file (or data.test_file) or pass --file")
     cases = load_cases(file, config, limit or config.eval.limit)
@@ -99,7 +100,7 @@ def evaluate(config: Config, run_dir: Path, file: str | Path | None, models: lis
             rows.append({"index": index, "model": name, "prompt": case.messages[-1]["content"],
                          "reference": case.reference, "answer": answer, "scores": scores,
                          "seconds": round(seconds, 1)})
-    with atomic_path(run_dir / "eval.jsonl") as tmp:
+    with atomic_path(Run(run_dir).eval_answers) as tmp:
         tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     return results
 
@@ -151,7 +152,7 @@ def gguf_answers(gguf: Path, config: Config, conversations: list[list[dict[str, 
 
 def gguf_models(run_dir: Path) -> list[str]:
     """The exported model files of a run, as eval names them (not the LoRA-only GGUF, which needs its base)."""
-    return sorted(str(path) for path in (run_dir / "gguf").glob("*.gguf") if ".lora." not in path.name.lower())
+    return [str(path) for path in Run(run_dir).ggufs()]
 
 
 def print_summary(results: list[ModelScores], console: Console) -> None:
@@ -162,7 +163,7 @@ def print_summary(results: list[ModelScores], console: Console) -> None:
     table = Table(title="evaluation (mean over held-out examples)")
     table.add_column("score")
     for result in results:
-        table.add_column(_label(result.model), justify="right")
+        table.add_column(model_label(result.model), justify="right")
     table.add_row("examples", *[str(result.n) for result in results])
     for key in headline + [key for key in keys if ":" in key]:
         table.add_row(key, *[f"{result.means[key]:.3f}" if result.means.get(key) is not None else "–"
@@ -172,9 +173,8 @@ def print_summary(results: list[ModelScores], console: Console) -> None:
     console.print(table)
 
 
-def _label(model: str) -> str:
-    """`base`, `finetuned`, or a GGUF's quantization (runs/goDrive/gguf/goDrive.q8_0.gguf -> q8_0)."""
-    if not model.endswith(".gguf"):
-        return model
-    parts = Path(model).name.split(".")
-    return parts[-2] if len(parts) > 2 else Path(model).name
+def model_label(model: str) -> str:
+    """How tables name a model: `base`, `finetuned`, or a GGUF's file name (runs/goDrive/gguf/goDrive.q8_0.gguf ->
+    goDrive.q8_0.gguf): its whole path is too long for a column, and the quantization alone does not say which
+    file it was."""
+    return Path(model).name if model.endswith(".gguf") else model

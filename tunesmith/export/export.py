@@ -27,12 +27,13 @@ from rich.console import Console
 
 from tunesmith import inference
 from tunesmith.atomic import remove_temporaries, write_json
-from tunesmith.config import ExportConfig
+from tunesmith.config import Config, ExportConfig
 from tunesmith.data.render import template_kwargs
 from tunesmith.errors import ModelError, TunesmithError
 from tunesmith.export import convert, fidelity, merge, quantize
 from tunesmith.export import modelfile as modelfiles
 from tunesmith.models import load_model
+from tunesmith.run import Run, held_out_file
 from tunesmith.serve.modelfile import format_value, typed_parameter
 
 
@@ -66,17 +67,19 @@ class ExportResult:
 
 
 def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict: bool = False,
-               settings: ExportConfig | None = None) -> ExportResult:
-    """Export a trained run. `quants` overrides export.quantizations; `settings` overrides the run's export config."""
+               live: Config | None = None) -> ExportResult:
+    """Export a trained run. `quants` overrides export.quantizations; `live`: the config whose export section
+    this export uses (the pipeline's, or the command's --config), else the one run.json recorded (run.py)."""
     from tunesmith.models import load_tokenizer, resolve_base
 
-    run_dir = Path(run_dir)
-    config = inference.run_config(run_dir)
-    settings = settings or config.export
+    run = Run(run_dir)
+    run_dir = run.dir
+    config = run.config_for("export", live)
+    settings = config.export
     names = quantize.check_names(settings.quantizations if quants is None else quants)
     full = config.train.method == "full"
-    trained = inference.trained_dir(run_dir, config)
-    if not inference.trained(run_dir, config):
+    trained = run.trained_dir(config)
+    if not run.trained(config):
         what = "fine-tuned model" if full else "adapter"
         raise ModelError(f"{run_dir}: the run has no trained {what} ({trained} is missing or incomplete)",
                          "run `tunesmith train` for it first")
@@ -93,11 +96,11 @@ def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict
     check_disk(run_dir, trained if full else base, None if full else trained, names, settings.outtype)
 
     name = config.name
-    gguf_dir = run_dir / "gguf"
+    gguf_dir = run.gguf
     remove_temporaries(run_dir, gguf_dir)  # a killed export's leftovers: they never look like outputs, but take disk
     # The Modelfile (with fidelity.json) marks a complete export; a re-export that is interrupted must not
     # leave the old marker next to new files.
-    for marker in (run_dir / "Modelfile", run_dir / "fidelity.json"):
+    for marker in (run.modelfile, run.fidelity):
         marker.unlink(missing_ok=True)
     written: list[Path] = []
     seconds: dict[str, float] = {}
@@ -107,7 +110,7 @@ def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict
         if full:
             merged = trained  # the fine-tuned checkpoint itself: nothing to merge
         else:
-            merged = run_dir / "merged"
+            merged = run.merged
             check = merge.merge_adapter(base, trained, merged, settings.outtype, config.model.trust_remote_code,
                                         four_bit=config.train.method == "qlora",
                                         template_kwargs=template_kwargs(config.data))
@@ -147,13 +150,13 @@ def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict
 
         clock = time.perf_counter()
         results, summary = _fidelity(run_dir, config, merged, tokenizer, ggufs, settings, console)
-        write_json(run_dir / "fidelity.json", summary)
-        written.append(run_dir / "fidelity.json")
+        write_json(run.fidelity, summary)
+        written.append(run.fidelity)
         seconds["fidelity"] = time.perf_counter() - clock
 
         chosen = _choose(names, results)
         template, system, stop = _template(tokenizer, config, settings, ggufs[chosen])
-        modelfile = modelfiles.write_modelfile(run_dir / "Modelfile", f"./gguf/{ggufs[chosen].name}", template,
+        modelfile = modelfiles.write_modelfile(run.modelfile, f"./{run.relative(ggufs[chosen])}", template,
                                                system, stop, settings.parameters)
         written.append(modelfile)
     except BaseException:
@@ -162,7 +165,7 @@ def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    console.print(f"export: {modelfile} → FROM ./gguf/{ggufs[chosen].name}"
+    console.print(f"export: {modelfile} → FROM ./{run.relative(ggufs[chosen])}"
                   f"  (try: tunesmith create {name} -f {modelfile})")
     result = ExportResult(run_dir, merged, ggufs, lora, modelfile, chosen, results, seconds)
     if result.failed:
@@ -188,14 +191,15 @@ def _fidelity(run_dir: Path, config: Any, merged: Path, tokenizer: Any, ggufs: d
     answers: dict[str, list[str]] = {}
     seconds: dict[str, float] = {}
     reference: list[str] | None = None
-    if config.eval.file or config.data.test_file:
+    held_out = held_out_file(config)
+    if held_out:
         for quant, scores in zip(ggufs, evaluation.evaluate(config, run_dir, None, [str(p) for p in ggufs.values()],
                                                           console, keep_existing=True)):
             answers[quant], seconds[quant] = scores.answers, scores.seconds
-        cases = evaluation.load_cases(config.eval.file or config.data.test_file, config, config.eval.limit)
+        cases = evaluation.load_cases(held_out, config, config.eval.limit)
         reference = evaluation.stored_answers(run_dir, "finetuned", cases)
     else:
-        cases = fidelity.held_out_cases(run_dir, config, settings.fidelity_prompts)
+        cases = fidelity.held_out_cases(Run(run_dir), settings.fidelity_prompts)
         for quant, path in ggufs.items():
             clock = time.perf_counter()
             answers[quant] = evaluation.gguf_answers(path, config, [c.messages for c in cases],

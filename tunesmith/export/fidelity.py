@@ -25,6 +25,7 @@ from rich.table import Table
 from tunesmith import inference
 from tunesmith.config import Config
 from tunesmith.evaluate.run import Case
+from tunesmith.run import Run
 
 
 @dataclass
@@ -40,12 +41,12 @@ class QuantFidelity:
     seconds: float
 
 
-def held_out_cases(run_dir: Path, config: Config, limit: int | None) -> list[Case]:
+def held_out_cases(run: Run, limit: int | None) -> list[Case]:
     """Prompts with reference answers for a run that has no test file: its held-out eval split."""
     import json
 
     rows: list[list[dict[str, str]]] = []
-    split = run_dir / "data" / "eval.jsonl"
+    split = run.eval_split_to_read()
     if split.is_file():
         for line in split.read_text(encoding="utf-8").splitlines():
             if line.strip():

@@ -157,10 +157,6 @@ def materialize_smollm2() -> Path:
     return materialize(SMOLLM2)
 
 
-def materialize_gemma3() -> Path:
-    return materialize(GEMMA3)
-
-
 def _dequantize_to_checkpoint(gguf: Path, out: Path, chat_template: str | None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import ollama
 from gguf import Keys
 
 from tunesmith.children import die_with_parent
+from tunesmith.config import ServeConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.serve import modelfile
 
@@ -262,10 +264,11 @@ def chat_stream(host: str | None, name: str, messages: list[dict[str, Any]], *,
 
 
 def start_local_server(host: str | None = None, *, config: str | Path | None = None, overrides: list[str] | None = None,
-                       wait: float = 60) -> subprocess.Popen[bytes]:
+                       settings: ServeConfig | None = None, wait: float = 60) -> subprocess.Popen[bytes]:
     """Start `python -m tunesmith.serve` in the background at `host` and wait until it answers.
 
-    `config`/`overrides` are the CLI's --config/--set, so the server gets the same `serve` section.
+    `config`/`overrides` are the CLI's --config/--set, so the server gets the same `serve` section; `settings`
+    is a serve section itself (the pipeline's), passed setting by setting.
     """
     parts = urlsplit(host_url(host))
     if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
@@ -274,16 +277,22 @@ def start_local_server(host: str | None = None, *, config: str | Path | None = N
                "--port", str(parts.port or DEFAULT_PORT)]
     if config is not None:
         command += ["--config", str(config)]
+    env = None
+    if settings is not None:
+        for key, value in settings.model_dump(mode="json", exclude={"host", "port", "api_key"}).items():
+            command += ["--set", f"serve.{key}={json.dumps(value)}"]  # JSON is YAML, which --set reads
+        if settings.api_key:  # through the environment: every user of the machine can read a command line
+            env = {**os.environ, API_KEY_ENV: settings.api_key}
     for override in overrides or []:
         command += ["--set", override]
     # A session of its own, so Ctrl-C in the terminal reaches the caller, which stops the server in order; and
     # dies with the caller, so a killed caller leaves no server holding the port. (preexec_fn is unsafe only
     # when other threads hold locks at fork time: every caller starts the server from its main thread.)
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            preexec_fn=die_with_parent)  # noqa: PLW1509
+                            env=env, preexec_fn=die_with_parent)  # noqa: PLW1509
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
-        if heartbeat(host):
+        if heartbeat(host, settings.api_key if settings else None):
             return proc
         if proc.poll() is not None:
             raise ClientError(f"the local server exited with code {proc.returncode}", "run `tunesmith serve` to see why")
@@ -292,15 +301,15 @@ def start_local_server(host: str | None = None, *, config: str | Path | None = N
     raise ClientError("the local server did not start in time")
 
 
-def ensure_server(host: str | None = None, *, config: str | Path | None = None,
-                  overrides: list[str] | None = None) -> subprocess.Popen[bytes] | None:
+def ensure_server(host: str | None = None, *, config: str | Path | None = None, overrides: list[str] | None = None,
+                  settings: ServeConfig | None = None) -> subprocess.Popen[bytes] | None:
     """A server at `host`: None if one answers already, else the local one just started (`tunesmith run`).
 
     The caller stops a server it started (`proc.terminate()`) when it is done with it.
     """
-    if heartbeat(host):
+    if heartbeat(host, settings.api_key if settings else None):
         return None
-    return start_local_server(host, config=config, overrides=overrides)
+    return start_local_server(host, config=config, overrides=overrides, settings=settings)
 
 
 def run(host: str | None, name: str, prompt: str | None = None, *, stdin: IO[str] | None = None,
@@ -362,10 +371,11 @@ def run(host: str | None, name: str, prompt: str | None = None, *, stdin: IO[str
 
 
 @contextlib.contextmanager
-def server_at(host: str | None) -> Iterator[subprocess.Popen[bytes] | None]:
-    """A server to talk to: the one at `host`, or a local one started now and stopped (and waited for)
-    afterwards, so the next caller's heartbeat never reaches a server that is still shutting down."""
-    server = ensure_server(host)
+def server_at(host: str | None, settings: ServeConfig | None = None) -> Iterator[subprocess.Popen[bytes] | None]:
+    """A server to talk to: the one at `host`, or a local one started now (with the serve section `settings`)
+    and stopped (and waited for) afterwards, so the next caller's heartbeat never reaches a server that is still
+    shutting down."""
+    server = ensure_server(host, settings=settings)
     try:
         yield server
     finally:

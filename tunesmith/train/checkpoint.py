@@ -104,13 +104,6 @@ def _write(target: Path, trainable: dict[str, Any], optimizer_state: dict[str, A
         (tmp / MANIFEST).write_text(json.dumps({"files": files, "settings": settings}, indent=1) + "\n")
 
 
-def trained_before(run_dir: Path) -> bool:
-    """The run folder holds training that a fresh start would delete (checkpoints, an adapter, metrics)."""
-    checkpoints = run_dir / "checkpoints"
-    return ((checkpoints.is_dir() and any(checkpoints.iterdir())) or (run_dir / "adapter").exists()
-            or (run_dir / "metrics.jsonl").exists())
-
-
 def check_finite(trainable: dict[str, Any], step: int, learning_rate: float) -> None:
     """NotFinite unless every weight is a finite number: a loss can stay finite for a step after the weights
     overflow, and such weights must never be checkpointed or saved as the adapter."""

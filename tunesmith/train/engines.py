@@ -20,6 +20,7 @@ from tunesmith.config import Config
 from tunesmith.errors import ConfigError
 from tunesmith.train import batches
 from tunesmith.train.distributed import ALONE, World
+from tunesmith.train.loss import autocast, evaluate_loss
 
 
 class HFEngine:
@@ -63,7 +64,6 @@ class HFEngine:
         import torch
 
         from tunesmith.train import distributed
-        from tunesmith.train.loop import autocast
 
         accum, world = self.config.train.grad_accum, self.world
         group = [self._micro_batch(step * accum + k) for k in range(accum)]
@@ -89,7 +89,6 @@ class HFEngine:
         return world.sum(loss_value), grad_norm, inputs, targets
 
     def eval_loss(self) -> float:
-        from tunesmith.train.loop import evaluate_loss
 
         return evaluate_loss(self.forward, self.data.eval, self.config.train.batch_size, self.pad_id, self.device,
                              self.config)

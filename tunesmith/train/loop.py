@@ -27,15 +27,16 @@ from typing import Any
 
 from rich.console import Console
 
-from tunesmith import inference
-from tunesmith.atomic import atomic_path, remove_temporaries, write_json
+from tunesmith.atomic import atomic_path, remove_temporaries
 from tunesmith.config import Config
 from tunesmith.errors import ConfigError, DataError, ModelError
-from tunesmith.train import batches, checkpoint, distributed, memory
+from tunesmith.run import Run, record_config
+from tunesmith.train import checkpoint, distributed, memory
 from tunesmith.train.accuracy import AccuracyProbe, stop_reached
 from tunesmith.train.budget import TimeBudget
 from tunesmith.train.checkpoint import TrainState
 from tunesmith.train.engines import FastEngine, HFEngine, fast_path_wanted
+from tunesmith.train.loss import autocast, completion_loss, model_dtype, use_bf16
 from tunesmith.train.metrics import MetricsLog, TrainProgress, article_line
 
 log = logging.getLogger(__name__)
@@ -86,18 +87,18 @@ def _train(config: Config, console: Console, resume: bool, force: bool, clock: C
     from tunesmith.train.lora import apply_lora, check_lora
 
     cfg = config.train
-    run_dir = config.run_dir
+    run = Run.of(config)
     device = pick_device(cfg.device)
     if cfg.method == "qlora" and device != "cuda":
         raise ModelError("train.method: qlora needs a CUDA GPU (bitsandbytes 4-bit weights)",
                          "on CPU use train.method: lora, which trains the same adapter on full-precision weights")
     if cfg.method == "qlora" and cfg.fsdp and world.size > 1:
         raise ModelError("train.fsdp does not shard 4-bit (qlora) weights", "use train.method: lora, or DDP (fsdp: false)")
-    if not resume and not force and checkpoint.trained_before(run_dir):
-        raise ConfigError(f"{run_dir} already holds a trained run (checkpoints, adapter or metrics.jsonl)",
+    if not resume and not force and run.has_outputs("train"):
+        raise ConfigError(f"{run.dir} already holds a trained run (checkpoints, adapter or metrics.jsonl)",
                           "--resume continues it; --set name=NEW trains a new one; --force deletes it and starts over")
     if world.main:  # what a killed process left half-written: .tmp-adapter-*, .tmp-step-*, .tmp-train.jsonl-*
-        remove_temporaries(run_dir, run_dir / "checkpoints", run_dir / "data")
+        remove_temporaries(run.dir, run.checkpoints, run.data)
     world.barrier()  # before any rank writes its own temporaries into data/
     torch.manual_seed(cfg.seed)
     if device == "cpu":
@@ -111,7 +112,7 @@ def _train(config: Config, console: Console, resume: bool, force: bool, clock: C
         raise DataError(f"{config.data.train_file}: no training examples left after validation",
                         "check `tunesmith data inspect` for what was dropped")
     four_bit = cfg.method == "qlora"  # the base loads onto the GPU already quantized to NF4 (bitsandbytes)
-    model = load_model(base, dtype=_dtype(config, device), trust_remote_code=config.model.trust_remote_code,
+    model = load_model(base, dtype=model_dtype(config, device), trust_remote_code=config.model.trust_remote_code,
                        four_bit=four_bit)
     if device == "cpu" and use_bf16(config, device):  # said once: a user comparing losses should know
         console.print("computing in bf16 on this CPU (it has AMX/AVX512-BF16; train.bf16: false for fp32)")
@@ -141,7 +142,7 @@ def _train(config: Config, console: Console, resume: bool, force: bool, clock: C
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * engine.steps_per_epoch)
     scheduler = _scheduler(engine.optimizer, config, total_steps)
 
-    checkpoints = run_dir / "checkpoints"
+    checkpoints = run.checkpoints
     state = TrainState()
     settings = checkpoint.resume_settings(config, "fast" if isinstance(engine, FastEngine) else "hf")
     latest = checkpoint.resume_point(checkpoints, settings, console.print) if resume else None
@@ -156,14 +157,14 @@ def _train(config: Config, console: Console, resume: bool, force: bool, clock: C
     elif world.main:  # a new run, --force, or a resume with no intact checkpoint to resume from
         if resume and checkpoint.complete(checkpoints):
             console.print("no intact checkpoint to resume from: training from the start")
-        _clear_previous(run_dir)
+        run.clear("train")
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     if world.main:
-        write_json(run_dir / "run.json", _run_record(config, device, data, started_at, None, world))
+        run.write_record(_run_record(config, device, data, started_at, None, world))
 
     # --- loop: step, log, eval, checkpoint
     gpu_memory = _gpu_memory_at_start() if device == "cuda" else None
-    metrics = MetricsLog(run_dir, state.step, write=world.main)
+    metrics = MetricsLog(run.metrics, run.tensorboard, state.step, write=world.main)
     window_loss, window_steps, last_eval = state.window_loss, state.window_steps, None
     t0, tokens_at_start, seen_inputs = clock(), state.tokens, 0
     budget = TimeBudget(cfg.max_minutes * 60, cfg, len(data.eval)) if cfg.max_minutes else None
@@ -266,7 +267,7 @@ def _train(config: Config, console: Console, resume: bool, force: bool, clock: C
 
     # --- save: a PEFT adapter that PeftModel.from_pretrained loads, whichever engine trained it; with
     # train.method: full the whole checkpoint (model/), which every later stage loads in place of base + adapter
-    output_dir = inference.trained_dir(run_dir, config)
+    output_dir = run.trained_dir(config)
     trainable = engine.trainable()
     checkpoint.check_finite(trainable, state.step, cfg.learning_rate)
     if world.main:
@@ -276,12 +277,12 @@ def _train(config: Config, console: Console, resume: bool, force: bool, clock: C
     digests = world.weight_digests(trainable) if world.size > 1 else None
     if digests and len(set(digests)) > 1:  # a bug, not a user error: the ranks stopped training one model
         raise RuntimeError(f"ranks ended with different adapter weights: {digests}")
-    world.barrier()  # metrics.jsonl is complete before any rank reads the final numbers from it
+    world.barrier()  # the metrics file is complete before any rank reads the final numbers from it
     seconds = state.elapsed
     final = {
         "steps": state.step,
-        "train_loss": _last(run_dir / "metrics.jsonl", "loss"),
-        "eval_loss": last_eval if last_eval is not None else _last(run_dir / "metrics.jsonl", "eval_loss"),
+        "train_loss": _last(run.metrics, "loss"),
+        "eval_loss": last_eval if last_eval is not None else _last(run.metrics, "eval_loss"),
         "train_seconds": round(seconds, 1),
         "trained_tokens": state.tokens,
         "trained_tokens_per_second": round((state.tokens - tokens_at_start) / max(seconds, 1e-9), 1),
@@ -296,8 +297,8 @@ def _train(config: Config, console: Console, resume: bool, force: bool, clock: C
     if stopped_early:
         final["stopped_early"] = stopped_early
     if world.main:
-        write_json(run_dir / "run.json", _run_record(config, device, data, started_at, final, world))
-    return TrainResult(run_dir, output_dir, state.step, final["train_loss"], final["eval_loss"], seconds,
+        run.write_record(_run_record(config, device, data, started_at, final, world))
+    return TrainResult(run.dir, output_dir, state.step, final["train_loss"], final["eval_loss"], seconds,
                        final["trained_tokens_per_second"])
 
 
@@ -328,97 +329,6 @@ def _gpu_memory_at_start() -> dict[str, float]:
               "after_load": round(torch.cuda.memory_allocated() / 2**30, 3)}
     torch.cuda.reset_peak_memory_stats()
     return memory
-
-
-def completion_loss(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
-    """Summed cross-entropy over trained positions and their count.
-
-    The decoder runs on every position, but the LM head only on positions whose next token is trained:
-    for goDrive that is ~20% of positions, and the 49k-wide head is ~20% of SmolLM2's forward cost.
-    """
-    import torch.nn.functional as F
-
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    decoder = getattr(causal, causal.base_model_prefix)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != -100
-    logits = causal.get_output_embeddings()(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep.sum()
-
-
-def evaluate_loss(forward: Any, examples: list[dict[str, list[int]]], batch_size: int, pad_id: int, device: str,
-                  config: Config) -> float:
-    """`forward`: the loss module (`distributed.wrap`), which computes `completion_loss` of its model. Every rank
-    evaluates the whole eval set: it is small, and the number comes out the same on all of them."""
-    import torch
-
-    forward.eval()
-    total, count = 0.0, 0
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            batch = batches.collate([examples[i] for i in order[start:start + batch_size]], pad_id,
-                                    batches.pad_multiple(device))
-            batch = {key: value.to(device) for key, value in batch.items()}
-            with autocast(device, config):
-                loss_sum, n = forward(batch)
-            total, count = total + loss_sum.item(), count + int(n)
-    forward.train()
-    return total / max(1, count)
-
-
-def use_bf16(config: Config, device: str) -> bool:
-    """bf16 compute where the hardware does bf16 matmuls natively: GPUs that support it, and CPUs with AMX or
-    AVX512-BF16 (`train.bf16: auto`); `true` forces it, `false` keeps fp32.
-
-    Measured on this project's 2-core Sapphire Rapids VMs (AMX), quiet machine, `tunesmith train` on goDrive,
-    16 steps each: fp32 417 input tokens/s, bf16 base + fp32 adapter under autocast 618 (1.48x). An earlier
-    measurement under a load of 3-5 had shown no gain; that one was noise. Without bf16 instructions the
-    casts cost more than they save, so such CPUs stay in fp32."""
-    import torch
-
-    if config.train.bf16 is False:
-        return False
-    if config.train.bf16 is True:
-        return True
-    if device == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_bf16()
-
-
-def cpu_has_bf16() -> bool:
-    """AMX-BF16 or AVX512-BF16 among the CPU's flags (Linux); elsewhere False, so fp32."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            flags = next((line for line in handle if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def _dtype(config: Config, device: str):
-    import torch
-
-    if config.model.dtype != "auto":
-        return getattr(torch, config.model.dtype)
-    if config.train.method == "full":
-        # Every weight trains: AdamW's small updates vanish in bf16 weights, so they stay fp32 (autocast computes
-        # in bf16 where the hardware does).
-        return torch.float32
-    # The frozen base is stored in bf16 when computing in bf16: half the memory and no per-step casts.
-    # peft keeps the adapter weights themselves in fp32 (autocast_adapter_dtype), so updates stay exact.
-    return torch.bfloat16 if use_bf16(config, device) else torch.float32
-
-
-def autocast(device: str, config: Config):
-    import contextlib
-
-    import torch
-
-    if use_bf16(config, device):
-        return torch.autocast(device, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _optimizer(model: Any, config: Config, device: str, console: Console):
@@ -472,14 +382,6 @@ def _rescheduled(scheduler: Any, optimizer: Any, config: Config, total_steps: in
     return fitted
 
 
-def _clear_previous(run_dir: Path) -> None:
-    import shutil
-
-    for name in ("checkpoints", inference.ADAPTER, inference.FULL_MODEL, "tb"):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-
-
 def _last(path: Path, key: str) -> float | None:
     value = None
     if path.exists():
@@ -488,14 +390,6 @@ def _last(path: Path, key: str) -> float | None:
             if key in record:
                 value = record[key]
     return value
-
-
-def record_config(config: Config) -> dict[str, Any]:
-    """The resolved config as run.json keeps it: never a secret (serve.api_key) in a run folder, which is copied,
-    shared and shown by the web UI."""
-    dumped = config.model_dump(mode="json")
-    dumped["serve"].pop("api_key", None)
-    return dumped
 
 
 def _file_hash(paths: list[str | None]) -> str:

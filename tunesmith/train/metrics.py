@@ -23,15 +23,16 @@ class MetricsLog:
 
     `write=False` (ranks other than 0 of a distributed run) makes it a no-op: one process owns the files."""
 
-    def __init__(self, run_dir: Path, resume_step: int, write: bool = True):
+    def __init__(self, path: Path, tensorboard: Path, resume_step: int, write: bool = True):
+        """`path`: the run's metrics file; `tensorboard`: its TensorBoard folder (tunesmith/run.py names both)."""
         self.enabled = write
-        self.path = run_dir / "metrics.jsonl"
+        self.path = path
         if not write:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step)
         self._file = self.path.open("a", encoding="utf-8")
-        self._tb = _tensorboard(run_dir / "tb", resume_step)
+        self._tb = _tensorboard(tensorboard, resume_step)
 
     def _truncate_after(self, step: int) -> None:
         # Lines logged after the checkpoint we resume from are about to be recomputed: drop them so the

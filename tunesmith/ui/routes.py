@@ -24,6 +24,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from tunesmith.run import REPORT
 from tunesmith.serve.app import UI_COOKIE, ApiError, ui_token
 from tunesmith.serve.store import Store, StoreError, full_name
 from tunesmith.ui import pages, runs
@@ -61,7 +62,7 @@ def install_ui(app: FastAPI, runs_dir: Path, store: Store, api_key: str | None =
     # depending on how the router happens to match it. The report route comes first: it is the more specific.
     @app.get("/ui/runs/{name:path}/report.html")
     def report(name: str) -> FileResponse:
-        path = runs.inside(run_dir(name), "report.html")
+        path = runs.inside(run_dir(name), REPORT)
         if path is None:
             raise ApiError(404, f"run {name!r} has no report.html yet (`tunesmith report --run ...`)")
         return FileResponse(path, media_type="text/html",

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 # Reuse the report's readers, so the page and report.html read the run's files the same way.
-from tunesmith.evaluate.report import _label, _read_json
-from tunesmith.evaluate.run import summarize
+from tunesmith.evaluate.report import _read_json
+from tunesmith.evaluate.run import model_label, summarize
+from tunesmith.run import CHECKPOINTS, EVAL_ANSWERS, FIDELITY, GGUF, METRICS, MODELFILE, REPORT, RUN_JSON
 
 # A run's name is its config's `name`, which also names its model: the store's rule for a name part.
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -56,7 +57,7 @@ def locate(runs_dir: Path, name: str) -> Path:
         raise RunError(400, f"invalid run name {name!r}: a letter or digit, then letters, digits, '.', '_' or '-'")
     path = inside(runs_dir, name)
     # The resolved folder must sit directly in the runs folder: a symlink to elsewhere is not a run here.
-    if path is None or path.parent != runs_dir.resolve() or not path.is_dir() or inside(path, "run.json") is None:
+    if path is None or path.parent != runs_dir.resolve() or not path.is_dir() or inside(path, RUN_JSON) is None:
         raise RunError(404, f"run {name!r} not found")
     return path
 
@@ -80,13 +81,13 @@ def run_names(runs_dir: Path) -> list[str]:
             run_dir = locate(runs_dir, child.name)
         except RunError:
             continue
-        found.append((run_dir.joinpath("run.json").stat().st_mtime, child.name))
+        found.append((run_dir.joinpath(RUN_JSON).stat().st_mtime, child.name))
     return [name for _, name in sorted(found, reverse=True)]
 
 
 def metrics(run_dir: Path) -> list[dict[str, Any]]:
     """metrics.jsonl as records, without a last line that is still being written (training appends live)."""
-    path = inside(run_dir, "metrics.jsonl")
+    path = inside(run_dir, METRICS)
     if path is None:
         return []
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -119,7 +120,7 @@ class RunSummary:
 
 
 def summary(run_dir: Path, records: list[dict[str, Any]] | None = None, now: float | None = None) -> RunSummary:
-    record = read_json(run_dir, "run.json")
+    record = read_json(run_dir, RUN_JSON)
     record = record if isinstance(record, dict) else {}
     records = metrics(run_dir) if records is None else records
     last = {key: next((r[key] for r in reversed(records) if r.get(key) is not None), None)
@@ -129,9 +130,9 @@ def summary(run_dir: Path, records: list[dict[str, Any]] | None = None, now: flo
         base=(record.get("config") or {}).get("model", {}).get("base"),
         started_at=record.get("started_at"), ended_at=record.get("ended_at"),
         step=last["step"], loss=last["loss"], eval_loss=last["eval_loss"],
-        evaluated=inside(run_dir, "eval.jsonl") is not None,
-        exported=inside(run_dir, "Modelfile") is not None,
-        has_report=inside(run_dir, "report.html") is not None,
+        evaluated=inside(run_dir, EVAL_ANSWERS) is not None,
+        exported=inside(run_dir, MODELFILE) is not None,
+        has_report=inside(run_dir, REPORT) is not None,
     )
 
 
@@ -140,7 +141,7 @@ def state(run_dir: Path, record: dict[str, Any], lines: int, now: float | None =
     if record.get("ended_at"):
         return "done"
     now = time.time() if now is None else now
-    written = [path.stat().st_mtime for name in ("run.json", "metrics.jsonl", "checkpoints")
+    written = [path.stat().st_mtime for name in (RUN_JSON, METRICS, CHECKPOINTS)
                if (path := inside(run_dir, name)) is not None]
     if not written:
         return "failed"
@@ -161,12 +162,12 @@ def _timestamp(value: Any) -> float | None:
 
 def eval_table(run_dir: Path) -> tuple[list[str], list[list[Any]]]:
     """(score names, rows of [model, n, mean score...]) for base, fine-tuned and each GGUF, as report.html."""
-    if inside(run_dir, "eval.jsonl") is None:
+    if inside(run_dir, EVAL_ANSWERS) is None:
         return [], []
     results = summarize(run_dir)
     # The headline scores; the task scorer's per-rule ones (`rule:...`) stay in report.html.
     keys = [key for key in dict.fromkeys(k for result in results for k in result.means) if ":" not in key]
-    return keys, [[_label(r.model), r.n, *[r.means.get(key) for key in keys]] for r in results]
+    return keys, [[model_label(r.model), r.n, *[r.means.get(key) for key in keys]] for r in results]
 
 
 @dataclass
@@ -179,12 +180,12 @@ class ExportedFile:
 
 def exports(run_dir: Path) -> tuple[list[ExportedFile], dict[str, Any] | None]:
     """The GGUF files of the run with their fidelity entries, and fidelity.json itself."""
-    gguf_dir = inside(run_dir, "gguf")
-    fidelity = read_json(run_dir, "fidelity.json")
+    gguf_dir = inside(run_dir, GGUF)
+    fidelity = read_json(run_dir, FIDELITY)
     entries = fidelity.get("quantizations", []) if isinstance(fidelity, dict) else []
     checked = {Path(str(entry.get("path", ""))).name: entry for entry in entries if isinstance(entry, dict)}
     files = []
     for path in sorted(gguf_dir.glob("*.gguf")) if gguf_dir and gguf_dir.is_dir() else []:
-        if (checked_path := inside(run_dir, Path("gguf", path.name))) is not None:
+        if (checked_path := inside(run_dir, Path(GGUF, path.name))) is not None:
             files.append(ExportedFile(path.name, checked_path.stat().st_size, checked.get(path.name)))
     return files, fidelity

@@ -43,8 +43,9 @@ class LoraLinear(nn.Module):
         return self.base_layer(x) + lora * self.scaling
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig) -> dict[str, LoraLinear]:
-    """Replace the targeted nn.Linear modules of `model` by LoraLinear, in place; freeze everything else.
+def inject_lora(model: nn.Module, cfg: LoraConfig) -> dict[str, LoraLinear]:
+    """Replace the targeted nn.Linear modules of `model` by LoraLinear, in place; freeze everything else. (As peft's
+    `inject_adapter_in_model`, not its `get_peft_model`, which train/lora.py's `apply_lora` calls: no wrapper model.)
 
     Returns the LoRA modules by their qualified name in `model` (peft's names without its prefix).
     """

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tunesmith.config import LoraConfig
 from tunesmith.errors import ModelError
-from tunesmith.train.fast.lora import PEFT_PREFIX, LoraLinear, apply_lora
+from tunesmith.train.fast.lora import PEFT_PREFIX, LoraLinear, inject_lora
 from tunesmith.train.fast.packing import IGNORE_INDEX, PackedBatch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -161,7 +161,7 @@ class FastCausalLM(nn.Module):
         super().__init__()
         check_supported(model)
         self.model = model
-        self.loras: dict[str, LoraLinear] = apply_lora(model, lora_cfg)
+        self.loras: dict[str, LoraLinear] = inject_lora(model, lora_cfg)
         device = model.lm_head.weight.device
         compile = device.type == "cuda" if compile is None else compile
         self.ce_chunk = ce_chunk or (1024 if low_memory else 2048)
