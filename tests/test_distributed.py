@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, run_cli
-from tests.test_train import _adapter, _config, _losses
+from tests.test_train import _config, _losses
+from tests.train_support import adapter_weights as _adapter
 
 
 def _examples(n: int, seed: int = 0) -> list[dict[str, list[int]]]:
