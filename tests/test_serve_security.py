@@ -5,6 +5,7 @@ and clients that leave before their turn. A real uvicorn on a loopback port with
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import socket
@@ -22,7 +23,7 @@ from tests.serve_fixtures import MODEL, add_smol, free_port, start_server
 from tunesmith.config import ServeConfig
 from tunesmith.errors import ConfigError
 from tunesmith.serve.app import create_app, read_api_key_file
-from tunesmith.serve.guard import allowed_host, allowed_origins, origin_allowed
+from tunesmith.serve.guard import allowed_host, allowed_origins, machine_addresses, origin_allowed
 from tunesmith.serve.store import Store
 
 BLOB = b"not a model, but bytes a page could store"
@@ -147,6 +148,20 @@ def test_origin_allow_list_matches_ollama_origins():
     assert not origin_allowed("https://example.com.evil", extra) and not origin_allowed("http://app.test", extra)
     assert origin_allowed("http://anything", allowed_origins("*"))
     assert not allowed_host("localhost.attacker.example") and not allowed_host("8.8.8.8")
+
+
+def test_the_machines_own_addresses_are_local_hosts_even_when_public():
+    # Ollama's isLocalIP: a request addressed to one of this machine's interface addresses is local.
+    public = ipaddress.ip_address("93.184.215.14")
+    assert not public.is_private and not allowed_host("93.184.215.14", own_addresses=list)
+    assert allowed_host("93.184.215.14:11434", own_addresses=lambda: [public])
+    assert allowed_host("[2606:4700::1111]", own_addresses=lambda: [ipaddress.ip_address("2606:4700::1111")])
+    assert not allowed_host("8.8.8.8", own_addresses=lambda: [public])
+    # The real lookup: every address this machine's interfaces report (loopback at least) is let in.
+    addresses = machine_addresses()
+    assert ipaddress.ip_address("127.0.0.1") in addresses
+    for address in addresses:
+        assert allowed_host(f"[{address}]" if address.version == 6 else str(address)), address
 
 
 def test_tunesmith_origins_lets_a_listed_site_in(tmp_path, smollm2_gguf, monkeypatch):

@@ -2,8 +2,8 @@
 and the size a JSON body may announce.
 
 - Host: a server bound to a loopback address answers only requests addressed to a local name or address
-  (localhost, *.localhost, *.local, *.internal, this machine's name, a loopback, private or unspecified IP), as
-  Ollama's allowedHostsMiddleware does. A web page whose domain an attacker points at 127.0.0.1 (DNS rebinding)
+  (localhost, *.localhost, *.local, *.internal, this machine's name, a loopback, private or unspecified IP, or
+  one of this machine's own interface addresses), as Ollama's allowedHostsMiddleware does. A web page whose domain an attacker points at 127.0.0.1 (DNS rebinding)
   sends its own name as Host, and gets 403.
 - Origin: a browser names the page behind every cross-origin request. Requests without one (curl, the Python
   and JavaScript clients outside a browser) and same-origin ones (the web UI at /ui) pass; other origins must be
@@ -22,9 +22,11 @@ import hmac
 import ipaddress
 import os
 import socket
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
+import psutil
 from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -98,8 +100,22 @@ def host_name(host: str) -> str:
     return parsed if parsed is not None else host
 
 
-def allowed_host(host: str) -> bool:
-    """Whether a loopback-bound server answers a request with this Host header (Ollama's allowedHost)."""
+def machine_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """Every address of this machine's network interfaces, read at the time of asking (interfaces come and go)."""
+    found = set()
+    for addresses in psutil.net_if_addrs().values():
+        for entry in addresses:
+            if entry.family in (socket.AF_INET, socket.AF_INET6):
+                try:
+                    found.add(ipaddress.ip_address(entry.address.partition("%")[0]))
+                except ValueError:
+                    continue
+    return found
+
+
+def allowed_host(host: str, own_addresses: Callable[[], Iterable[Any]] = machine_addresses) -> bool:
+    """Whether a loopback-bound server answers a request with this Host header (Ollama's allowedHost and
+    isLocalIP: one of this machine's own interface addresses counts as local even when it is public)."""
     name = host_name(host)
     if name in ("", "localhost") or name.endswith(LOCAL_SUFFIXES):
         return True
@@ -107,7 +123,9 @@ def allowed_host(host: str) -> bool:
         address = ipaddress.ip_address(name)
     except ValueError:
         return name == socket.gethostname().lower()
-    return address.is_loopback or address.is_private or address.is_unspecified
+    if address.is_loopback or address.is_private or address.is_unspecified:
+        return True
+    return address in set(own_addresses())
 
 
 def same_origin(origin: str, host: str) -> bool:
