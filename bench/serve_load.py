@@ -11,7 +11,7 @@ the end-of-generation token included, over the wall time), p50/p95 time to first
 how many answers differ from that prompt's answer decoded alone on the same server (recorded first, one request
 at a time). With --rounds R both servers stay up and serve the load in turns, R times each (the order swapped
 every round); a row pools its rounds, and the notes list tunesmith's tokens/s over llama-server's round by
-round. Two more rows: tunesmith with `serve.parallel 1` (one sequence at a time, as before batching) at
+round, with their median, and the same for p95 time to first token. Two more rows: tunesmith with `serve.parallel 1` (one sequence at a time, as before batching) at
 the largest client count up to 8, and llama-cpp-python alone on one stream (no server).
 
 llama-server is built from the pinned source distribution on first use (bench/llama_server.py, minutes), the
@@ -29,6 +29,7 @@ import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -298,6 +299,10 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def p95_ttft(result: Load) -> float:
+    return pct([answer.ttft for _, answer in result.answers], 0.95)
+
+
 def rate(result: Load) -> float:
     return sum(a.tokens for _, a in result.answers) / result.wall
 
@@ -376,9 +381,15 @@ def main() -> None:
                     runs[server.name].append(asyncio.run(load(server, clients, args.duration, args.num_predict)))
             for server, refs in ((ts, ts_refs), (ls, ls_refs)):
                 rows.append(row(clients, server.name, pooled(runs[server.name]), refs))
-            per_round = [rate(a) / rate(b) for a, b in zip(runs[ts.name], runs[ls.name], strict=True)]
+            pairs = list(zip(runs[ts.name], runs[ls.name], strict=True))
+            speed = [rate(a) / rate(b) for a, b in pairs]
+            tail = [p95_ttft(a) / p95_ttft(b) for a, b in pairs]
+            # The median of the round-by-round ratios: each round is a like-for-like pair a minute apart, so a
+            # slow minute of the shared machine moves one pair, not the verdict.
             ratios.append(f"- {clients} clients: tunesmith / llama-server tokens/s by round: "
-                          + ", ".join(f"{x:.3f}" for x in per_round))
+                          + ", ".join(f"{x:.3f}" for x in speed) + f" (median {statistics.median(speed):.3f}); "
+                          + "TTFT p95 by round: " + ", ".join(f"{x:.3f}" for x in tail)
+                          + f" (median {statistics.median(tail):.3f})")
     load_after = os.getloadavg()
 
     header = ("| clients | server | tokens/s (all streams) | TTFT p50 s | TTFT p95 s | requests "

@@ -291,15 +291,13 @@ def test_create_accepts_gpu_parameters_and_logs_that_they_are_ignored(oc, caplog
     oc.delete("gpu-params")
 
 
-def _burst(gguf, monkeypatch, read_together_after: int) -> tuple[list[int], int]:
+def _burst(gguf, n_batch: int) -> tuple[list[int], int]:
     """Four requests arriving in one instant: their first-token stamps, and how many tokens the first had
     generated when the last gave its first."""
-    from tunesmith.serve import batching
     from tunesmith.serve.batching import Batcher, Piece, Sequence
     from tunesmith.serve.options import Options
 
-    monkeypatch.setattr(batching, "READ_TOGETHER_AFTER", read_together_after)  # the clock is not what is tested
-    batcher = Batcher(gguf, num_ctx=512, parallel=4, n_threads=1)
+    batcher = Batcher(gguf, num_ctx=512, parallel=4, n_threads=1, n_batch=n_batch)
     try:
         opts = Options(**GREEDY, num_predict=12)
         done = [threading.Event() for _ in range(4)]
@@ -320,6 +318,7 @@ def _burst(gguf, monkeypatch, read_together_after: int) -> tuple[list[int], int]
             for i in range(4):
                 seq = Sequence(batcher.tokenize(prompts[i]), opts, batcher.sampler(opts), emit(i), threading.Event(),
                                None, 12, batcher.n_ctx)
+                assert len(seq.prompt) > 4
                 seqs.append(seq)
                 batcher.submit(seq)
         assert all(event.wait(120) for event in done)
@@ -329,14 +328,17 @@ def _burst(gguf, monkeypatch, read_together_after: int) -> tuple[list[int], int]
         batcher.close()
 
 
-def test_a_burst_of_prompts_is_read_one_at_a_time_in_arrival_order(smollm2_gguf, monkeypatch):
-    """Each step reads one prompt, the earliest first: the first request is generating while the last prompt
-    waits, rather than all four answering only once all four are read."""
-    firsts, first_had = _burst(smollm2_gguf, monkeypatch, read_together_after=10**15)
+def test_a_burst_of_prompts_is_read_one_at_a_time_in_arrival_order_before_any_generating_step(smollm2_gguf):
+    """Each step reads one prompt, the earliest first, and nothing else: the k-th request answers after k
+    prompts' work, and the first has sampled only its first token when the last gives its own."""
+    firsts, first_had = _burst(smollm2_gguf, n_batch=512)
     assert firsts == sorted(firsts) and len(set(firsts)) == 4
-    assert first_had >= 3  # steps 1-4 read prompts 0-3 in turn; request 0 sampled a token at each
+    assert first_had == 1
 
 
-def test_prompts_that_waited_long_enough_are_read_together(smollm2_gguf, monkeypatch):
-    _, first_had = _burst(smollm2_gguf, monkeypatch, read_together_after=0)
-    assert first_had == 1  # all four read in the first step
+def test_generating_sequences_wait_for_at_most_n_batch_prompt_tokens(smollm2_gguf):
+    """With n_batch 4, every prompt is read in chunks of 4 with a generating step after each chunk once a
+    sequence generates: request 0 keeps generating while the later prompts are read."""
+    firsts, first_had = _burst(smollm2_gguf, n_batch=4)
+    assert firsts == sorted(firsts) and len(set(firsts)) == 4
+    assert first_had >= 6  # prompts 1-3 are at least 5 tokens: two chunks each, a generating step after each

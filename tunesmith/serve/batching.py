@@ -42,8 +42,6 @@ N_BATCH = 512
 # lower-numbered slot is free (llama-server's --slot-prompt-similarity default).
 PROMPT_SIMILARITY = 0.1
 MAX_TOP_LOGPROBS = 20
-READ_TOGETHER_AFTER = 150_000_000
-"""Nanoseconds a request may wait for its prompt to be read in turn before it is read with the others."""
 EXPLORE_EVERY = 50
 """Every this many generation steps, the decode loop times the plan it did not choose (see Batcher._plan)."""
 
@@ -168,6 +166,8 @@ class Batcher:
         self._seconds: dict[int, float] = {}
         """Moving average of the wall seconds of a llama_decode of n one-token sequences, by n."""
         self._planned = 0
+        self._held = 0
+        """Prompt tokens read since the generating sequences last took a step (see _step)."""
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -398,45 +398,35 @@ class Batcher:
         slot.seq = seq
 
     def _step(self) -> None:
-        """Feed every sequence in a slot its next token (or a chunk of its prompt), then sample for those that
-        have logits: in one llama_decode, or one call per sequence when the decode loop has measured that to
-        be cheaper (`_plan`)."""
+        """One llama_decode step: a waiting prompt (or a chunk of it) on its own, or every generating sequence's
+        next token (in one call, or one call per sequence when the decode loop has measured that to be
+        cheaper: `_plan`).
+
+        Prompts first, one at a time in arrival order: on CPU a step costs about the sum of its parts (q8_0
+        SmolLM2-135M, 2 threads: 7 generating sequences 33 ms, a 20-token prompt ~40 ms, both in one call 81 ms;
+        bench/RESULTS.md, issue 19), so every generating token added to a step that reads a prompt delays that
+        prompt's first token, and reading a burst of prompts in one call (llama-server's way) gives each its
+        first token only when the last is read. Read alone and in turn, the k-th prompt of a burst answers
+        after k prompts' work, never later than all of them together. Generating sequences wait meanwhile, but
+        never for more than `n_batch` prompt tokens (the same bound as one llama-server batch): then they take
+        a step of their own.
+        """
         for slot in self.slots:
             if slot.seq is not None and slot.seq.cancel.is_set():
                 self._release(slot, "cancel")
-        entries: list[tuple[Slot, list[int], bool]] = []
-        budget = self.n_batch - sum(1 for s in self.slots if s.seq and s.seq.next_token is not None)
-        reading = self._reading(time.perf_counter_ns())
-        # Tokens in sequence-id order: llama.cpp's per-sequence cache decodes consecutive ids in one pass.
-        for slot in self.slots:
-            seq = slot.seq
-            if seq is None:
-                continue
-            if seq.next_token is not None:
-                entries.append((slot, [seq.next_token], True))
-            elif seq in reading and budget > 0:
-                chunk = seq.pending[:budget]
-                budget -= len(chunk)
-                entries.append((slot, chunk, len(chunk) == len(seq.pending)))
-        for group in self._plan(entries):
+        generating = [(slot, [slot.seq.next_token], True) for slot in self.slots
+                      if slot.seq is not None and slot.seq.next_token is not None]
+        reading = min((slot for slot in self.slots if slot.seq is not None and slot.seq.next_token is None
+                       and slot.seq.pending), key=lambda slot: slot.seq.submitted, default=None)
+        if reading is not None and (not generating or self._held < self.n_batch):
+            chunk = reading.seq.pending[:self.n_batch]
+            if generating:
+                self._held += len(chunk)
+            self._decode([(reading, chunk, len(chunk) == len(reading.seq.pending))])
+            return
+        self._held = 0
+        for group in self._plan(generating):
             self._decode(group)
-
-    def _reading(self, now: int) -> list[Sequence]:
-        """The prompts a step reads: the earliest to arrive of those still pending, and with it any that has
-        waited READ_TOGETHER_AFTER.
-
-        One at a time, first come first served, as long as that keeps waits short. On CPU a prompt costs
-        about the same per token alone or together with others (~3 ms a token for SmolLM2-135M on one thread),
-        so reading a burst of 8 prompts in one call gives all 8 their first token when the last is read
-        (~0.4 s), and reading them in turn gives the first after ~0.05 s and only the last after ~0.4 s; the
-        generating sequences advance a token with each of those steps. But a sequence still reading its prompt
-        is not generating: with 16 clients, reading strictly in turn left the batch narrower (each token dearer)
-        and the last of a burst waiting longest, so prompts that have waited long enough are read together
-        (bench/RESULTS.md, issue 19).
-        """
-        pending = sorted((slot.seq for slot in self.slots if slot.seq is not None and slot.seq.pending
-                          and slot.seq.next_token is None), key=lambda seq: seq.submitted)
-        return pending[:1] + [seq for seq in pending[1:] if now - seq.submitted >= READ_TOGETHER_AFTER]
 
     def _plan(self, entries: list[tuple[Slot, list[int], bool]]) -> list[list[tuple[Slot, list[int], bool]]]:
         """How to split a step into llama_decode calls.
