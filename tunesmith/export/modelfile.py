@@ -19,7 +19,7 @@ from typing import Any
 from tunesmith.atomic import write_text
 from tunesmith.errors import TunesmithError
 from tunesmith.serve.modelfile import Modelfile
-from tunesmith.serve.templates import build_prompt
+from tunesmith.serve.prompt import build_prompt
 
 
 class TemplateFamilyError(TunesmithError):

@@ -1,4 +1,5 @@
-"""Every request and response of the API, in one module, as Ollama keeps them in `api/types.go`.
+"""Every request and response of the API, Ollama's and OpenAI's, error bodies included, in one module, as Ollama
+keeps them in `api/types.go` and `openai/openai.go`.
 
 Requests ignore unknown fields (Go's encoding/json does) but reject wrong types (strict mode: a string
 is not a bool). Responses are dumped without None fields, as Go's `omitempty` leaves them out.
@@ -6,9 +7,16 @@ is not a bool). Responses are dumped without None fields, as Go's `omitempty` le
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
 
 # --------------------------------------------------------------------------- shared pieces
 
@@ -326,3 +334,179 @@ class OpenAIEmbeddingRequest(OpenAIRequest):
     input: str | list[str] = ""
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ErrorResponse(Response):
+    """Ollama's error body, and a stream's last line when it fails part-way."""
+
+    error: str
+
+
+class OpenAIResponse(BaseModel):
+    """OpenAI's bodies keep their null fields (`"finish_reason": null`); those named in `omit_none` are left out
+    when None, as OpenAI leaves them out."""
+
+    model_config = ConfigDict(extra="forbid")
+    omit_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _leave_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (v is None and k in self.omit_none)}
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class OpenAIErrorDetail(OpenAIResponse):
+    message: str
+    type: str = "api_error"
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorResponse(OpenAIResponse):
+    error: OpenAIErrorDetail
+
+
+# --------------------------------------------------------------------------- OpenAI-compatible responses
+
+
+class OpenAIModel(OpenAIResponse):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class OpenAIModelList(OpenAIResponse):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+class Usage(OpenAIResponse):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class OpenAITopLogprob(OpenAIResponse):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class OpenAILogprob(OpenAITopLogprob):
+    top_logprobs: list[OpenAITopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(OpenAIResponse):
+    content: list[OpenAILogprob]
+
+
+class OpenAIFunctionCall(OpenAIResponse):
+    name: str
+    arguments: str
+    """JSON text, as OpenAI sends it."""
+
+
+class OpenAIToolCall(OpenAIResponse):
+    id: str
+    index: int
+    type: Literal["function"] = "function"
+    function: OpenAIFunctionCall
+
+
+class ChatCompletionMessage(OpenAIResponse):
+    omit_none = frozenset({"reasoning", "tool_calls"})
+    role: str = "assistant"
+    content: str = ""
+    reasoning: str | None = None
+    tool_calls: list[OpenAIToolCall] | None = None
+
+
+class ChatCompletionChoice(OpenAIResponse):
+    omit_none = frozenset({"logprobs"})
+    index: int = 0
+    message: ChatCompletionMessage
+    finish_reason: str | None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletion(OpenAIResponse):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str = "fp_ollama"
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+
+
+class ChunkChoice(OpenAIResponse):
+    omit_none = frozenset({"logprobs"})
+    index: int = 0
+    delta: ChatCompletionMessage
+    finish_reason: str | None = None
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletionChunk(OpenAIResponse):
+    omit_none = frozenset({"usage"})
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str = "fp_ollama"
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class LegacyLogprobs(OpenAIResponse):
+    """/v1/completions' older shape: parallel lists of tokens, their log probabilities, the alternatives as
+    {token: logprob} maps, and each token's character offset in the text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(OpenAIResponse):
+    text: str
+    index: int = 0
+    logprobs: LegacyLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class Completion(OpenAIResponse):
+    omit_none = frozenset({"usage"})
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str = "fp_ollama"
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class OpenAIEmbedding(OpenAIResponse):
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str
+    """The vector, or its little-endian float32 bytes in base64 (`encoding_format: base64`)."""
+    index: int
+
+
+class EmbeddingUsage(OpenAIResponse):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingList(OpenAIResponse):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: EmbeddingUsage
