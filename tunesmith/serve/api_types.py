@@ -64,35 +64,32 @@ Format = Literal["", "json"] | dict[str, Any]
 # --------------------------------------------------------------------------- /api/generate, /api/chat
 
 
-class GenerateRequest(Request):
+class GenerationRequest(Request):
+    """What /api/generate and /api/chat both take."""
+
     model: str = ""
+    stream: bool | None = None
+    format: Format | None = None
+    keep_alive: KeepAlive | None = None
+    options: dict[str, Any] | None = None
+    think: Think | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class GenerateRequest(GenerationRequest):
     prompt: str = ""
     suffix: str = ""
     system: str | None = None
     template: str | None = None
     context: list[int] | None = None
-    stream: bool | None = None
     raw: bool = False
-    format: Format | None = None
-    keep_alive: KeepAlive | None = None
     images: list[str] | None = None
-    options: dict[str, Any] | None = None
-    think: Think | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
 
 
-class ChatRequest(Request):
-    model: str = ""
+class ChatRequest(GenerationRequest):
     messages: list[Message] = Field(default_factory=list)
-    stream: bool | None = None
-    format: Format | None = None
-    keep_alive: KeepAlive | None = None
     tools: list[dict[str, Any]] | None = None
-    options: dict[str, Any] | None = None
-    think: Think | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
 
 
 class TokenLogprob(Response):
@@ -292,19 +289,24 @@ class OpenAIMessage(OpenAIRequest):
     reasoning: str | None = None
 
 
-class ChatCompletionRequest(OpenAIRequest):
+class OpenAIGenerationRequest(OpenAIRequest):
+    """What /v1/chat/completions and /v1/completions both take (the sampling fields become Ollama's options)."""
+
     model: str = ""
-    messages: list[OpenAIMessage] = Field(default_factory=list)
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     temperature: float | None = None
     top_p: float | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+
+
+class ChatCompletionRequest(OpenAIGenerationRequest):
+    messages: list[OpenAIMessage] = Field(default_factory=list)
+    max_completion_tokens: int | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     reasoning_effort: str | None = None
@@ -312,21 +314,11 @@ class ChatCompletionRequest(OpenAIRequest):
     top_logprobs: int | None = None
 
 
-class CompletionRequest(OpenAIRequest):
-    model: str = ""
+class CompletionRequest(OpenAIGenerationRequest):
     prompt: str = ""
     suffix: str | None = None
     logprobs: int | None = None
     """The legacy API's form: how many alternatives to list for each token (0 lists none)."""
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
 
 
 class OpenAIEmbeddingRequest(OpenAIRequest):
@@ -428,41 +420,49 @@ class ChatCompletionMessage(OpenAIResponse):
     tool_calls: list[OpenAIToolCall] | None = None
 
 
-class ChatCompletionChoice(OpenAIResponse):
-    omit_none = frozenset({"logprobs"})
-    index: int = 0
-    message: ChatCompletionMessage
-    finish_reason: str | None
-    logprobs: ChoiceLogprobs | None = None
+class OpenAICompletionHead(OpenAIResponse):
+    """What every chat completion, chunk and (legacy) completion has; a stream's chunks carry no usage but the
+    last (with `stream_options.include_usage`)."""
 
-
-class ChatCompletion(OpenAIResponse):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    system_fingerprint: str = "fp_ollama"
-    choices: list[ChatCompletionChoice]
-    usage: Usage
-
-
-class ChunkChoice(OpenAIResponse):
-    omit_none = frozenset({"logprobs"})
-    index: int = 0
-    delta: ChatCompletionMessage
-    finish_reason: str | None = None
-    logprobs: ChoiceLogprobs | None = None
-
-
-class ChatCompletionChunk(OpenAIResponse):
     omit_none = frozenset({"usage"})
     id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
     system_fingerprint: str = "fp_ollama"
-    choices: list[ChunkChoice]
     usage: Usage | None = None
+
+
+class OpenAIChoice(OpenAIResponse):
+    """One choice of an answer; tunesmith always answers one (`n` is ignored, as by Ollama)."""
+
+    index: int = 0
+    finish_reason: str | None = None
+    """None until the last chunk of a stream."""
+
+
+class ChatChoice(OpenAIChoice):
+    """A chat answer's choice: its log probabilities only when they were asked for."""
+
+    omit_none = frozenset({"logprobs"})
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletionChoice(ChatChoice):
+    message: ChatCompletionMessage
+
+
+class ChatCompletion(OpenAICompletionHead):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatCompletionChoice]
+
+
+class ChunkChoice(ChatChoice):
+    delta: ChatCompletionMessage
+
+
+class ChatCompletionChunk(OpenAICompletionHead):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChunkChoice]
 
 
 class LegacyLogprobs(OpenAIResponse):
@@ -475,22 +475,14 @@ class LegacyLogprobs(OpenAIResponse):
     text_offset: list[int]
 
 
-class CompletionChoice(OpenAIResponse):
+class CompletionChoice(OpenAIChoice):
     text: str
-    index: int = 0
     logprobs: LegacyLogprobs | None = None
-    finish_reason: str | None = None
 
 
-class Completion(OpenAIResponse):
-    omit_none = frozenset({"usage"})
-    id: str
+class Completion(OpenAICompletionHead):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    system_fingerprint: str = "fp_ollama"
     choices: list[CompletionChoice]
-    usage: Usage | None = None
 
 
 class OpenAIEmbedding(OpenAIResponse):

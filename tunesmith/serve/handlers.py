@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -76,6 +76,16 @@ def final_metrics(stats: Any) -> dict[str, Any]:
 def _all_logprobs(chunks: list[Any]) -> list[t.Logprob] | None:
     """A non-streamed answer's log probabilities: every chunk's, in order (None when none were asked for)."""
     return [lp for c in chunks for lp in c.logprobs or []] or None
+
+
+async def _answer(generation: Generation[Any], stream: bool | None, merge: Callable[[list[Any]], t.Response]) -> Response:
+    """How generate and chat reply: at once when nothing was generated, one merged answer when the client asked
+    for no stream, else the stream."""
+    if generation.job is None:
+        return JSONResponse(generation.first.wire())
+    if stream is False:
+        return JSONResponse(merge(await generation.collect()).wire())
+    return ndjson_stream(generation)
 
 
 def ndjson_stream(generation: Generation[Any]) -> Response:
@@ -209,12 +219,7 @@ def merge_generate(chunks: list[t.GenerateResponse]) -> t.GenerateResponse:
 
 
 async def generate(req: t.GenerateRequest, server: Server, request: Request | None = None) -> Response:
-    generation = await start_generate(req, server, request)
-    if generation.job is None:
-        return JSONResponse(generation.first.wire())
-    if req.stream is False:
-        return JSONResponse(merge_generate(await generation.collect()).wire())
-    return ndjson_stream(generation)
+    return await _answer(await start_generate(req, server, request), req.stream, merge_generate)
 
 
 async def start_chat(req: t.ChatRequest, server: Server,
@@ -267,12 +272,7 @@ def merge_chat(chunks: list[t.ChatResponse]) -> t.ChatResponse:
 
 
 async def chat(req: t.ChatRequest, server: Server, request: Request | None = None) -> Response:
-    generation = await start_chat(req, server, request)
-    if generation.job is None:
-        return JSONResponse(generation.first.wire())
-    if req.stream is False:
-        return JSONResponse(merge_chat(await generation.collect()).wire())
-    return ndjson_stream(generation)
+    return await _answer(await start_chat(req, server, request), req.stream, merge_chat)
 
 
 # ---------------------------------------------------------------------------------------- embeddings

@@ -29,7 +29,7 @@ from tunesmith.serve.server import Server
 # ---------------------------------------------------------------------------------------- requests -> Ollama's
 
 
-def _request_options(req: t.ChatCompletionRequest | t.CompletionRequest, max_tokens: int | None) -> dict[str, Any]:
+def _request_options(req: t.OpenAIGenerationRequest, max_tokens: int | None) -> dict[str, Any]:
     # Ollama's openai middleware: temperature and top_p default to 1.0, as OpenAI's do.
     opts: dict[str, Any] = {"temperature": 1.0 if req.temperature is None else req.temperature,
                             "top_p": 1.0 if req.top_p is None else req.top_p}
