@@ -29,6 +29,7 @@ from tunesmith.serve import api_types as t
 from tunesmith.serve import gguf_meta, gotemplate, known_templates, modelfile, options
 from tunesmith.serve.engine import normalize
 from tunesmith.serve.generation import (
+    DEFAULT_TEMPLATE,
     Content,
     Done,
     Event,
@@ -52,7 +53,6 @@ log = logging.getLogger("tunesmith.serve")
 
 # The Ollama API level these routes implement (clients compare it, e.g. for `think` support).
 OLLAMA_API_VERSION = "0.13.0"
-DEFAULT_TEMPLATE = "{{ .Prompt }}"
 
 
 def _disconnected(request: Request | None) -> Any:
