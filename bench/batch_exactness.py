@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tunesmith import paths
-from tunesmith.serve import templates
 from tunesmith.serve.known_templates import CHATML
+from tunesmith.serve.prompt import build_prompt
 
 QUESTIONS = [
     "What is the capital of France?", "Give me three tips for driving in the rain.",
@@ -49,7 +49,7 @@ def identical(gguf: Path, unified: bool, flash: bool) -> int:
     batch = L.llama_batch_init(512, 0, 1)
     prompts = []
     for q in QUESTIONS:
-        data = templates.build_prompt(CHATML, [{"role": "user", "content": q}]).encode()
+        data = build_prompt(CHATML, [{"role": "user", "content": q}]).encode()
         buffer = (L.llama_token * (len(data) + 8))()
         n = L.llama_tokenize(vocab, data, len(data), buffer, len(data) + 8, L.llama_vocab_get_add_bos(vocab), True)
         prompts.append(list(buffer[:n]))

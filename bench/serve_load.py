@@ -45,8 +45,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from tunesmith import paths
-from tunesmith.serve import gguf_meta, templates
+from tunesmith.serve import gguf_meta
 from tunesmith.serve.known_templates import CHATML
+from tunesmith.serve.prompt import build_prompt
 from tunesmith.serve.store import Manifest, Store
 
 QUESTIONS = [
@@ -59,7 +60,7 @@ QUESTIONS = [
     "What is a hybrid car?", "When should I use high beams?",
     "How do I parallel park?", "What is the boiling point of water?",
 ]
-PROMPTS = [templates.build_prompt(CHATML, [{"role": "user", "content": q}]) for q in QUESTIONS]
+PROMPTS = [build_prompt(CHATML, [{"role": "user", "content": q}]) for q in QUESTIONS]
 MODEL = "bench"
 NUM_CTX = 2048
 
@@ -188,7 +189,7 @@ def tunesmith_server(home: Path, parallel: int, logs: Path) -> Iterator[Server]:
     port = free_port()
     log = logs / f"tunesmith-p{parallel}.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tunesmith.serve", "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "tunesmith.app", "--port", str(port),
                                  "--set", f"serve.parallel={parallel}", "--set", "serve.max_queue=1024",
                                  "--set", f"serve.num_ctx={NUM_CTX}"],
                                 # PYTHONPATH: the server of this checkout, whatever the venv has installed

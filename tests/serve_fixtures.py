@@ -14,9 +14,9 @@ from pathlib import Path
 
 import uvicorn
 
+from tunesmith.app import create_app
 from tunesmith.config import ServeConfig
 from tunesmith.serve import gguf_meta
-from tunesmith.serve.app import create_app
 from tunesmith.serve.known_templates import CHATML
 from tunesmith.serve.store import Manifest, Store
 

@@ -17,7 +17,7 @@ import pytest
 
 from tunesmith.export import modelfile as modelfiles
 from tunesmith.serve import modelfile as serve_modelfile
-from tunesmith.serve.templates import build_prompt
+from tunesmith.serve.prompt import build_prompt
 
 QWEN3 = (
     r"{%- for message in messages %}"

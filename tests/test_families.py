@@ -6,7 +6,7 @@ models that carry the real tokenizer (tunesmith/testing.py builds them from llam
 
 The proof is in token ids, compared at both ends: what training renders (the HF Jinja template through
 data/render.py, and inference.prompt_ids for evaluation) against what the server feeds llama.cpp (the Modelfile's
-Go template through serve/templates.py, tokenized by llama.cpp from the exported GGUF). The fast tests do it on a
+Go template through serve/prompt.py, tokenized by llama.cpp from the exported GGUF). The fast tests do it on a
 GGUF of the base; the slow ones train, export, create and serve, and read the ids back from a real server through
 the official `ollama` client.
 """
@@ -129,7 +129,7 @@ def test_served_prompt_ids_are_the_trained_prompt_ids(family_base, variant, syst
     from tunesmith.config import ExportConfig
     from tunesmith.export.export import _template
     from tunesmith.models import load_tokenizer
-    from tunesmith.serve.templates import build_prompt
+    from tunesmith.serve.prompt import build_prompt
 
     family, think = VARIANTS[variant]
     checkpoint, gguf = family_base(family)
@@ -169,7 +169,7 @@ def test_llama3_preamble_alone_when_the_request_brings_no_system(family_base):
     from tunesmith.config import ExportConfig
     from tunesmith.export.export import _template
     from tunesmith.models import load_tokenizer
-    from tunesmith.serve.templates import build_prompt
+    from tunesmith.serve.prompt import build_prompt
 
     checkpoint, gguf = family_base("llama3.1")
     tokenizer = load_tokenizer(checkpoint)

@@ -11,7 +11,7 @@ from tunesmith.data.render import template_kwargs
 from tunesmith.export import llama_cpp
 from tunesmith.export import modelfile as modelfiles
 from tunesmith.models import load_tokenizer
-from tunesmith.serve.templates import build_prompt
+from tunesmith.serve.prompt import build_prompt
 
 GODRIVE = [
     {"role": "system", "content": "你是驾驶教练，根据车辆特征给出指令。"},

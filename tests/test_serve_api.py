@@ -339,7 +339,7 @@ def test_a_stream_whose_client_leaves_during_send_is_closed_at_once():
     must run then, not whenever the garbage collector reaches the abandoned generator."""
     import asyncio
 
-    from tunesmith.serve.app import stream_response
+    from tunesmith.serve.http import stream_response
 
     async def scenario() -> bool:
         closed = asyncio.Event()
@@ -495,7 +495,7 @@ def test_keep_alive_expiry_unloads(oc):
 
 
 def test_chunked_body_over_the_limit_is_refused(live):
-    from tunesmith.serve.app import MAX_BODY_BYTES
+    from tunesmith.serve.http import MAX_BODY_BYTES
 
     def chunks():
         block = b" " * (1 << 20)

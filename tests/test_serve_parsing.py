@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunesmith.serve import client, options, thinking, tools
+from tunesmith.serve import address, client, options, thinking, tools
 from tunesmith.serve.options import FOREVER, OptionError
 
 
@@ -78,18 +78,18 @@ def test_bad_keep_alive(value):
     ("http://[::1]:11434", "http://[::1]:11434"),
 ])
 def test_host_url_parses_like_ollama_host(value, url, monkeypatch):
-    monkeypatch.delenv(client.HOST_ENV, raising=False)
+    monkeypatch.delenv(address.HOST_ENV, raising=False)
     assert client.host_url(value) == url
 
 
 def test_host_url_reads_tunesmith_host(monkeypatch):
-    monkeypatch.setenv(client.HOST_ENV, "127.0.0.1:5555")
+    monkeypatch.setenv(address.HOST_ENV, "127.0.0.1:5555")
     assert client.host_url() == "http://127.0.0.1:5555"
 
 
 def test_serve_config_from_tunesmith_host(monkeypatch):
     from tunesmith.config import ServeConfig
-    from tunesmith.serve.app import apply_env
+    from tunesmith.serve.address import server_settings as apply_env
 
     monkeypatch.setenv("TUNESMITH_HOST", "0.0.0.0:8080")
     monkeypatch.setenv("TUNESMITH_API_KEY", "k")

@@ -22,7 +22,8 @@ from tests.conftest import ROOT
 from tests.serve_fixtures import MODEL, add_smol, free_port, start_server
 from tunesmith.config import ServeConfig
 from tunesmith.errors import ConfigError
-from tunesmith.serve.app import create_app, read_api_key_file
+from tunesmith.serve.address import read_api_key_file
+from tunesmith.serve.app import create_app
 from tunesmith.serve.guard import allowed_host, allowed_origins, machine_addresses, origin_allowed
 from tunesmith.serve.store import Store
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tunesmith.serve.templates import TemplateError, build_prompt, render
+from tunesmith.serve.gotemplate import TemplateError, render
+from tunesmith.serve.prompt import build_prompt
 
 # Ollama's template/chatml.gotmpl
 CHATML = """{{- if .Messages }}
@@ -313,7 +314,7 @@ def test_a_huge_range_stops_cleanly_without_building_a_list():
     bounded by the execution's step count."""
     import tracemalloc
 
-    from tunesmith.serve import templates
+    from tunesmith.serve import gotemplate as templates
 
     tracemalloc.start()
     try:

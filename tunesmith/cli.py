@@ -57,12 +57,11 @@ def _live(run_dir: Path, config: Path | None, sets: list[str] | None) -> Config 
 
 
 def _host(config: Path | None, sets: list[str] | None) -> str | None:
-    """Where the client commands talk: TUNESMITH_HOST if set (None lets the client read it), else the
-    config's serve.host:serve.port when a config is given, else the default 127.0.0.1:11434."""
-    if os.environ.get("TUNESMITH_HOST") or (config is None and not sets):
-        return None
-    settings = _config(config, sets).serve
-    return f"http://{settings.host}:{settings.port}"
+    """Where the client commands talk (serve/address.py decides: TUNESMITH_HOST, else the config's serve section
+    when --config or --set is given, else the default)."""
+    from tunesmith.serve.address import client_host
+
+    return client_host(_config(config, sets).serve if config is not None or sets else None)
 
 
 @app.callback()
@@ -214,16 +213,10 @@ def serve(
     and the web UI at /ui. The API key comes from --api-key, --api-key-file, the config's serve.api_key or
     TUNESMITH_API_KEY, in that order. Browsers' cross-origin requests are refused unless their origin is a
     loopback one or is listed in TUNESMITH_ORIGINS (comma-separated, * wildcards), as with OLLAMA_ORIGINS."""
-    from tunesmith.serve.app import apply_env, read_api_key_file
-    from tunesmith.serve.app import serve as run_server
+    from tunesmith.app import serve as run_server
+    from tunesmith.serve.address import server_settings
 
-    settings = apply_env(_config(config, set_).serve)
-    if api_key and api_key_file:
-        raise ConfigError("--api-key and --api-key-file both given", "give one of them")
-    if api_key_file:
-        api_key = read_api_key_file(api_key_file)
-    if api_key:
-        settings = settings.model_copy(update={"api_key": api_key})
+    settings = server_settings(_config(config, set_).serve, api_key=api_key, api_key_file=api_key_file)
     if runs:
         settings = settings.model_copy(update={"runs_dir": str(runs)})
     console.print(f"tunesmith serving the model store on http://{settings.host}:{settings.port} "
@@ -325,8 +318,7 @@ def deploy(
     if not modelfile.is_file():
         raise ConfigError(f"{folder.dir}: no Modelfile", "run `tunesmith export` first")
     model_name = name or folder.recorded_config().name
-    client.create_from_modelfile(to, model_name, modelfile, progress=console.print,
-                                 api_key=os.environ.get("TUNESMITH_API_KEY") or os.environ.get("OLLAMA_API_KEY"))
+    client.create_from_modelfile(to, model_name, modelfile, progress=console.print)
     console.print(f"created {model_name} on {to}; try: curl {to}/api/generate -d "
                   f"'{{\"model\": \"{model_name}\", \"prompt\": \"...\", \"stream\": false}}'")
 

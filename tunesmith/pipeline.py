@@ -148,9 +148,12 @@ def _ask(host: str, model: str, prompt: str, num_predict: int, api_key: str | No
     turn cannot print pages of text (the curl line shown afterwards carries no bound, as the article's)."""
     import httpx
 
+    from tunesmith.serve.address import client_api_key
+
+    key = client_api_key(api_key)
     response = httpx.post(f"{host}/api/generate", json={"model": model, "prompt": prompt, "stream": False,
                                                           "options": {"num_predict": num_predict}}, timeout=300,
-                          headers={"Authorization": f"Bearer {api_key}"} if api_key else None)
+                          headers={"Authorization": f"Bearer {key}"} if key else None)
     if response.status_code != 200:
         raise TunesmithError(f"{host}/api/generate answered {response.status_code}: {response.text[:200]}")
     return response.json()["response"]

@@ -34,6 +34,7 @@ from tunesmith.export import convert, fidelity, merge, quantize
 from tunesmith.export import modelfile as modelfiles
 from tunesmith.models import load_model
 from tunesmith.run import Run, held_out_file
+from tunesmith.serve.known_templates import FAMILIES
 from tunesmith.serve.modelfile import format_value, typed_parameter
 
 
@@ -254,8 +255,8 @@ def _template(tokenizer: Any, config: Any, settings: ExportConfig, gguf: Path) -
     from llama_cpp import Llama
 
     if settings.template is not None:
-        family = modelfiles.FAMILIES.get(_family_or_none(tokenizer), {})
-        return settings.template, config.data.system_prompt, list(family.get("stop", []))
+        family = FAMILIES.get(_family_or_none(tokenizer) or "")
+        return settings.template, config.data.system_prompt, list(family.stop) if family else []
     with quantize.native_output():
         vocab = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
     adds_bos = len(vocab.tokenize(b"", add_bos=True, special=True)) > 0

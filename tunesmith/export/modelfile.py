@@ -18,8 +18,9 @@ from typing import Any
 
 from tunesmith.atomic import write_text
 from tunesmith.errors import TunesmithError
+from tunesmith.serve.known_templates import FAMILIES
 from tunesmith.serve.modelfile import Modelfile
-from tunesmith.serve.templates import build_prompt
+from tunesmith.serve.prompt import build_prompt
 
 
 class TemplateFamilyError(TunesmithError):
@@ -27,15 +28,6 @@ class TemplateFamilyError(TunesmithError):
 
 
 _HINT = "set export.template to an Ollama Go template that writes the same prompt as the model's chat template"
-
-# Family name, the marker that identifies it in a Jinja chat template, its end-of-turn tokens (Ollama's
-# PARAMETER stop), and its turn-start marker (to tell a separate BOS from the first turn).
-FAMILIES: dict[str, dict[str, Any]] = {
-    "chatml": {"marker": "<|im_start|>", "stop": ["<|im_start|>", "<|im_end|>"]},
-    "llama3": {"marker": "<|start_header_id|>", "stop": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]},
-    "gemma": {"marker": "<start_of_turn>", "stop": ["<end_of_turn>"]},
-    "mistral": {"marker": "[INST]", "stop": ["[INST]", "</s>"]},
-}
 
 # Skeletons with the probed parts as {BOS}, {GEN} (the generation prompt) and, for Mistral, {SYSTEM_TURN}.
 # Literal text is never next to a `{{-`/`-}}` trim marker where it could lose whitespace.
@@ -97,11 +89,11 @@ def detect_family(chat_template: str | None) -> str:
     if not chat_template:
         raise TemplateFamilyError("the tokenizer has no chat template to derive the Modelfile TEMPLATE from", _HINT)
     for name, family in FAMILIES.items():
-        if family["marker"] in chat_template:
+        if family.marker in chat_template:
             return name
     raise TemplateFamilyError(
         f"the tokenizer's chat template is of no family tunesmith knows ({', '.join(FAMILIES)}: none of the "
-        f"markers {', '.join(f['marker'] for f in FAMILIES.values())} appears in it)", _HINT)
+        f"markers {', '.join(f.marker for f in FAMILIES.values())} appears in it)", _HINT)
 
 
 def derive(tokenizer: Any, template_kwargs: dict[str, Any], llama_adds_bos: bool) -> OllamaTemplate:
@@ -120,7 +112,7 @@ def derive(tokenizer: Any, template_kwargs: dict[str, Any], llama_adds_bos: bool
                                   "conversation, so it cannot be written as an Ollama template", _HINT)
     generation = with_generation[len(without):]
     bos = tokenizer.bos_token or ""
-    writes_bos = bool(bos) and without.startswith(bos) and not without.startswith(family["marker"])
+    writes_bos = bool(bos) and without.startswith(bos) and not without.startswith(family.marker)
     notes = []
     if writes_bos and llama_adds_bos:
         notes.append(f"BOS {bos} is added by llama.cpp, so the TEMPLATE does not write it")
@@ -148,7 +140,7 @@ def derive(tokenizer: Any, template_kwargs: dict[str, Any], llama_adds_bos: bool
     template = _SKELETONS[name]
     for key, value in pieces.items():
         template = template.replace(key, value)
-    return OllamaTemplate(name, template, list(family["stop"]), default_system, notes)
+    return OllamaTemplate(name, template, list(family.stop), default_system, notes)
 
 
 def _llama3_system(render: Render) -> tuple[str, bool]:

@@ -2,10 +2,16 @@
 
     store.py            blobs + manifests under $TUNESMITH_HOME/models
     modelfile.py        Modelfile text <-> Modelfile
-    templates.py        Go text/template renderer (`render`) and Ollama's prompt assembly (`build_prompt`)
+    gotemplate.py       Go's text/template language (`parse`, `render`)
+    prompt.py           Ollama's prompt assembly: messages -> prompt (`build_prompt`)
     engine.py           llama-cpp-python models: scheduling, streaming, embeddings (`open_llama` for other callers)
-    generation.py       request -> prompt, options, grammar, think/tool parsing -> events
-    api_types.py        every request/response model
-    app.py              FastAPI routes (`create_app`, `serve`); openai_compat.py the /v1 routes
+    generation.py       a job -> events (think/tool parsing), and a started `Generation`
+    api_types.py        every request/response model, Ollama's and OpenAI's, error bodies included
+    server.py           `Server`: the state every handler shares
+    handlers.py         Ollama's handlers, one named function per route
+    openai_compat.py    the /v1 handlers, translated onto Ollama's
+    app.py              the route table and `create_app` (the API alone; tunesmith/app.py adds the web UI)
+    http.py, guard.py   JSON bodies, streams and error replies; Host/Origin/API-key checks
+    address.py          where the server is and its API key, from flags, config and environment
     client.py           what the CLI calls: create, deploy, list, show, ps, cp, rm, run
 """

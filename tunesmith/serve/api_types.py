@@ -1,4 +1,5 @@
-"""Every request and response of the API, in one module, as Ollama keeps them in `api/types.go`.
+"""Every request and response of the API, Ollama's and OpenAI's, error bodies included, in one module, as Ollama
+keeps them in `api/types.go` and `openai/openai.go`.
 
 Requests ignore unknown fields (Go's encoding/json does) but reject wrong types (strict mode: a string
 is not a bool). Responses are dumped without None fields, as Go's `omitempty` leaves them out.
@@ -6,9 +7,16 @@ is not a bool). Responses are dumped without None fields, as Go's `omitempty` le
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
 
 # --------------------------------------------------------------------------- shared pieces
 
@@ -56,35 +64,32 @@ Format = Literal["", "json"] | dict[str, Any]
 # --------------------------------------------------------------------------- /api/generate, /api/chat
 
 
-class GenerateRequest(Request):
+class GenerationRequest(Request):
+    """What /api/generate and /api/chat both take."""
+
     model: str = ""
+    stream: bool | None = None
+    format: Format | None = None
+    keep_alive: KeepAlive | None = None
+    options: dict[str, Any] | None = None
+    think: Think | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class GenerateRequest(GenerationRequest):
     prompt: str = ""
     suffix: str = ""
     system: str | None = None
     template: str | None = None
     context: list[int] | None = None
-    stream: bool | None = None
     raw: bool = False
-    format: Format | None = None
-    keep_alive: KeepAlive | None = None
     images: list[str] | None = None
-    options: dict[str, Any] | None = None
-    think: Think | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
 
 
-class ChatRequest(Request):
-    model: str = ""
+class ChatRequest(GenerationRequest):
     messages: list[Message] = Field(default_factory=list)
-    stream: bool | None = None
-    format: Format | None = None
-    keep_alive: KeepAlive | None = None
     tools: list[dict[str, Any]] | None = None
-    options: dict[str, Any] | None = None
-    think: Think | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
 
 
 class TokenLogprob(Response):
@@ -284,19 +289,24 @@ class OpenAIMessage(OpenAIRequest):
     reasoning: str | None = None
 
 
-class ChatCompletionRequest(OpenAIRequest):
+class OpenAIGenerationRequest(OpenAIRequest):
+    """What /v1/chat/completions and /v1/completions both take (the sampling fields become Ollama's options)."""
+
     model: str = ""
-    messages: list[OpenAIMessage] = Field(default_factory=list)
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     temperature: float | None = None
     top_p: float | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+
+
+class ChatCompletionRequest(OpenAIGenerationRequest):
+    messages: list[OpenAIMessage] = Field(default_factory=list)
+    max_completion_tokens: int | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     reasoning_effort: str | None = None
@@ -304,21 +314,11 @@ class ChatCompletionRequest(OpenAIRequest):
     top_logprobs: int | None = None
 
 
-class CompletionRequest(OpenAIRequest):
-    model: str = ""
+class CompletionRequest(OpenAIGenerationRequest):
     prompt: str = ""
     suffix: str | None = None
     logprobs: int | None = None
     """The legacy API's form: how many alternatives to list for each token (0 lists none)."""
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    max_tokens: int | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
 
 
 class OpenAIEmbeddingRequest(OpenAIRequest):
@@ -326,3 +326,179 @@ class OpenAIEmbeddingRequest(OpenAIRequest):
     input: str | list[str] = ""
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ErrorResponse(Response):
+    """Ollama's error body, and a stream's last line when it fails part-way."""
+
+    error: str
+
+
+class OpenAIResponse(BaseModel):
+    """OpenAI's bodies keep their null fields (`"finish_reason": null`); those named in `omit_none` are left out
+    when None, as OpenAI leaves them out."""
+
+    model_config = ConfigDict(extra="forbid")
+    omit_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _leave_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        return {k: v for k, v in data.items() if not (v is None and k in self.omit_none)}
+
+    def wire(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class OpenAIErrorDetail(OpenAIResponse):
+    message: str
+    type: str = "api_error"
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorResponse(OpenAIResponse):
+    error: OpenAIErrorDetail
+
+
+# --------------------------------------------------------------------------- OpenAI-compatible responses
+
+
+class OpenAIModel(OpenAIResponse):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class OpenAIModelList(OpenAIResponse):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+class Usage(OpenAIResponse):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class OpenAITopLogprob(OpenAIResponse):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class OpenAILogprob(OpenAITopLogprob):
+    top_logprobs: list[OpenAITopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(OpenAIResponse):
+    content: list[OpenAILogprob]
+
+
+class OpenAIFunctionCall(OpenAIResponse):
+    name: str
+    arguments: str
+    """JSON text, as OpenAI sends it."""
+
+
+class OpenAIToolCall(OpenAIResponse):
+    id: str
+    index: int
+    type: Literal["function"] = "function"
+    function: OpenAIFunctionCall
+
+
+class ChatCompletionMessage(OpenAIResponse):
+    omit_none = frozenset({"reasoning", "tool_calls"})
+    role: str = "assistant"
+    content: str = ""
+    reasoning: str | None = None
+    tool_calls: list[OpenAIToolCall] | None = None
+
+
+class OpenAICompletionHead(OpenAIResponse):
+    """What every chat completion, chunk and (legacy) completion has; a stream's chunks carry no usage but the
+    last (with `stream_options.include_usage`)."""
+
+    omit_none = frozenset({"usage"})
+    id: str
+    created: int
+    model: str
+    system_fingerprint: str = "fp_ollama"
+    usage: Usage | None = None
+
+
+class OpenAIChoice(OpenAIResponse):
+    """One choice of an answer; tunesmith always answers one (`n` is ignored, as by Ollama)."""
+
+    index: int = 0
+    finish_reason: str | None = None
+    """None until the last chunk of a stream."""
+
+
+class ChatChoice(OpenAIChoice):
+    """A chat answer's choice: its log probabilities only when they were asked for."""
+
+    omit_none = frozenset({"logprobs"})
+    logprobs: ChoiceLogprobs | None = None
+
+
+class ChatCompletionChoice(ChatChoice):
+    message: ChatCompletionMessage
+
+
+class ChatCompletion(OpenAICompletionHead):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatCompletionChoice]
+
+
+class ChunkChoice(ChatChoice):
+    delta: ChatCompletionMessage
+
+
+class ChatCompletionChunk(OpenAICompletionHead):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChunkChoice]
+
+
+class LegacyLogprobs(OpenAIResponse):
+    """/v1/completions' older shape: parallel lists of tokens, their log probabilities, the alternatives as
+    {token: logprob} maps, and each token's character offset in the text."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(OpenAIChoice):
+    text: str
+    logprobs: LegacyLogprobs | None = None
+
+
+class Completion(OpenAICompletionHead):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+
+
+class OpenAIEmbedding(OpenAIResponse):
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str
+    """The vector, or its little-endian float32 bytes in base64 (`encoding_format: base64`)."""
+    index: int
+
+
+class EmbeddingUsage(OpenAIResponse):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingList(OpenAIResponse):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: EmbeddingUsage

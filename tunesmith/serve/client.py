@@ -28,33 +28,11 @@ from tunesmith.children import die_with_parent
 from tunesmith.config import ServeConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.serve import modelfile
-
-DEFAULT_PORT = 11434
-HOST_ENV = "TUNESMITH_HOST"
-API_KEY_ENV = "TUNESMITH_API_KEY"
+from tunesmith.serve.address import API_KEY_ENV, DEFAULT_PORT, client_api_key, host_url
 
 
 class ClientError(TunesmithError):
     """The server could not be reached or refused the request."""
-
-
-def host_url(host: str | None = None) -> str:
-    """The base URL for `host` (or $TUNESMITH_HOST), parsed like OLLAMA_HOST: `host`, `host:port`, `:port`, URL."""
-    value = (host or os.environ.get(HOST_ENV) or "").strip()
-    if not value:
-        return f"http://127.0.0.1:{DEFAULT_PORT}"
-    had_scheme = "://" in value
-    if not had_scheme:
-        value = "http://" + value
-    parts = urlsplit(value)
-    hostname = parts.hostname or "127.0.0.1"
-    if hostname == "0.0.0.0":
-        hostname = "127.0.0.1"  # a server bound to all interfaces answers on loopback
-    if ":" in hostname:
-        hostname = f"[{hostname}]"
-    # As OLLAMA_HOST: no scheme means port 11434; an explicit scheme means its usual port.
-    port = parts.port or (DEFAULT_PORT if not had_scheme else {"http": 80, "https": 443}.get(parts.scheme, 80))
-    return f"{parts.scheme}://{hostname}:{port}{parts.path.rstrip('/')}"
 
 
 @contextlib.contextmanager
@@ -62,11 +40,10 @@ def _client(host: str | None, api_key: str | None = None, *, what: str,
             timeout: float | None = 600) -> Iterator[ollama.Client]:
     """An `ollama.Client` for `host` whose failures, while the block runs, become one-line ClientErrors.
 
-    `what` names the request in messages. Without an API key here or in $TUNESMITH_API_KEY the client
-    falls back to $OLLAMA_API_KEY, as Ollama's does. Streams have no time limit (`timeout=None`): a long
-    answer or a large upload is not a failure.
+    `what` names the request in messages; the key is `address.client_api_key`'s. Streams have no time limit
+    (`timeout=None`): a long answer or a large upload is not a failure.
     """
-    key = api_key or os.environ.get(API_KEY_ENV)
+    key = client_api_key(api_key)
     url = host_url(host)
     try:
         with ollama.Client(host=url, timeout=timeout,
@@ -87,7 +64,7 @@ def _client(host: str | None, api_key: str | None = None, *, what: str,
 def heartbeat(host: str | None = None, api_key: str | None = None) -> bool:
     """True when a server answers `HEAD /` at `host` (Ollama's CLI checks the same way before it starts one;
     the Python client has no call for it)."""
-    key = api_key or os.environ.get(API_KEY_ENV)
+    key = client_api_key(api_key)
     try:
         with httpx.Client(base_url=host_url(host), timeout=2,
                           headers={"Authorization": f"Bearer {key}"} if key else None) as client:
@@ -265,7 +242,7 @@ def chat_stream(host: str | None, name: str, messages: list[dict[str, Any]], *,
 
 def start_local_server(host: str | None = None, *, config: str | Path | None = None, overrides: list[str] | None = None,
                        settings: ServeConfig | None = None, wait: float = 60) -> subprocess.Popen[bytes]:
-    """Start `python -m tunesmith.serve` in the background at `host` and wait until it answers.
+    """Start `python -m tunesmith.app` (the server with its web UI) in the background at `host` and wait until it answers.
 
     `config`/`overrides` are the CLI's --config/--set, so the server gets the same `serve` section; `settings`
     is a serve section itself (the pipeline's), passed setting by setting.
@@ -273,7 +250,7 @@ def start_local_server(host: str | None = None, *, config: str | Path | None = N
     parts = urlsplit(host_url(host))
     if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
         raise ClientError(f"no server answers at {host_url(host)}", "start it there with `tunesmith serve`")
-    command = [sys.executable, "-m", "tunesmith.serve", "--host", parts.hostname or "127.0.0.1",
+    command = [sys.executable, "-m", "tunesmith.app", "--host", parts.hostname or "127.0.0.1",
                "--port", str(parts.port or DEFAULT_PORT)]
     if config is not None:
         command += ["--config", str(config)]

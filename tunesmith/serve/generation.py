@@ -1,19 +1,20 @@
-"""From an API request to a stream of events: prompt assembly, options, format grammar, think and tool parsing.
+"""From a job to a stream of events: think and tool parsing, format grammars, and a started `Generation`.
 
-Ollama's and OpenAI's handlers both build a `Job` here and shape its events (`Content`, `Thinking`,
-`ToolCalls`, `Done`) into their own wire format.
+Ollama's generate and chat handlers build a `Job` and start a `Generation`, which shapes its events (`Content`,
+`Thinking`, `ToolCalls`, `Done`) into their wire chunks; the OpenAI routes translate those chunks again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from tunesmith.serve import templates, thinking, tools
+from tunesmith.serve import gotemplate, thinking, tools
 from tunesmith.serve.engine import MAX_TOP_LOGPROBS, BadRequest, Engine, Stats
 from tunesmith.serve.options import Options
 from tunesmith.serve.store import Manifest
@@ -52,7 +53,7 @@ Event = Content | Thinking | ToolCalls | Done
 def capabilities(manifest: Manifest) -> list[str]:
     """What a model can do, judged from its template as Ollama does."""
     template = manifest.template or DEFAULT_TEMPLATE
-    names = templates.identifiers(templates.parse(template))
+    names = gotemplate.identifiers(gotemplate.parse(template))
     caps = ["completion"]
     if "tools" in names:
         caps.append("tools")
@@ -188,3 +189,83 @@ async def run(engine: Engine, job: Job) -> AsyncIterator[Event]:
             yield Content(text, take())
     finally:
         engine.release(lease)
+
+
+C = TypeVar("C")
+Disconnected = Callable[[], Awaitable[bool]]
+"""Whether the client has gone (Starlette's `request.is_disconnected`)."""
+
+
+def _watch(disconnected: Disconnected | None, cancel: threading.Event) -> asyncio.Task[None] | None:
+    """A task that sets `cancel` when the client of a request goes away (None when nobody is watching)."""
+    if disconnected is None:
+        return None
+
+    async def watch() -> None:
+        while not cancel.is_set():
+            if await disconnected():
+                cancel.set()
+                return
+            await asyncio.sleep(0.2)
+
+    return asyncio.create_task(watch())
+
+
+class Generation(Generic[C]):
+    """A generation that has started, its events shaped into one wire format's chunks by `shape`.
+
+    `start` waits for the first event, so errors before any output still get a real status code, and a client
+    that leaves while its request waits in the queue is noticed there and its turn skipped. `ready` wraps an
+    answer that needed no generation (an empty prompt loads or unloads the model). Whoever streams the chunks
+    closes it (`aclose`), which stops the generation and gives the model back.
+    """
+
+    def __init__(self, job: Job | None, shape: Callable[[Event], C], first: Any, events: AsyncIterator[Event] | None,
+                 disconnected: Disconnected | None = None):
+        self.job = job
+        self.shape = shape
+        self.first = first
+        self.events = events
+        self.disconnected = disconnected
+
+    @classmethod
+    async def start(cls, engine: Engine, job: Job, shape: Callable[[Event], C],
+                    disconnected: Disconnected | None = None) -> Generation[C]:
+        events = run(engine, job)
+        watcher = _watch(disconnected, job.cancel)
+        try:
+            first = await anext(events)
+        except BaseException:
+            await events.aclose()
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        return cls(job, shape, first, events, disconnected)
+
+    @classmethod
+    def ready(cls, chunk: C) -> Generation[C]:
+        return cls(None, lambda event: chunk, chunk, None)
+
+    async def chunks(self) -> AsyncIterator[C]:
+        if self.job is None or self.events is None:
+            yield self.first
+            return
+        yield self.shape(self.first)
+        async for event in self.events:
+            yield self.shape(event)
+
+    async def collect(self) -> list[C]:
+        """Every chunk, for a client that asked for one answer (its leaving still stops the generation)."""
+        watcher = _watch(self.disconnected, self.job.cancel) if self.job is not None else None
+        try:
+            return [chunk async for chunk in self.chunks()]
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if self.job is not None and self.events is not None:
+            self.job.cancel.set()
+            await self.events.aclose()

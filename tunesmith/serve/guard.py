@@ -32,6 +32,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tunesmith.serve import api_types as t
+
 ORIGINS_ENV = "TUNESMITH_ORIGINS"
 DEFAULT_ORIGINS = (
     *(f"{scheme}://{host}{port}" for host in ("localhost", "127.0.0.1", "[::1]", "0.0.0.0")
@@ -64,10 +66,13 @@ def authorized(request: Request, api_key: str) -> bool:
 
 def error_response(path: str, status: int, message: str) -> JSONResponse:
     """Ollama's `{"error": "..."}`, or OpenAI's error object under /v1/."""
+    body: t.OpenAIErrorResponse | t.ErrorResponse
     if path.startswith("/v1/"):
         kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
-        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status)
-    return JSONResponse({"error": message}, status)
+        body = t.OpenAIErrorResponse(error=t.OpenAIErrorDetail(message=message, type=kind))
+    else:
+        body = t.ErrorResponse(error=message)
+    return JSONResponse(body.wire(), status)
 
 
 def allowed_origins(extra: str | None = None) -> tuple[str, ...]:

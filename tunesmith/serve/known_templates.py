@@ -6,6 +6,7 @@ for the families tunesmith trains.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 # Ollama's template/chatml.gotmpl (SmolLM2, Qwen2/2.5, Hermes...).
@@ -71,16 +72,28 @@ GEMMA = """{{- if .Messages }}
 {{ .Response }}<end_of_turn>
 {{ end -}}"""
 
-_KNOWN: list[tuple[str, str, dict[str, Any]]] = [
-    ("<|im_start|>", CHATML, {"stop": ["<|im_start|>", "<|im_end|>"]}),
-    ("<|start_header_id|>", LLAMA3, {"stop": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}),
-    ("<start_of_turn>", GEMMA, {"stop": ["<end_of_turn>"]}),
-]
+@dataclass(frozen=True)
+class Family:
+    """A chat-template family: the marker that identifies it in a HF (Jinja) chat template, its end-of-turn tokens
+    (Ollama's PARAMETER stop), and Ollama's own template for it where the server picks one (`detect`)."""
+
+    marker: str
+    stop: tuple[str, ...]
+    template: str | None = None
+
+
+# The one table of families: the server picks templates from it, export derives templates for each of them.
+FAMILIES: dict[str, Family] = {
+    "chatml": Family("<|im_start|>", ("<|im_start|>", "<|im_end|>"), CHATML),
+    "llama3": Family("<|start_header_id|>", ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), LLAMA3),
+    "gemma": Family("<start_of_turn>", ("<end_of_turn>",), GEMMA),
+    "mistral": Family("[INST]", ("[INST]", "</s>")),
+}
 
 
 def detect(chat_template: str | None) -> tuple[str, dict[str, Any]] | None:
     """(template, parameters) for a HF chat template, or None when the family is unknown."""
-    for marker, template, parameters in _KNOWN:
-        if chat_template and marker in chat_template:
-            return template, {k: list(v) for k, v in parameters.items()}
+    for family in FAMILIES.values():
+        if chat_template and family.template is not None and family.marker in chat_template:
+            return family.template, {"stop": list(family.stop)}
     return None

@@ -1,6 +1,9 @@
-"""OpenAI-compatible routes (`/v1/...`), translated onto the same jobs as Ollama's, as Ollama's `openai/` does.
+"""OpenAI-compatible handlers (`/v1/...`), translated onto Ollama's, as Ollama's `openai/openai.go` middleware does.
 
-Streams are server-sent events ending with `data: [DONE]`; errors use OpenAI's `{"error": {"message", "type"}}`.
+Each request becomes Ollama's (`/v1/chat/completions` a ChatRequest, `/v1/completions` a GenerateRequest,
+`/v1/embeddings` an EmbedRequest), runs through the same function `/api/chat`, `/api/generate` or `/api/embed`
+runs (`handlers.start_chat`, `handlers.start_generate`, `handlers.embed`), and Ollama's chunks are translated
+back. Streams are server-sent events ending with `data: [DONE]`; errors use OpenAI's `{"error": {...}}`.
 """
 
 from __future__ import annotations
@@ -11,38 +14,22 @@ import random
 import struct
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from tunesmith.errors import TunesmithError
 from tunesmith.serve import api_types as t
-from tunesmith.serve import strict_json, templates
-from tunesmith.serve.generation import (
-    Content,
-    Done,
-    Job,
-    Thinking,
-    ToolCalls,
-    capabilities,
-    chat_messages,
-    grammar_for,
-    logprobs_request,
-    resolve_think,
-    run,
-)
+from tunesmith.serve import handlers, strict_json
+from tunesmith.serve.generation import Generation
+from tunesmith.serve.http import ApiError, sse, stream_response, validated
+from tunesmith.serve.server import Server
 
-if TYPE_CHECKING:
-    from tunesmith.serve.app import Server
+# ---------------------------------------------------------------------------------------- requests -> Ollama's
 
 
-def _sse(data: dict[str, Any] | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=True, separators=(",", ":"))
-    return f"data: {payload}\n\n".encode()
-
-
-def _request_options(req: t.ChatCompletionRequest | t.CompletionRequest, max_tokens: int | None) -> dict[str, Any]:
+def _request_options(req: t.OpenAIGenerationRequest, max_tokens: int | None) -> dict[str, Any]:
     # Ollama's openai middleware: temperature and top_p default to 1.0, as OpenAI's do.
     opts: dict[str, Any] = {"temperature": 1.0 if req.temperature is None else req.temperature,
                             "top_p": 1.0 if req.top_p is None else req.top_p}
@@ -67,8 +54,6 @@ def _message_text(content: str | list[dict[str, Any]] | None) -> str:
         if part.get("type") == "text":
             parts.append(str(part.get("text", "")))
         elif part.get("type") == "image_url":
-            from tunesmith.serve.app import ApiError
-
             raise ApiError(400, "images are not supported by this model")
     return "\n".join(parts)
 
@@ -86,8 +71,6 @@ def _to_ollama_message(m: t.OpenAIMessage) -> dict[str, Any]:
                 try:
                     args = strict_json.loads(args)
                 except strict_json.InvalidJSON as exc:
-                    from tunesmith.serve.app import ApiError
-
                     raise ApiError(400, f"invalid tool call arguments: {exc}") from exc
             calls.append({"id": call.get("id"), "function": {"name": fn.get("name", ""), "arguments": args}})
         message["tool_calls"] = calls
@@ -96,228 +79,195 @@ def _to_ollama_message(m: t.OpenAIMessage) -> dict[str, Any]:
     return message
 
 
-def _openai_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"id": f"call_{random.getrandbits(32):08x}", "index": c["function"].get("index", i), "type": "function",
-             "function": {"name": c["function"]["name"], "arguments": json.dumps(c["function"]["arguments"])}}
+def to_chat_request(req: t.ChatCompletionRequest) -> t.ChatRequest:
+    """Ollama's chat request for an OpenAI chat completion request (openai.go's fromChatRequest)."""
+    if not req.messages:
+        raise ApiError(400, "[] is too short - 'messages'")
+    fmt: Any = None
+    if req.response_format:
+        kind = req.response_format.get("type")
+        if kind == "json_object":
+            fmt = "json"
+        elif kind == "json_schema":
+            fmt = (req.response_format.get("json_schema") or {}).get("schema") or "json"
+    think: bool | None = None if req.reasoning_effort is None else req.reasoning_effort != "none"
+    return validated(t.ChatRequest, {
+        "model": req.model, "messages": [_to_ollama_message(m) for m in req.messages], "stream": req.stream,
+        "format": fmt, "tools": req.tools, "think": think, "logprobs": req.logprobs, "top_logprobs": req.top_logprobs,
+        "options": _request_options(req, req.max_completion_tokens or req.max_tokens)})
+
+
+def to_generate_request(req: t.CompletionRequest) -> t.GenerateRequest:
+    """Ollama's generate request for an OpenAI (legacy) completion request (openai.go's fromCompleteRequest)."""
+    if req.logprobs is not None and not 0 <= req.logprobs <= 5:
+        raise ApiError(400, "logprobs must be between 0 and 5")  # OpenAI's limit for this legacy API
+    return validated(t.GenerateRequest, {
+        "model": req.model, "prompt": req.prompt, "suffix": req.suffix or "", "stream": req.stream,
+        "logprobs": req.logprobs is not None, "top_logprobs": req.logprobs or 0,
+        "options": _request_options(req, req.max_tokens)})
+
+
+def to_embed_request(req: t.OpenAIEmbeddingRequest) -> t.EmbedRequest:
+    inputs = [req.input] if isinstance(req.input, str) else list(req.input)
+    if not inputs or not all(inputs):
+        raise ApiError(400, "invalid input: empty string")
+    return t.EmbedRequest(model=req.model, input=inputs, dimensions=req.dimensions or None)
+
+
+# ---------------------------------------------------------------------------------------- Ollama's -> OpenAI's
+
+def _openai_tool_calls(calls: list[t.ToolCall]) -> list[t.OpenAIToolCall]:
+    return [t.OpenAIToolCall(id=f"call_{random.getrandbits(32):08x}",
+                             index=i if c.function.index is None else c.function.index,
+                             function=t.OpenAIFunctionCall(name=c.function.name,
+                                                           arguments=json.dumps(c.function.arguments)))
             for i, c in enumerate(calls)]
 
 
-def _openai_logprobs(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _openai_logprobs(entries: list[t.Logprob]) -> t.ChoiceLogprobs:
     """Ollama's log probabilities in OpenAI's shape, which always has `bytes` and `top_logprobs` (maybe [])."""
-    return [{"token": e["token"], "logprob": e["logprob"], "bytes": e.get("bytes"),
-             "top_logprobs": [{"token": a["token"], "logprob": a["logprob"], "bytes": a.get("bytes")}
-                              for a in e.get("top_logprobs") or []]} for e in entries]
+    return t.ChoiceLogprobs(content=[
+        t.OpenAILogprob(token=e.token, logprob=e.logprob, bytes=e.bytes, top_logprobs=[
+            t.OpenAITopLogprob(token=a.token, logprob=a.logprob, bytes=a.bytes) for a in e.top_logprobs or []])
+        for e in entries])
 
 
-def _legacy_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
-    """/v1/completions' older shape: parallel lists of tokens, their log probabilities, the alternatives as
-    {token: logprob} maps, and each token's character offset in the text (from `offset`)."""
+def _legacy_logprobs(entries: list[t.Logprob], offset: int) -> t.LegacyLogprobs:
+    """The legacy shape, each token's character offset counted from `offset`."""
     offsets = []
     for e in entries:
         offsets.append(offset)
-        offset += len(e["token"])
-    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{a["token"]: a["logprob"] for a in e.get("top_logprobs") or []} for e in entries],
-            "text_offset": offsets}
+        offset += len(e.token)
+    return t.LegacyLogprobs(tokens=[e.token for e in entries], token_logprobs=[e.logprob for e in entries],
+                            top_logprobs=[{a.token: a.logprob for a in e.top_logprobs or []} for e in entries],
+                            text_offset=offsets)
 
 
-def _usage(stats: Any) -> dict[str, int]:
-    return {"prompt_tokens": stats.prompt_eval_count, "completion_tokens": stats.eval_count,
-            "total_tokens": stats.prompt_eval_count + stats.eval_count}
+def _usage(final: t.Metrics) -> t.Usage:
+    prompt, completion = final.prompt_eval_count or 0, final.eval_count or 0
+    return t.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def _finish_reason(stats: Any, tool_calls: bool) -> str:
+def _finish_reason(done_reason: str | None, tool_calls: bool) -> str:
     if tool_calls:
         return "tool_calls"
-    return "length" if stats.done_reason == "length" else "stop"
+    return "length" if done_reason == "length" else "stop"
 
 
-def install_openai_routes(app: FastAPI, server: Server) -> None:
-    from tunesmith.serve.app import ApiError, collect, primed, read_json, stream_response
+def _sse_stream(events: AsyncIterator[t.OpenAIResponse], generation: Generation[Any]) -> Response:
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for event in events:
+                yield sse(event)
+            yield sse("[DONE]")
+        except TunesmithError as exc:
+            yield sse(t.OpenAIErrorResponse(error=t.OpenAIErrorDetail(message=exc.message)))
+        finally:
+            await generation.aclose()
 
-    store, engine = server.store, server.engine
+    return stream_response(body(), media_type="text/event-stream")
 
-    def model_entry(name: str) -> dict[str, Any]:
-        namespace = name.split("/")[0] if "/" in name else "library"
-        return {"id": name, "object": "model", "created": int(store.modified_at(name).timestamp()),
-                "owned_by": namespace}
 
-    @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_entry(name) for name, _ in store.list()]}
+# ---------------------------------------------------------------------------------------- handlers
 
-    @app.get("/v1/models/{model:path}")
-    async def get_model(model: str) -> dict[str, Any]:
-        name, _ = server.manifest(model)
-        return model_entry(name)
+def _model_entry(server: Server, name: str) -> t.OpenAIModel:
+    namespace = name.split("/")[0] if "/" in name else "library"
+    return t.OpenAIModel(id=name, created=int(server.store.modified_at(name).timestamp()), owned_by=namespace)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        req = await read_json(request, t.ChatCompletionRequest)
-        if not req.messages:
-            raise ApiError(400, "[] is too short - 'messages'")
-        name, manifest = server.manifest(req.model)
-        opts = server.options_for(manifest, _request_options(req, req.max_completion_tokens or req.max_tokens))
-        fmt: Any = None
-        if req.response_format:
-            kind = req.response_format.get("type")
-            if kind == "json_object":
-                fmt = "json"
-            elif kind == "json_schema":
-                fmt = (req.response_format.get("json_schema") or {}).get("schema") or "json"
-        grammar = grammar_for(fmt)
-        think_value: Any = None
-        if req.reasoning_effort is not None:
-            think_value = req.reasoning_effort != "none"
-        think, think_set = resolve_think(req.model, manifest, think_value)
-        think = think and grammar is None
-        top_logprobs = logprobs_request(req.logprobs, req.top_logprobs)
-        if req.tools and "tools" not in capabilities(manifest):
-            raise ApiError(400, f"{req.model} does not support tools")
-        msgs = chat_messages(manifest, [_to_ollama_message(m) for m in req.messages])
-        prompt = templates.build_prompt(manifest.template or "{{ .Prompt }}", msgs, tools=req.tools or None,
-                                        think=think, is_think_set=think_set)
-        job = Job(name, manifest, prompt, opts, server.keep_alive(None), grammar, think=think, tools=req.tools or None,
-                  top_logprobs=top_logprobs)
-        ident = f"chatcmpl-{random.randrange(999)}"
-        created = int(time.time())
-        base = {"id": ident, "created": created, "model": req.model, "system_fingerprint": "fp_ollama"}
 
-        first, events = await primed(request, job, run(engine, job))
-        if not req.stream:
-            all_events = [first, *await collect(request, job, events)]
-            stats = next(e.stats for e in all_events if isinstance(e, Done))
-            calls = [c for e in all_events if isinstance(e, ToolCalls) for c in e.calls]
-            message: dict[str, Any] = {"role": "assistant",
-                                       "content": "".join(e.text for e in all_events if isinstance(e, Content))}
-            reasoning = "".join(e.text for e in all_events if isinstance(e, Thinking))
-            if reasoning:
-                message["reasoning"] = reasoning
-            if calls:
-                message["tool_calls"] = _openai_tool_calls(calls)
-            choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": _finish_reason(stats, bool(calls))}
-            if top_logprobs is not None:
-                choice["logprobs"] = {"content": _openai_logprobs([lp for e in all_events for lp in e.logprobs])}
-            return JSONResponse({**base, "object": "chat.completion", "choices": [choice], "usage": _usage(stats)})
+async def list_models(server: Server) -> t.OpenAIModelList:
+    return t.OpenAIModelList(data=[_model_entry(server, name) for name, _ in server.store.list()])
 
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        def chunk(delta: dict[str, Any], finish: str | None, logprobs: list[dict[str, Any]] | None = None) -> bytes:
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
-            if logprobs:
-                choice["logprobs"] = {"content": _openai_logprobs(logprobs)}
-            return _sse({**base, "object": "chat.completion.chunk", "choices": [choice]})
+async def get_model(model: str, server: Server) -> t.OpenAIModel:
+    name, _ = server.manifest(model)
+    return _model_entry(server, name)
 
-        async def body() -> AsyncIterator[bytes]:
-            saw_calls = False
-            try:
-                pending: list[Any] = [first]
-                while True:
-                    event = pending.pop() if pending else await anext(events)
-                    if isinstance(event, Content):
-                        yield chunk({"role": "assistant", "content": event.text}, None, event.logprobs)
-                    elif isinstance(event, Thinking):
-                        yield chunk({"role": "assistant", "content": "", "reasoning": event.text}, None, event.logprobs)
-                    elif isinstance(event, ToolCalls):
-                        saw_calls = True
-                        yield chunk({"role": "assistant", "content": "",
-                                     "tool_calls": _openai_tool_calls(event.calls)}, None, event.logprobs)
-                    elif isinstance(event, Done):
-                        yield chunk({"role": "assistant", "content": ""}, _finish_reason(event.stats, saw_calls),
-                                    event.logprobs)
-                        if include_usage:
-                            yield _sse({**base, "object": "chat.completion.chunk", "choices": [],
-                                        "usage": _usage(event.stats)})
-                        break
-                yield _sse("[DONE]")
-            except TunesmithError as exc:
-                yield _sse({"error": {"message": exc.message, "type": "api_error", "param": None, "code": None}})
-            finally:
-                job.cancel.set()
-                await events.aclose()
 
-        return stream_response(body(), media_type="text/event-stream")
+async def chat_completions(req: t.ChatCompletionRequest, server: Server, request: Request | None = None) -> Response:
+    generation = await handlers.start_chat(to_chat_request(req), server, request)
+    base = {"id": f"chatcmpl-{random.randrange(999)}", "created": int(time.time()), "model": req.model}
+    if not req.stream:
+        final = handlers.merge_chat(await generation.collect())
+        calls = final.message.tool_calls or []
+        message = t.ChatCompletionMessage(content=final.message.content, reasoning=final.message.thinking or None,
+                                          tool_calls=_openai_tool_calls(calls) or None)
+        choice = t.ChatCompletionChoice(message=message, finish_reason=_finish_reason(final.done_reason, bool(calls)),
+                                        logprobs=_openai_logprobs(final.logprobs or []) if req.logprobs else None)
+        return JSONResponse(t.ChatCompletion(**base, choices=[choice], usage=_usage(final)).wire())
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        req = await read_json(request, t.CompletionRequest)
-        name, manifest = server.manifest(req.model)
-        opts = server.options_for(manifest, _request_options(req, req.max_tokens))
-        msgs = chat_messages(manifest, [{"role": "user", "content": req.prompt}])
-        prompt = templates.build_prompt(manifest.template or "{{ .Prompt }}", msgs,
-                                        prompt=req.prompt if req.suffix else "", suffix=req.suffix or "")
-        if req.logprobs is not None and not 0 <= req.logprobs <= 5:
-            raise ApiError(400, "logprobs must be between 0 and 5")  # OpenAI's limit for this legacy API
-        job = Job(name, manifest, prompt, opts, server.keep_alive(None),
-                  top_logprobs=req.logprobs)
-        ident = f"cmpl-{random.randrange(999)}"
-        base = {"id": ident, "object": "text_completion", "created": int(time.time()), "model": req.model,
-                "system_fingerprint": "fp_ollama"}
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        first, events = await primed(request, job, run(engine, job))
-        if not req.stream:
-            all_events = [first, *await collect(request, job, events)]
-            stats = next(e.stats for e in all_events if isinstance(e, Done))
-            text = "".join(e.text for e in all_events if isinstance(e, Content))
-            logprobs = None if req.logprobs is None else _legacy_logprobs(
-                [lp for e in all_events for lp in e.logprobs], 0)
-            return JSONResponse({**base, "choices": [
-                {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": _finish_reason(stats, False)}],
-                "usage": _usage(stats)})
+    def chunk(delta: t.ChatCompletionMessage, finish: str | None,
+              logprobs: list[t.Logprob] | None) -> t.ChatCompletionChunk:
+        choice = t.ChunkChoice(delta=delta, finish_reason=finish,
+                               logprobs=_openai_logprobs(logprobs) if logprobs else None)
+        return t.ChatCompletionChunk(**base, choices=[choice])
 
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    async def events() -> AsyncIterator[t.OpenAIResponse]:
+        saw_calls = False
+        async for c in generation.chunks():
+            if c.done:
+                yield chunk(t.ChatCompletionMessage(), _finish_reason(c.done_reason, saw_calls), c.logprobs)
+                if include_usage:
+                    yield t.ChatCompletionChunk(**base, choices=[], usage=_usage(c))
+                return
+            if c.message.thinking:
+                yield chunk(t.ChatCompletionMessage(reasoning=c.message.thinking), None, c.logprobs)
+            elif c.message.tool_calls:
+                saw_calls = True
+                yield chunk(t.ChatCompletionMessage(tool_calls=_openai_tool_calls(c.message.tool_calls)), None,
+                            c.logprobs)
+            else:
+                yield chunk(t.ChatCompletionMessage(content=c.message.content), None, c.logprobs)
 
-        async def body() -> AsyncIterator[bytes]:
-            offset = 0
+    return _sse_stream(events(), generation)
 
-            def legacy(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
-                nonlocal offset
-                if req.logprobs is None:
-                    return None
-                shaped = _legacy_logprobs(entries, offset)
-                offset += sum(len(e["token"]) for e in entries)
-                return shaped
 
-            try:
-                pending: list[Any] = [first]
-                while True:
-                    event = pending.pop() if pending else await anext(events)
-                    if isinstance(event, Content):
-                        yield _sse({**base, "choices": [{"text": event.text, "index": 0, "finish_reason": None,
-                                                         "logprobs": legacy(event.logprobs)}]})
-                    elif isinstance(event, Done):
-                        yield _sse({**base, "choices": [{"text": "", "index": 0, "logprobs": legacy(event.logprobs),
-                                                         "finish_reason": _finish_reason(event.stats, False)}]})
-                        if include_usage:
-                            yield _sse({**base, "choices": [], "usage": _usage(event.stats)})
-                        break
-                yield _sse("[DONE]")
-            except TunesmithError as exc:
-                yield _sse({"error": {"message": exc.message, "type": "api_error", "param": None, "code": None}})
-            finally:
-                job.cancel.set()
-                await events.aclose()
+async def completions(req: t.CompletionRequest, server: Server, request: Request | None = None) -> Response:
+    generation = await handlers.start_generate(to_generate_request(req), server, request)
+    base = {"id": f"cmpl-{random.randrange(999)}", "created": int(time.time()), "model": req.model}
+    if not req.stream:
+        final = handlers.merge_generate(await generation.collect())
+        logprobs = None if req.logprobs is None else _legacy_logprobs(final.logprobs or [], 0)
+        choice = t.CompletionChoice(text=final.response, logprobs=logprobs,
+                                    finish_reason=_finish_reason(final.done_reason, False))
+        return JSONResponse(t.Completion(**base, choices=[choice], usage=_usage(final)).wire())
 
-        return stream_response(body(), media_type="text/event-stream")
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-    @app.post("/v1/embeddings")
-    async def embeddings(request: Request) -> dict[str, Any]:
-        from tunesmith.serve.app import _embed
-        from tunesmith.serve.engine import normalize
+    async def events() -> AsyncIterator[t.OpenAIResponse]:
+        offset = 0
 
-        req = await read_json(request, t.OpenAIEmbeddingRequest)
-        name, manifest = server.manifest(req.model)
-        inputs = [req.input] if isinstance(req.input, str) else list(req.input)
-        if not inputs or not all(inputs):
-            raise ApiError(400, "invalid input: empty string")
-        vectors, count, _, _ = await _embed(server, name, manifest, None, None, inputs, True)
-        if req.dimensions:
-            vectors = [normalize(v[:req.dimensions]) for v in vectors]
-        data = []
-        for i, vector in enumerate(vectors):
-            embedding: Any = vector
-            if req.encoding_format == "base64":
-                embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-            data.append({"object": "embedding", "embedding": embedding, "index": i})
-        return {"object": "list", "data": data, "model": req.model,
-                "usage": {"prompt_tokens": count, "total_tokens": count}}
+        def legacy(entries: list[t.Logprob] | None) -> t.LegacyLogprobs | None:
+            nonlocal offset
+            if req.logprobs is None:
+                return None
+            shaped = _legacy_logprobs(entries or [], offset)
+            offset += sum(len(e.token) for e in entries or [])
+            return shaped
+
+        async for c in generation.chunks():
+            if c.done:
+                yield t.Completion(**base, choices=[t.CompletionChoice(
+                    text="", logprobs=legacy(c.logprobs), finish_reason=_finish_reason(c.done_reason, False))])
+                if include_usage:
+                    yield t.Completion(**base, choices=[], usage=_usage(c))
+                return
+            if c.response:
+                yield t.Completion(**base, choices=[t.CompletionChoice(text=c.response, logprobs=legacy(c.logprobs))])
+
+    return _sse_stream(events(), generation)
+
+
+async def embeddings(req: t.OpenAIEmbeddingRequest, server: Server) -> t.OpenAIEmbeddingList:
+    answer = await handlers.embed(to_embed_request(req), server)
+    data = []
+    for i, vector in enumerate(answer.embeddings):
+        embedding: list[float] | str = vector
+        if req.encoding_format == "base64":
+            embedding = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append(t.OpenAIEmbedding(embedding=embedding, index=i))
+    count = answer.prompt_eval_count or 0
+    return t.OpenAIEmbeddingList(data=data, model=req.model,
+                                 usage=t.EmbeddingUsage(prompt_tokens=count, total_tokens=count))

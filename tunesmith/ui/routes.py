@@ -25,7 +25,8 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 
 from tunesmith.run import REPORT
-from tunesmith.serve.app import UI_COOKIE, ApiError, ui_token
+from tunesmith.serve.guard import UI_COOKIE, ui_token
+from tunesmith.serve.http import ApiError
 from tunesmith.serve.store import Store, StoreError, full_name
 from tunesmith.ui import pages, runs
 
@@ -38,7 +39,7 @@ REPORT_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; f
 
 def install_ui(app: FastAPI, runs_dir: Path, store: Store, api_key: str | None = None) -> None:
     """Add the /ui pages to `app`: runs read from `runs_dir`, chat models from `store`; `api_key` is the
-    server's (the guard in serve/app.py checks every request; the login here hands browsers a cookie)."""
+    server's (the guard in serve/guard.py checks every request; the login here hands browsers a cookie)."""
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")
 
     def run_dir(name: str) -> Path:
