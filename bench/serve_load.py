@@ -11,8 +11,10 @@ the end-of-generation token included, over the wall time), p50/p95 time to first
 how many answers differ from that prompt's answer decoded alone on the same server (recorded first, one request
 at a time). With --rounds R both servers stay up and serve the load in turns, R times each (the order swapped
 every round); a row pools its rounds, and the notes list tunesmith's tokens/s over llama-server's round by
-round, with their median, and the same for p95 time to first token. Two more rows: tunesmith with `serve.parallel 1` (one sequence at a time, as before batching) at
-the largest client count up to 8, and llama-cpp-python alone on one stream (no server).
+round, with their median, and the same for p95 time to first token; at 1 client each round also runs
+llama-cpp-python alone, and the notes give tunesmith's tokens/s over it by round. Two more rows: tunesmith with
+`serve.parallel 1` (one sequence at a time, as before batching) at the largest client count up to 8, and
+llama-cpp-python alone on one stream (no server).
 
 llama-server is built from the pinned source distribution on first use (bench/llama_server.py, minutes), the
 GGUF likewise (materialize, convert, quantize). The table is appended to bench/RESULTS.md. Time it on a quiet
@@ -377,9 +379,12 @@ def main() -> None:
         # machine then falls on both, and the ratio of each round is a like-for-like pair.
         with tunesmith_server(home, clients, logs) as ts, llama_server(binary, gguf, clients, threads, logs) as ls:
             runs: dict[str, list[Load]] = {ts.name: [], ls.name: []}
+            alone: list[Load] = []
             for r in range(args.rounds):
                 for server in (ts, ls) if r % 2 == 0 else (ls, ts):
                     runs[server.name].append(asyncio.run(load(server, clients, args.duration, args.num_predict)))
+                if clients == 1:  # the 1-client target is llama-cpp-python alone: measured in the same round
+                    alone.append(direct(gguf, threads, args.duration, args.num_predict))
             for server, refs in ((ts, ts_refs), (ls, ls_refs)):
                 rows.append(row(clients, server.name, pooled(runs[server.name]), refs))
             pairs = list(zip(runs[ts.name], runs[ls.name], strict=True))
@@ -391,6 +396,10 @@ def main() -> None:
                           + ", ".join(f"{x:.3f}" for x in speed) + f" (median {statistics.median(speed):.3f}); "
                           + "TTFT p95 by round: " + ", ".join(f"{x:.3f}" for x in tail)
                           + f" (median {statistics.median(tail):.3f})")
+            if alone:
+                bare = [rate(a) / rate(b) for a, b in zip(runs[ts.name], alone, strict=True)]
+                ratios.append("- 1 client: tunesmith / llama-cpp-python alone tokens/s by round: "
+                              + ", ".join(f"{x:.3f}" for x in bare) + f" (median {statistics.median(bare):.3f})")
     load_after = os.getloadavg()
 
     header = ("| clients | server | tokens/s (all streams) | TTFT p50 s | TTFT p95 s | requests "
