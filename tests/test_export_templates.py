@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith.export import modelfile as modelfiles
+from tunesmith.export import ollama_template
 from tunesmith.serve import modelfile as serve_modelfile
 from tunesmith.serve.prompt import build_prompt
 
@@ -66,7 +66,7 @@ FAMILIES = {
     "gemma": (GEMMA, ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>", True, False),
 }
 
-CONVERSATIONS = modelfiles.PROBES + [
+CONVERSATIONS = ollama_template.PROBES + [
     [{"role": "user", "content": "Wie spät ist es? 🙂"}],
     [{"role": "system", "content": "You are a driving coach."}, {"role": "user", "content": "速度:静止"},
      {"role": "assistant", "content": "系好安全带。"}, {"role": "user", "content": "速度:慢速"}],
@@ -123,7 +123,7 @@ def test_modelfile_template_gives_the_training_token_ids(family_models, family, 
     tokenizer, vocab, kwargs = _sides(family_models[family], family)
     adds_bos = len(vocab.tokenize(b"", add_bos=True, special=True)) > 0
     assert adds_bos == FAMILIES[family][4]
-    derived = modelfiles.derive(tokenizer, kwargs, adds_bos)
+    derived = ollama_template.derive(tokenizer, kwargs, adds_bos)
     assert derived.family == {"smollm2": "chatml", "qwen3": "chatml"}.get(family, family.split("-")[0])
     system = training_system or derived.default_system
     # The Modelfile as written and read back (quoting must keep the template byte for byte).
@@ -132,11 +132,11 @@ def test_modelfile_template_gives_the_training_token_ids(family_models, family, 
     assert parsed.template == derived.template and parsed.system == system
 
     for messages in CONVERSATIONS:
-        trained_messages = modelfiles.ollama_messages(messages, training_system)
+        trained_messages = ollama_template.ollama_messages(messages, training_system)
         trained = tokenizer.apply_chat_template(trained_messages, tokenize=False, add_generation_prompt=True,
                                                 **kwargs)
         trained_ids = tokenizer(trained, add_special_tokens=False)["input_ids"]
-        served = build_prompt(parsed.template, modelfiles.ollama_messages(messages, parsed.system))
+        served = build_prompt(parsed.template, ollama_template.ollama_messages(messages, parsed.system))
         served_ids = vocab.tokenize(served.encode(), add_bos=True, special=True)
         assert served_ids == trained_ids, (family, messages, trained, served)
         # The text agrees too, up to the BOS llama.cpp adds by itself.
@@ -149,8 +149,8 @@ def test_modelfile_template_gives_the_training_token_ids(family_models, family, 
 
 def test_verify_catches_a_template_that_differs(family_models):
     tokenizer, vocab, kwargs = _sides(family_models["llama3"], "llama3")
-    derived = modelfiles.derive(tokenizer, kwargs, True)
-    render = modelfiles.jinja_renderer(tokenizer, kwargs)
+    derived = ollama_template.derive(tokenizer, kwargs, True)
+    render = ollama_template.jinja_renderer(tokenizer, kwargs)
 
     def hf_ids(text):
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -158,21 +158,21 @@ def test_verify_catches_a_template_that_differs(family_models):
     def served_ids(text):
         return vocab.tokenize(text.encode(), add_bos=True, special=True)
 
-    modelfiles.verify(derived.template, None, render, hf_ids, served_ids)
+    ollama_template.verify(derived.template, None, render, hf_ids, served_ids)
     broken = derived.template.replace("<|end_header_id|>\n\n{{ .Content }}", "<|end_header_id|>\n{{ .Content }}")
     assert broken != derived.template
-    with pytest.raises(modelfiles.TemplateFamilyError, match="different tokens"):
-        modelfiles.verify(broken, None, render, hf_ids, served_ids)
+    with pytest.raises(ollama_template.TemplateFamilyError, match="different tokens"):
+        ollama_template.verify(broken, None, render, hf_ids, served_ids)
     # Writing the BOS as well as llama.cpp adding it: the double-BOS bug.
-    double = modelfiles.derive(tokenizer, kwargs, False).template
-    with pytest.raises(modelfiles.TemplateFamilyError, match="from token 1 on"):
-        modelfiles.verify(double, None, render, hf_ids, served_ids)
+    double = ollama_template.derive(tokenizer, kwargs, False).template
+    with pytest.raises(ollama_template.TemplateFamilyError, match="from token 1 on"):
+        ollama_template.verify(double, None, render, hf_ids, served_ids)
 
 
 def test_unknown_family_names_export_template():
     zephyr = "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}</s>\n{% endfor %}"
-    with pytest.raises(modelfiles.TemplateFamilyError, match="no family") as caught:
-        modelfiles.detect_family(zephyr)
+    with pytest.raises(ollama_template.TemplateFamilyError, match="no family") as caught:
+        ollama_template.detect_family(zephyr)
     assert "export.template" in str(caught.value)
-    with pytest.raises(modelfiles.TemplateFamilyError, match="no chat template"):
-        modelfiles.detect_family(None)
+    with pytest.raises(ollama_template.TemplateFamilyError, match="no chat template"):
+        ollama_template.detect_family(None)

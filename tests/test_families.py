@@ -22,7 +22,7 @@ from tunesmith import inference, testing
 from tunesmith.config import Config, TrainConfig
 from tunesmith.data import IGNORE_INDEX, Example, Source, tokenize
 from tunesmith.data.render import strip_think
-from tunesmith.export import modelfile as modelfiles
+from tunesmith.export import ollama_template
 
 SYSTEM = "You are a driving coach. 你好"
 # family variant → (family, data.think)
@@ -144,7 +144,7 @@ def test_served_prompt_ids_are_the_trained_prompt_ids(family_base, variant, syst
         messages = _messages(turns, system)
         trained_prompt, trained_reply = _trained_prompt(tokenizer, messages, config)
         history = _history(messages[:-1])
-        served = _served_ids(vocab, build_prompt(template, modelfiles.ollama_messages(
+        served = _served_ids(vocab, build_prompt(template, ollama_template.ollama_messages(
             [m for m in history if m["role"] != "system"], modelfile_system)))
         assert served == trained_prompt, (variant, name, tokenizer.decode(served), tokenizer.decode(trained_prompt))
         assert inference.prompt_ids(tokenizer, history, config) == trained_prompt, (variant, name)

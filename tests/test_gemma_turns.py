@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from tunesmith.data.render import template_kwargs
-from tunesmith.export import llama_cpp
-from tunesmith.export import modelfile as modelfiles
+from tunesmith.export import llama_cpp, ollama_template
 from tunesmith.models import load_tokenizer
 from tunesmith.serve.prompt import build_prompt
 
@@ -40,7 +39,7 @@ def test_gemma_turns_are_token_identical_in_training_and_serving(gemma_checkpoin
     tokenizer = load_tokenizer(gemma_checkpoint)
     kwargs = template_kwargs(DataConfig())
     adds_bos = len(vocab.tokenize(b"", add_bos=True, special=True)) > 0
-    derived = modelfiles.derive(tokenizer, kwargs, adds_bos)
+    derived = ollama_template.derive(tokenizer, kwargs, adds_bos)
     assert derived.family == "gemma" and derived.stop == ["<end_of_turn>"]
 
     def served(text: str) -> list[int]:  # as tunesmith's server (and Ollama's runner) tokenizes a prompt
@@ -61,6 +60,6 @@ def test_gemma_turns_are_token_identical_in_training_and_serving(gemma_checkpoin
     assert ids[:2] == [tokenizer.bos_token_id, start]  # one BOS, then the user turn carrying the system prompt
     assert ids.count(end) == 1 and ids[-3:] == tokenizer("<start_of_turn>model\n", add_special_tokens=False)["input_ids"]
     # The whole probe set export checks with (system prompts, multi-turn, newlines, CJK): raises on a difference.
-    modelfiles.verify(derived.template, GODRIVE[0]["content"], modelfiles.jinja_renderer(tokenizer, kwargs),
+    ollama_template.verify(derived.template, GODRIVE[0]["content"], ollama_template.jinja_renderer(tokenizer, kwargs),
                       lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], served,
                       training_system=GODRIVE[0]["content"])

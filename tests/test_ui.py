@@ -25,7 +25,7 @@ from tunesmith.config import Config, load_config
 from tunesmith.evaluate.report import build_report
 from tunesmith.evaluate.scorers import score_all
 from tunesmith.export import fidelity
-from tunesmith.export.modelfile import write_modelfile
+from tunesmith.export.ollama_template import write_modelfile
 from tunesmith.run import Run
 from tunesmith.serve.known_templates import CHATML
 from tunesmith.serve.store import Store

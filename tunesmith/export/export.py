@@ -30,8 +30,7 @@ from tunesmith.atomic import remove_temporaries, write_json
 from tunesmith.config import Config, ExportConfig
 from tunesmith.data.render import template_kwargs
 from tunesmith.errors import ModelError, TunesmithError
-from tunesmith.export import convert, fidelity, merge, quantize
-from tunesmith.export import modelfile as modelfiles
+from tunesmith.export import convert, fidelity, merge, ollama_template, quantize
 from tunesmith.models import load_model
 from tunesmith.run import Run, held_out_file
 from tunesmith.serve.known_templates import FAMILIES
@@ -90,7 +89,7 @@ def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict
     convert.check_architecture(trained if full else base)
     tokenizer = load_tokenizer(trained if (trained / "tokenizer_config.json").is_file() else base)
     if settings.template is None:
-        modelfiles.detect_family(getattr(tokenizer, "chat_template", None))
+        ollama_template.detect_family(getattr(tokenizer, "chat_template", None))
     for key, value in settings.parameters.items():  # Ollama refuses a Modelfile with an unknown PARAMETER
         for item in value if isinstance(value, list) else [value]:
             typed_parameter(key, format_value(item))
@@ -157,7 +156,7 @@ def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict
 
         chosen = _choose(names, results)
         template, system, stop = _template(tokenizer, config, settings, ggufs[chosen])
-        modelfile = modelfiles.write_modelfile(run.modelfile, f"./{run.relative(ggufs[chosen])}", template,
+        modelfile = ollama_template.write_modelfile(run.modelfile, f"./{run.relative(ggufs[chosen])}", template,
                                                system, stop, settings.parameters)
         written.append(modelfile)
     except BaseException:
@@ -267,12 +266,12 @@ def _template(tokenizer: Any, config: Any, settings: ExportConfig, gguf: Path) -
     def hf_ids(text: str) -> list[int]:  # as training tokenized (the template writes any BOS itself)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    render = modelfiles.jinja_renderer(tokenizer, template_kwargs(config.data))
+    render = ollama_template.jinja_renderer(tokenizer, template_kwargs(config.data))
     training_system = config.data.system_prompt
     try:
-        derived = modelfiles.derive(tokenizer, template_kwargs(config.data), adds_bos)
+        derived = ollama_template.derive(tokenizer, template_kwargs(config.data), adds_bos)
         system = training_system or derived.default_system
-        modelfiles.verify(derived.template, system, render, hf_ids, served_ids, training_system=training_system)
+        ollama_template.verify(derived.template, system, render, hf_ids, served_ids, training_system=training_system)
     finally:
         vocab.close()
     return derived.template, system, derived.stop
@@ -280,7 +279,7 @@ def _template(tokenizer: Any, config: Any, settings: ExportConfig, gguf: Path) -
 
 def _family_or_none(tokenizer: Any) -> str | None:
     try:
-        return modelfiles.detect_family(getattr(tokenizer, "chat_template", None))
+        return ollama_template.detect_family(getattr(tokenizer, "chat_template", None))
     except TunesmithError:
         return None
 

@@ -36,7 +36,7 @@ COMPLETE_MARKER = ".tunesmith-complete"
 # Gemma's turn format, as Google's Gemma 3 instruct template writes it: no system role, so a system prompt opens
 # the first user turn; the model's turns are "model"; every turn ends with <end_of_turn> and a newline. The base
 # model's GGUF has no template (it was never chat-tuned): fine-tuning teaches it this one, and export writes the
-# same turns as an Ollama template (export/modelfile.py's "gemma" family). Unlike Google's template this one
+# same turns as an Ollama template (export/ollama_template.py's "gemma" family). Unlike Google's template this one
 # does not trim the contents: Ollama's Go template cannot, and the two must write identical prompts.
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}"

@@ -1,4 +1,5 @@
-"""The Ollama Modelfile for an exported run: a Go TEMPLATE that writes exactly what training's chat template wrote.
+"""The Ollama template for an exported run, and its Modelfile: a Go TEMPLATE that writes exactly what training's
+chat template wrote.
 
 The family (ChatML/Qwen/SmolLM, Llama 3, Mistral, Gemma) is recognised by its marker tokens in the
 tokenizer's Jinja chat template; the few things that differ inside a family are read off renderings of
