@@ -452,17 +452,18 @@ def test_tool_calls_come_back_as_objects(live, oc):
         "name": {"const": "get_weather"},
         "arguments": {"type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}}}
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    # Greedy: sampled at temperature 0.8-1.0 the city string sometimes ran past the token limit (a clean-clone run).
     r = oc.chat(model="tooly", messages=messages, tools=[weather], format=call_schema, stream=False,
-                options={"num_predict": 40})
+                options={"num_predict": 40, "temperature": 0})
     assert r.message.tool_calls, r.message.content
     call = r.message.tool_calls[0].function
     assert call.name == "get_weather" and isinstance(call.arguments["city"], str)
     streamed = [c for c in oc.chat(model="tooly", messages=messages, tools=[weather], format=call_schema,
-                                   stream=True, options={"num_predict": 40}) if c.message.tool_calls]
+                                   stream=True, options={"num_predict": 40, "temperature": 0}) if c.message.tool_calls]
     assert streamed and streamed[0].message.tool_calls[0].function.name == "get_weather"
     client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused")
     o = client.chat.completions.create(
-        model="tooly", messages=messages, tools=[weather], max_tokens=40,
+        model="tooly", messages=messages, tools=[weather], max_tokens=40, temperature=0,
         response_format={"type": "json_schema", "json_schema": {"name": "call", "schema": call_schema}})
     assert o.choices[0].finish_reason == "tool_calls"
     assert json.loads(o.choices[0].message.tool_calls[0].function.arguments)["city"]
