@@ -55,3 +55,41 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
         capture_output=True, text=True, cwd=cwd or ROOT, timeout=timeout,
         env={**os.environ, "COLUMNS": "200", **(env or {})},
     )
+
+
+class WorkClock:
+    """The loop's clock, with the time the work would have taken: each training step `step_seconds(step)` (the
+    step it finishes), each eval pass `eval_seconds`; real time counts for nothing. So the time budget sees the
+    same run on any machine (a loaded 2-core machine once spent a wall-clock budget before the fit)."""
+
+    def __init__(self, step_seconds, eval_seconds: float):
+        self.step_seconds, self.eval_seconds, self.now = step_seconds, eval_seconds, 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def work_clock(monkeypatch):
+    """Makes a WorkClock that the real engine's steps and eval passes advance (the work itself is real)."""
+    from tunesmith.train.engines import HFEngine
+
+    def make(step_seconds, eval_seconds: float = 1.0) -> WorkClock:
+        clock = WorkClock(step_seconds, eval_seconds)
+        real_step, real_eval = HFEngine.step, HFEngine.eval_loss
+
+        def step(self, n: int):
+            done = real_step(self, n)
+            clock.now += clock.step_seconds(n + 1)
+            return done
+
+        def eval_loss(self):
+            done = real_eval(self)
+            clock.now += clock.eval_seconds
+            return done
+
+        monkeypatch.setattr(HFEngine, "step", step)
+        monkeypatch.setattr(HFEngine, "eval_loss", eval_loss)
+        return clock
+
+    return make

@@ -29,8 +29,6 @@ from tunesmith.export.ollama_template import write_modelfile
 from tunesmith.run import Run
 from tunesmith.serve.known_templates import CHATML
 from tunesmith.serve.store import Store
-from tunesmith.train.distributed import World
-from tunesmith.train.loop import _run_record
 from tunesmith.train.metrics import MetricsLog
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -46,13 +44,15 @@ def train_record(step: int) -> dict:
 
 
 def make_run(runs: Path, name: str, steps: int, *, ended: bool, started: datetime | None = None) -> Path:
-    """run.json and metrics.jsonl as training writes them (its own record builder and MetricsLog)."""
+    """run.json and metrics.jsonl as training writes them (Run's record writers and MetricsLog)."""
     run = runs / name
     started_at = (started or datetime.now(UTC)).isoformat(timespec="seconds")
     final = {"steps": steps, "train_loss": train_record(steps)["loss"], "eval_loss": 0.61, "train_seconds": 60.0,
              "trained_tokens": 512 * steps, "trained_tokens_per_second": 430.0} if ended else None
-    data = SimpleNamespace(train=[{}] * 96, eval=[{}] * 8)
-    Run(run).write_record(_run_record(Config(name=name, runs_dir=str(runs)), "cpu", data, started_at, final, World()))
+    Run(run).start_record(Config(name=name, runs_dir=str(runs)), "cpu", {"train": 96, "eval": 8})
+    Run(run).write_record(Run(run).read_record() | {"started_at": started_at})
+    if final is not None:
+        Run(run).finish_record(final)
     log = MetricsLog(Run(run).metrics, Run(run).tensorboard, 0)
     for step in range(1, steps + 1):
         log.write(train_record(step))

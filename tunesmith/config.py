@@ -90,20 +90,24 @@ class TrainConfig(Section):
     epochs: float = Field(3.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
     max_minutes: float | None = Field(None, gt=0)
-    """A time budget for the training loop (model loading and data preparation not counted). After the warm-up
-    steps the loop times its steps and trains as many as fit, eval-loss passes included, never more than
-    max_steps or epochs allow; the learning rate schedule decays over the steps that fit. The number chosen is
-    kept in run.json and in every checkpoint, so a resumed run keeps it; to repeat a run exactly on another
-    machine, set that number as max_steps and drop max_minutes. Why: CPU speed differs 2x between machines of
-    the same kind (goDrive: 373 to 710 input tokens/s on this project's VMs), so a fixed step count either
-    overruns a budget or wastes it."""
+    """A time budget for the training loop, eval passes included (model loading and data preparation not
+    counted). The run's progress is the share of the budget's training time spent, re-estimated at every step
+    from the latest step times (train/budget.py); the learning rate follows that progress, so the run ends when
+    the budget is spent with the rate at its floor, however the machine's speed moved meanwhile. max_steps and
+    epochs stay upper bounds. Checkpoints keep the seconds spent, so `--resume` goes on with the same progress.
+    Why: CPU speed differs 2-3x between machines of the same kind, and within a run when other processes come
+    and go, so a fixed step count either overruns a budget or wastes it."""
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
     learning_rate: float = Field(2e-3, gt=0)
     """2e-3: on goDrive (SmolLM2-135M, LoRA r=16, batch 8) 5e-4 reached 10% exact match after 61 steps, 2e-3 57%
     after 97 (DESIGN.md probe); small structured tasks want a high LoRA rate to learn within a CPU budget."""
-    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    lr_scheduler: Literal["linear", "cosine", "constant", "warmup_stable_decay"] = "linear"
+    """The rate's shape over the run's progress (train/schedule.py). `warmup_stable_decay` holds the peak and
+    decays over the last `decay_ratio` of the run."""
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    decay_ratio: float = Field(0.2, gt=0.0, le=1.0)
+    """warmup_stable_decay: the share of the run, at its end, over which the rate falls to zero."""
     weight_decay: float = Field(0.0, ge=0.0)
     loraplus_lr_ratio: float | None = Field(None, gt=0)
     """LoRA+ (Hayou et al. 2024; peft's create_loraplus_optimizer): the B matrices learn this many times faster
@@ -117,6 +121,10 @@ class TrainConfig(Section):
     choice is printed. Unsloth's notebooks turn it on because their GPUs are small; a 135M model on a CPU
     machine has memory to spare and only loses time."""
     bf16: Literal["auto", True, False] = "auto"
+    threads: Literal["auto"] | int = "auto"
+    """CPU training's compute threads. `auto`: torch's (OMP_NUM_THREADS, else the cores), fewer while other
+    processes keep cores busy and all of them back when they stop (train/threads.py: beside one busy process two
+    threads that wait on each other ran 42% slower than one). A number fixes it."""
     seed: int = 3407
     loss_on: Literal["completion", "all"] = "completion"
     save_steps: int = Field(50, gt=0)
@@ -141,6 +149,13 @@ class TrainConfig(Section):
     """With several GPUs, shard the model with FSDP2 (models that don't fit one card) instead of replicating
     it with DDP. Uses the transformers + peft engine (not the fast path)."""
 
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, value: str | int) -> str | int:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("expected auto or a number of threads of at least 1")
+        return value
 
     @field_validator("stop_when")
     @classmethod

@@ -25,10 +25,13 @@ from the recorded one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +207,25 @@ class Run:
     def write_record(self, record: dict[str, Any]) -> None:
         write_json(self.record, record)
 
+    def start_record(self, config: Config, device: str, examples: dict[str, int], world_size: int = 1) -> None:
+        """run.json as training starts: the config of record, versions, the data's digest; no end yet (the web UI
+        reads a run without `ended_at` as training or failed)."""
+        self.write_record({
+            "config": record_config(config),
+            "versions": _versions(),
+            "device": device,
+            "world_size": world_size,
+            "dataset_sha256": files_sha256([config.data.train_file, config.data.eval_file]),
+            "examples": examples,
+            "started_at": _now(),
+            "ended_at": None,
+            "final": None,
+        })
+
+    def finish_record(self, final: dict[str, Any]) -> None:
+        """run.json once training ended: its end time and final numbers beside what `start_record` wrote."""
+        self.write_record(self.read_record() | {"ended_at": _now(), "final": final})
+
     def recorded_config(self) -> Config:
         """The resolved config the run was trained with."""
         return Config.model_validate(self.read_record()["config"])
@@ -257,6 +279,31 @@ class Run:
         for name in OUTPUTS[stage]:
             path = self.dir / name
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def files_sha256(paths: list[str | Path | None]) -> str:
+    """One SHA-256 over the bytes of the files named (missing ones and None skipped), in order."""
+    digest = hashlib.sha256()
+    for name in paths:
+        if name and Path(name).is_file():
+            with open(name, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for package in ("tunesmith", "torch", "transformers", "peft", "trl", "accelerate", "llama-cpp-python"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _changed(recorded: dict[str, Any], live: dict[str, Any]) -> list[tuple[str, Any, Any]]:

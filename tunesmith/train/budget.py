@@ -1,71 +1,117 @@
-"""`train.max_minutes`: fitting a run's number of steps to a time budget.
+"""How long a run trains and how far along it is: by steps (`max_steps`, `epochs`), by time (`max_minutes`), or both.
 
-The loop times its steps after a few warm-up ones, then fixes the run's length to what the rest of the budget
-holds; the learning rate schedule is refitted to that length (loop.py), and checkpoints keep it.
+Before every step the loop asks `Budget.next_step`: None when the run is over, else the step's progress (0-1, at
+the end of that step) and whether it is the last. The learning rate is a function of that progress (schedule.py),
+so a run bounded by time decays its rate over the time it really has, however the step time moves.
+
+With a time budget the progress is re-estimated at every step from the step time measured most recently, never
+fixed once: a run that was slow in its first minute (another job on the machine) speeds up when the job ends and
+still ends with the budget spent and the rate at its floor (bench/RESULTS.md: a run whose length was fitted
+after 15 slow steps stopped after 377 s of a 14-minute budget). Eval passes count against the budget but not
+towards training progress; the passes still to come are estimated from the last one measured.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 
-from tunesmith.config import TrainConfig
+RECENT_STEPS = 5
+"""Step times the estimate looks at: few enough to follow a machine whose speed changes within a minute, enough
+to smooth batches of different widths."""
+TIMED_EVAL_STEP = 10
+"""With a time budget and an eval set, one eval pass runs after this step to time it, so the budget counts the
+passes to come from the start (the accuracy probe generates answers: far more than a training step)."""
 
-WARM_STEPS = 5
-"""Steps not timed: the first ones carry one-off costs (on CPU, oneDNN picks kernels for every new batch shape;
-goDrive's first 10 steps averaged 3.7 s against 2.9 s afterwards, so timing them left 3 minutes unused)."""
-TIMED_STEPS = 10
-"""Steps timed after those: enough to average over batch widths, few enough that a long nominal run
-(max_steps 100,000) is fitted while it still warms up."""
+
+@dataclass(frozen=True)
+class StepPlan:
+    step: int
+    """The step about to run (1-based)."""
+    progress: float
+    """Share of the run done at the end of this step, 0-1: the learning rate's argument."""
+    last: bool
 
 
 @dataclass
-class TimeBudget:
-    seconds: float
-    train: TrainConfig
-    eval_examples: int
-    warm_spent: float | None = None
+class Budget:
+    total_steps: int
+    """The bound from max_steps or epochs."""
+    seconds: float | None = None
+    """The loop's time budget (training and eval passes), None without one."""
+    eval_steps: int = 0
+    """Eval passes come every eval_steps steps and at the end; 0: no eval passes."""
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    """Seconds spent training (everything in the loop but eval passes) and in eval passes; a resumed run
+    restores both from its checkpoint."""
+    eval_pass: float | None = None
+    """What the last eval pass took; None until one ran."""
+    progress: float = 0.0
+    recent: list[float] = field(default_factory=list)
 
-    eval_seconds: float | None = None
-    """What one eval pass (eval loss and the accuracy probe) took, measured at the fit step; None: estimated."""
+    def step_done(self, seconds: float) -> None:
+        self.train_seconds += seconds
+        self.recent = (self.recent + [seconds])[-RECENT_STEPS:]
+
+    def spend(self, seconds: float) -> None:
+        """Training time outside a step (writing a checkpoint): counted, but not a step time to plan with."""
+        self.train_seconds += seconds
+
+    def eval_done(self, seconds: float) -> None:
+        self.eval_seconds += seconds
+        self.eval_pass = seconds
 
     @property
-    def fit_step(self) -> int:
-        return WARM_STEPS + TIMED_STEPS
+    def spent(self) -> float:
+        return self.train_seconds + self.eval_seconds
 
-    def fit(self, step: int, spent: float, eval_seconds: float | None = None) -> tuple[int, float] | None:
-        """After step `step`, `spent` seconds into the run: the run's length and the step time it was fitted
-        with, once enough steps are timed; None before. `eval_seconds`: an eval pass timed at this step (its
-        time is part of `spent` and is not counted as training)."""
-        if step == WARM_STEPS:
-            self.warm_spent = spent
-        if step < WARM_STEPS + TIMED_STEPS:
+    def step_seconds(self) -> float | None:
+        """The next step's expected time: the larger of the recent median and the last step, so a machine that
+        just slowed down is believed at once and a run never plans a step it has no time for."""
+        if not self.recent:
             return None
-        if eval_seconds is not None:
-            self.eval_seconds = eval_seconds
-            spent_training = spent - eval_seconds
-        else:
-            spent_training = spent
-        if self.warm_spent is None:  # resumed past the warm-up steps: their cost is in the average, a bit slower
-            step_seconds = spent_training / step
-        else:
-            step_seconds = (spent_training - self.warm_spent) / (step - WARM_STEPS)
-        # 3% kept back: step times drift by a few percent over a run, and a run that overruns is cut short
-        # before its learning rate has decayed.
-        return step + self._steps_in(0.97 * (self.seconds - spent), step_seconds, step), step_seconds
+        return max(statistics.median(self.recent), self.recent[-1])
 
-    def _steps_in(self, seconds: float, step_seconds: float, step: int) -> int:
-        """Steps that fit in `seconds` after `step`, with an eval pass every eval_steps and at the end. An eval
-        pass is timed at the fit step when the loop ran one there; otherwise estimated as the eval-loss pass alone,
-        forward only over the eval split: about a third of a training step per batch (the backward costs about
-        twice the forward)."""
-        cfg = self.train
-        eval_pass = self.eval_seconds if self.eval_seconds is not None else (
-            math.ceil(self.eval_examples / cfg.batch_size) * step_seconds / (3 * cfg.grad_accum))
-        steps = max(0, int(seconds / step_seconds))
+    def wants_timing_eval(self, step: int) -> bool:
+        """Whether to run an eval pass after `step` only to time it (time budgets with eval passes)."""
+        return self.seconds is not None and bool(self.eval_steps) and self.eval_pass is None \
+            and step == TIMED_EVAL_STEP
+
+    def next_step(self, done: int) -> StepPlan | None:
+        """The plan for step `done + 1`, or None when the run is over: the step bound is reached, or the time
+        budget holds no further step (with the eval pass at the end)."""
+        step = done + 1
+        if step > self.total_steps:
+            return None
+        progress, last = step / self.total_steps, step == self.total_steps
+        if self.seconds is not None:
+            fit = self._steps_that_fit(done)
+            if fit == 0 and done > 0:
+                return None
+            if fit is not None:  # None: no step timed yet, nothing to go on but the step bound
+                last = last or fit <= 1
+                seconds = self.step_seconds()
+                by_time = 1.0 if fit <= 1 else (self.train_seconds + seconds) / (self.train_seconds + fit * seconds)
+                progress = max(progress, by_time)
+        progress = 1.0 if last else min(max(progress, self.progress), 1.0)
+        self.progress = progress
+        return StepPlan(step, progress, last)
+
+    def _steps_that_fit(self, done: int) -> int | None:
+        """Steps the rest of the budget holds after `done`, with an eval pass every eval_steps steps and one at
+        the end; None before any step is timed."""
+        seconds = self.step_seconds()
+        if seconds is None:
+            return None
+        left = self.seconds - self.spent
+        eval_pass = self.eval_pass or 0.0
+        steps = max(0, min(self.total_steps - done, math.floor(left / seconds)))
         while steps > 0:
-            evals = (step + steps) // cfg.eval_steps - step // cfg.eval_steps + 1 if self.eval_examples else 0
-            if steps * step_seconds + evals * eval_pass <= seconds:
+            # the passes at multiples of eval_steps before the last step, and the one after it
+            evals = (done + steps - 1) // self.eval_steps - done // self.eval_steps + 1 if self.eval_steps else 0
+            if steps * seconds + evals * eval_pass <= left:
                 break
             steps -= 1
         return steps

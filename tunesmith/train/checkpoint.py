@@ -15,7 +15,7 @@ import random
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -46,15 +46,39 @@ class TrainState:
     """Optimizer steps done."""
     tokens: int = 0
     """Trained (label) tokens seen so far."""
-    elapsed: float = 0.0
-    """Seconds of training before this process (for tokens/s and the final report across resumes)."""
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    """Seconds spent training and in eval passes before this process: the time budget goes on from them."""
+    progress: float = 0.0
+    """Share of the run done (budget.py): a resumed run's learning rate goes on from here."""
+    recent_steps: list[float] = field(default_factory=list)
+    """The last step times the budget estimates from, so a resumed run plans its next step as the run it
+    continues would have."""
+    eval_pass: float | None = None
     window_loss: float = 0.0
     window_steps: int = 0
     """The losses summed since the last logged step: a run resumed between two log steps then logs the same
     mean over the same steps as an uninterrupted run (otherwise the first line after a resume would average
     only the steps after the checkpoint)."""
-    total_steps: int | None = None
-    """The run's length once a time budget (train.max_minutes) has fixed it; None until then, or without one."""
+
+    def keep(self, budget: Any) -> None:
+        """Copy the budget's position into the state, before a checkpoint saves it."""
+        self.train_seconds, self.eval_seconds, self.progress = budget.train_seconds, budget.eval_seconds, budget.progress
+        self.recent_steps, self.eval_pass = list(budget.recent), budget.eval_pass
+
+    def restore(self, budget: Any) -> None:
+        """Put a checkpoint's position back into the budget of the resumed run."""
+        budget.train_seconds, budget.eval_seconds, budget.progress = self.train_seconds, self.eval_seconds, self.progress
+        budget.recent, budget.eval_pass = list(self.recent_steps), self.eval_pass
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainState:
+        """A checkpoint's state; keys of older tunesmith versions (elapsed, total_steps) are read or dropped."""
+        saved = json.loads(text)
+        if "elapsed" in saved and "train_seconds" not in saved:
+            saved["train_seconds"] = saved["elapsed"]
+        names = {item.name for item in fields(cls)}
+        return cls(**{key: value for key, value in saved.items() if key in names})
 
 
 def save(directory: Path, trainable: dict[str, Any], optimizer_state: dict[str, Any], scheduler: Any,
@@ -162,7 +186,7 @@ _RESUME_KEYS = {
     "model": ["base", "revision"],
     "lora": ["r", "alpha", "dropout", "bias", "target_modules", "use_rslora"],
     "train": ["method", "batch_size", "grad_accum", "seed", "learning_rate", "lr_scheduler", "warmup_ratio",
-              "weight_decay", "optimizer", "max_seq_length", "loss_on"],
+              "decay_ratio", "weight_decay", "optimizer", "max_seq_length", "loss_on"],
 }
 
 
@@ -222,7 +246,7 @@ def load(checkpoint: Path, scheduler: Any) -> tuple[dict[str, Any], dict[str, An
     random.setstate((3, tuple(rng["python"]), rng["python_gauss"]))
     np.random.set_state((rng["numpy"][0], np.array(rng["numpy"][1], dtype=np.uint32), *rng["numpy"][2:]))
     torch.set_rng_state(rng["torch"])
-    return trainable, saved["optimizer"], TrainState(**json.loads((checkpoint / "trainer_state.json").read_text()))
+    return trainable, saved["optimizer"], TrainState.from_json((checkpoint / "trainer_state.json").read_text())
 
 
 def _sha256(path: Path) -> str:

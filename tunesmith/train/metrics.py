@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any, Self
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tunesmith.atomic import is_disk_full, write_text
 from tunesmith.errors import DiskFull
@@ -36,19 +35,10 @@ class MetricsLog:
 
     def _truncate_after(self, step: int) -> None:
         # Lines logged after the checkpoint we resume from are about to be recomputed: drop them so the
-        # curve has each step once. A process killed mid-write leaves a torn last line: drop that too.
-        if not self.path.exists():
-            return
-        kept = []
-        for number, line in enumerate(self.path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            try:
-                record = json.loads(line) if line.strip() else None
-            except json.JSONDecodeError:
-                log.warning("%s: line %d is not JSON (cut short when the run stopped?); dropped", self.path, number)
-                continue
-            if isinstance(record, dict) and record.get("step", 0) <= step:
-                kept.append(line)
-        write_text(self.path, "".join(line + "\n" for line in kept))
+        # curve has each step once. A process killed mid-write leaves a torn last line: read_jsonl drops that.
+        if self.path.exists():
+            kept = [record for record in read_jsonl(self.path) if record.get("step", 0) <= step]
+            write_text(self.path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -93,21 +83,28 @@ def article_line(record: dict[str, Any]) -> str:
 
 
 class TrainProgress:
-    """A rich progress bar with step, loss, learning rate, tokens/s and ETA."""
+    """A rich progress bar with step, loss, learning rate, tokens/s and ETA: over steps, or over the time budget's
+    seconds for a run bounded by time (`by_time`)."""
 
     def __init__(self, console: Console, total: int, start: int):
         self.progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
-            MofNCompleteColumn(),
+            TextColumn("step {task.fields[step]}{task.fields[of]}"),
             TextColumn("loss {task.fields[loss]}"),
             TextColumn("lr {task.fields[lr]}"),
             TextColumn("{task.fields[tps]} tok/s"),
             TimeRemainingColumn(),
             console=console,
         )
-        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-")
-        self.started = time.perf_counter()
+        self.timed = False
+        self.task = self.progress.add_task("train", total=total, completed=start, step=start, of=f"/{total}",
+                                           loss="-", lr="-", tps="-")
+
+    def by_time(self, seconds: float, spent: float) -> None:
+        """The bar follows the time budget: the run ends when it is spent, at whatever step."""
+        self.timed = True
+        self.progress.update(self.task, total=seconds, completed=spent, of="")
 
     def __enter__(self) -> Self:
         self.progress.start()
@@ -116,15 +113,37 @@ class TrainProgress:
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
-    def update(self, step: int, tokens_per_second: float, loss: float | None = None, lr: float | None = None) -> None:
-        """Every step: the step count and tokens/s; the loss and learning rate where they were read (log steps)."""
+    def update(self, step: int, tokens_per_second: float, loss: float | None = None, lr: float | None = None,
+               time_spent: float | None = None) -> None:
+        """Every step: the step count, tokens/s and the budget's seconds spent; the loss and learning rate where
+        they were read (log steps)."""
         shown = {} if loss is None else {"loss": f"{loss:.4f}"}
         if lr is not None:
             shown["lr"] = f"{lr:.2e}"
-        self.progress.update(self.task, completed=step, tps=f"{tokens_per_second:,.0f}", **shown)
-
-    def resize(self, total: int) -> None:
-        self.progress.update(self.task, total=total)
+        completed = time_spent if self.timed and time_spent is not None else (None if self.timed else step)
+        if completed is not None:
+            shown["completed"] = completed
+        self.progress.update(self.task, step=step, tps=f"{tokens_per_second:,.0f}", **shown)
 
     def print(self, text: str) -> None:
         self.progress.console.print(text, highlight=False, soft_wrap=True)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file that tunesmith appends to while others read it (metrics.jsonl, eval.jsonl):
+    an empty or missing file is no records, and a line that is not a JSON object (the last one, torn by a kill
+    or still being written) is skipped with a warning."""
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s: line %d is not JSON (cut short when the run stopped?); skipped", path, number)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
