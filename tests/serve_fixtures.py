@@ -19,6 +19,7 @@ from tunesmith.config import ServeConfig
 from tunesmith.serve import gguf_meta
 from tunesmith.serve.known_templates import CHATML
 from tunesmith.serve.store import Manifest, Store
+from tunesmith.serve.timeouts import uvicorn_config
 
 MODEL = "smol:latest"
 
@@ -52,7 +53,8 @@ def start_server(store: Store, **config: object) -> LiveServer:
     port = free_port()
     serve_config = ServeConfig(**{"port": port, **config})
     app = create_app(serve_config, store)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port, read_timeout=serve_config.read_timeout,
+                                           log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

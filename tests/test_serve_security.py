@@ -23,6 +23,7 @@ from tests.serve_fixtures import MODEL, add_smol, free_port, start_server
 from tunesmith.config import ServeConfig
 from tunesmith.errors import ConfigError
 from tunesmith.serve.address import read_api_key_file
+from tunesmith.serve.app import ROUTES as ROUTE_TABLE
 from tunesmith.serve.app import create_app
 from tunesmith.serve.guard import allowed_host, allowed_origins, machine_addresses, origin_allowed
 from tunesmith.serve.store import Store
@@ -214,7 +215,7 @@ def test_blobs_over_the_size_limit_are_refused_and_leave_nothing(live):
 
 # ------------------------------------------------------------------------------------------- API keys
 
-@pytest.mark.parametrize("key", [" ", "a", "\t", "short-key", "x" * 15, "sixteen chars ok", "0123456789abcdef\t"])
+@pytest.mark.parametrize("key", ["a", "short-key", "x" * 15, "sixteen chars ok", " 0123456789abcde\t"])
 def test_a_public_bind_refuses_a_weak_key(tmp_path, key):
     with pytest.raises(ConfigError, match="at least 16 characters without whitespace"):
         create_app(ServeConfig(host="0.0.0.0", api_key=key), Store(tmp_path))
@@ -294,11 +295,19 @@ def _one_line_400(r: httpx.Response, expected: str) -> None:
     assert expected in message and "\n" not in message, message
 
 
+def _body_limit(path: str) -> int:
+    return next(route.max_body for route in ROUTE_TABLE if route.path == path)
+
+
 @pytest.mark.parametrize("depth", [1000, 100_000])
 @pytest.mark.parametrize(("method", "path"), JSON_ROUTES)
 def test_json_nested_too_deep_is_400_on_every_route(live, method, path, depth):
     body = b'{"model": "smol", "options": ' + b"[" * depth + b"]" * depth + b"}"
-    _one_line_400(httpx.request(method, live.url + path, content=body), "nested more than")
+    r = httpx.request(method, live.url + path, content=body)
+    if len(body) > _body_limit(path):  # 200 KB is more than a route that takes a model name reads
+        assert r.status_code == 413 and "request body too large" in _message(r), r.text
+    else:
+        _one_line_400(r, "nested more than")
 
 
 @pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"-Infinity", b"1e400", b"9" * 5000])

@@ -3,6 +3,9 @@ bounded nesting depth, so a body can only ever be refused (400), never crash a h
 
 Go stops at 10,000 levels; here the bound is lower because Python code downstream (validation, templates, the
 JSON-schema grammar) recurses once or more per level and Python's stack holds about 1,000 frames.
+
+The number of values is bounded too, and counted before parsing: an empty array is 2 bytes of JSON and about 80
+of Python, so 8 MiB of `[],[],...` would take 200 MiB and close to a second of parsing that nothing interrupts.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ from typing import Any
 MAX_DEPTH = 100
 """Arrays and objects nested deeper than this are refused; real requests (JSON schemas, tool arguments) nest
 a few levels."""
+
+
+MAX_VALUES = 250_000
+"""Arrays, objects and their elements, at most; real requests hold far fewer (a 128k-token `context` fits)."""
 
 
 class InvalidJSON(ValueError):
@@ -32,8 +39,12 @@ def _float(text: str) -> float:
     return value
 
 
-def loads(data: str | bytes) -> Any:
-    """`data` parsed; InvalidJSON for anything Go's encoding/json refuses, or nested deeper than MAX_DEPTH."""
+def loads(data: str | bytes | bytearray) -> Any:
+    """`data` parsed; InvalidJSON for anything Go's encoding/json refuses, nested deeper than MAX_DEPTH, or of
+    more than MAX_VALUES values."""
+    raw = data if isinstance(data, bytes | bytearray) else data.encode("utf-8", "surrogatepass")
+    if _values(raw) > MAX_VALUES:
+        raise InvalidJSON(f"more than {MAX_VALUES:,} values")
     try:
         value = json.loads(data, parse_constant=_constant, parse_float=_float)
     except RecursionError as exc:
@@ -47,10 +58,23 @@ def loads(data: str | bytes) -> Any:
     except ValueError as exc:  # Python refuses to convert integers of more than 4,300 digits
         raise InvalidJSON("a number is out of range") from exc
     _check_depth(value)
-    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
     if _SURROGATE_ESCAPE.search(raw):
         value = _without_lone_surrogates(value)
     return value
+
+
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+
+
+def _values(raw: bytes | bytearray) -> int:
+    """About the number of values in `raw`: containers, plus the commas between their elements. Counted on the
+    whole text first (at C speed), and again with the strings emptied only when that is over MAX_VALUES (a
+    prompt full of commas)."""
+    count = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+    if count <= MAX_VALUES:
+        return count
+    bare = _STRING.sub(b'""', raw)
+    return bare.count(b",") + bare.count(b"[") + bare.count(b"{")
 
 
 # Valid pairs decode to one character; what is left of \ud800-\udfff after parsing is a lone half, which Go
