@@ -87,14 +87,17 @@ async def read_json(request: Request, model: type[M], limit: int = MAX_BODY_BYTE
     """The body as `model`, at most `limit` bytes (413 beyond); 400 with a one-line reason for an empty body, bad
     JSON or wrong types. A long body is parsed and validated in a worker thread: the event loop goes on serving
     other clients (and streaming their tokens) meanwhile."""
-    body = await read_body(request, limit)
+    try:
+        body = strict_json.text(await read_body(request, limit))  # the bytes go at once: a body is held once
+    except strict_json.InvalidJSON as exc:
+        raise ApiError(400, f"invalid JSON: {exc}") from exc
     if len(body) > OFF_LOOP_BYTES:
         return await asyncio.to_thread(parse_json, body, model)
     return parse_json(body, model)
 
 
-def parse_json(body: bytes | bytearray, model: type[M]) -> M:
-    if not body.strip():
+def parse_json(body: str, model: type[M]) -> M:
+    if not body or body.isspace():
         raise ApiError(400, "missing request body")
     try:
         data = strict_json.loads(body)

@@ -39,11 +39,19 @@ def _float(text: str) -> float:
     return value
 
 
+def text(data: bytes | bytearray) -> str:
+    """A body's text: UTF-8, as Go's encoding/json reads it (no other encoding, no encoded surrogate halves)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidJSON(f"not UTF-8: {exc}") from exc
+
+
 def loads(data: str | bytes | bytearray) -> Any:
     """`data` parsed; InvalidJSON for anything Go's encoding/json refuses, nested deeper than MAX_DEPTH, or of
     more than MAX_VALUES values."""
-    raw = data if isinstance(data, bytes | bytearray) else data.encode("utf-8", "surrogatepass")
-    if _values(raw) > MAX_VALUES:
+    data = data if isinstance(data, str) else text(data)
+    if _values(data) > MAX_VALUES:
         raise InvalidJSON(f"more than {MAX_VALUES:,} values")
     try:
         value = json.loads(data, parse_constant=_constant, parse_float=_float)
@@ -53,33 +61,31 @@ def loads(data: str | bytes | bytearray) -> Any:
         raise
     except json.JSONDecodeError as exc:
         raise InvalidJSON(str(exc)) from exc
-    except UnicodeDecodeError as exc:
-        raise InvalidJSON(f"not UTF-8: {exc}") from exc
     except ValueError as exc:  # Python refuses to convert integers of more than 4,300 digits
         raise InvalidJSON("a number is out of range") from exc
     _check_depth(value)
-    if _SURROGATE_ESCAPE.search(raw):
+    if _SURROGATE_ESCAPE.search(data):
         value = _without_lone_surrogates(value)
     return value
 
 
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 
 
-def _values(raw: bytes | bytearray) -> int:
+def _values(raw: str) -> int:
     """About the number of values in `raw`: containers, plus the commas between their elements. Counted on the
     whole text first (at C speed), and again with the strings emptied only when that is over MAX_VALUES (a
     prompt full of commas)."""
-    count = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+    count = raw.count(",") + raw.count("[") + raw.count("{")
     if count <= MAX_VALUES:
         return count
-    bare = _STRING.sub(b'""', raw)
-    return bare.count(b",") + bare.count(b"[") + bare.count(b"{")
+    bare = _STRING.sub('""', raw)
+    return bare.count(",") + bare.count("[") + bare.count("{")
 
 
 # Valid pairs decode to one character; what is left of \ud800-\udfff after parsing is a lone half, which Go
 # reads as U+FFFD and which Python could not even encode as UTF-8 later (a 500 in the tokenizer).
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
