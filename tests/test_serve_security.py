@@ -570,12 +570,17 @@ BODIES = [  # (name, path, body builder, size, the answer)
     ("nested arrays", "/api/generate", _wide, 6 * MiB, 400),
     ("prompt", "/api/generate", _prompt, 6 * MiB, 400),
     ("chat message", "/v1/chat/completions", _chat, 6 * MiB, 400),
+    # The audit's own sizes: slow tests (building and sending them takes a few seconds).
+    ("nested arrays", "/api/show", _wide, 63 * MiB, 413),
+    ("prompt", "/api/generate", _prompt, 30 * MiB, 413),
+    ("chat message", "/api/chat", _chat, 30 * MiB, 413),
 ]
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
-@pytest.mark.parametrize(("name", "path", "build", "size", "status"), BODIES,
-                         ids=[f"{n} {s // MiB} MiB {p}" for n, p, _, s, _ in BODIES])
+@pytest.mark.parametrize(("name", "path", "build", "size", "status"), [
+    pytest.param(*case, id=f"{case[0]} {case[3] // MiB} MiB {case[1]}",
+                 marks=[pytest.mark.slow] if case[3] > 16 * MiB else []) for case in BODIES])
 def test_a_big_body_is_refused_quickly_in_bounded_memory_while_others_are_served(process, name, path, build, size,
                                                                                  status, chunked):
     """The audit's shapes: a 4xx in the route's shape within 2 s, the server's peak memory at most 4 times the
