@@ -371,7 +371,7 @@ def test_json_nested_too_deep_is_400_on_every_route(live, method, path, depth):
         _one_line_400(r, "nested more than")
 
 
-@pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"-Infinity", b"1e400", b"9" * 5000])
+@pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"-Infinity", b"1e400", b"9" * 5000, b"9" * 400])
 @pytest.mark.parametrize(("method", "path"), JSON_ROUTES)
 def test_json_that_go_refuses_is_400(live, method, path, number):
     body = b'{"model": "smol", "prompt": "hi", "options": {"temperature": ' + number + b"}}"
@@ -458,7 +458,7 @@ def test_a_non_streaming_client_that_leaves_stops_its_generation(live):
 def test_strict_json_reads_as_go_does():
     from tunesmith.serve.strict_json import MAX_DEPTH, InvalidJSON, loads
 
-    for bad in (b'{"a": NaN}', b"[Infinity]", b"[-Infinity]", b"[1e400]", b"9" * 5000, b"\xff",
+    for bad in (b'{"a": NaN}', b"[Infinity]", b"[-Infinity]", b"[1e400]", b"9" * 5000, b"-" + b"9" * 400, b"\xff",
                 b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1), b"[" * 100_000):
         with pytest.raises(InvalidJSON):
             loads(bad)

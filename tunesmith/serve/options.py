@@ -161,7 +161,7 @@ def keep_alive_seconds(value: Any, default: Any = "5m") -> float:
     if isinstance(value, bool):
         raise OptionError(f"invalid keep_alive {clip(repr(value))}")
     if isinstance(value, int | float):
-        seconds = float(value)
+        seconds = float(value) if abs(value) < MAX_DURATION else FOREVER
     elif isinstance(value, str):
         text = value.strip()
         sign = -1.0 if text.startswith("-") else 1.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from typing import Any
 
 MAX_DEPTH = 100
@@ -39,6 +40,14 @@ def _float(text: str) -> float:
     return value
 
 
+def _int(text: str) -> int:
+    # Go reads every JSON number as a float64: an integer of 310 digits or more is out of its range, and Python
+    # code that turns one into a float downstream (keep_alive, options) would fail with OverflowError.
+    if len(text.lstrip("-")) > 309 or abs(value := int(text)) > sys.float_info.max:
+        raise InvalidJSON(f"number {text[:40]}… is out of range")
+    return value
+
+
 def text(data: bytes | bytearray) -> str:
     """A body's text: UTF-8, as Go's encoding/json reads it (no other encoding, no encoded surrogate halves)."""
     try:
@@ -54,7 +63,7 @@ def loads(data: str | bytes | bytearray) -> Any:
     if _values(data) > MAX_VALUES:
         raise InvalidJSON(f"more than {MAX_VALUES:,} values")
     try:
-        value = json.loads(data, parse_constant=_constant, parse_float=_float)
+        value = json.loads(data, parse_constant=_constant, parse_float=_float, parse_int=_int)
     except RecursionError as exc:
         raise InvalidJSON(f"nested more than {MAX_DEPTH} levels deep") from exc
     except InvalidJSON:
