@@ -1,4 +1,5 @@
-"""Shared helpers of the serve tests: a real uvicorn server on a free loopback port, in a thread.
+"""Shared helpers of the serve tests: a real uvicorn server on a free loopback port, in a thread, or
+`tunesmith serve` in a process of its own.
 
 Test modules import `start_server` and build their own fixtures on it (the lead owns conftest.py; the
 `smollm2_gguf` fixture comes from there).
@@ -6,19 +7,26 @@ Test modules import `start_server` and build their own fixtures on it (the lead 
 
 from __future__ import annotations
 
+import os
+import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import uvicorn
 
+from tests.conftest import ROOT
 from tunesmith.app import create_app
 from tunesmith.config import ServeConfig
 from tunesmith.serve import gguf_meta
 from tunesmith.serve.known_templates import CHATML
 from tunesmith.serve.store import Manifest, Store
+from tunesmith.serve.timeouts import uvicorn_config
 
 MODEL = "smol:latest"
 
@@ -52,7 +60,8 @@ def start_server(store: Store, **config: object) -> LiveServer:
     port = free_port()
     serve_config = ServeConfig(**{"port": port, **config})
     app = create_app(serve_config, store)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, host="127.0.0.1", port=port, read_timeout=serve_config.read_timeout,
+                                           log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -61,6 +70,55 @@ def start_server(store: Store, **config: object) -> LiveServer:
             raise RuntimeError("test server did not start")
         time.sleep(0.05)
     return LiveServer(f"http://127.0.0.1:{port}", port, store, app, server, thread)
+
+
+@dataclass
+class ServerProcess:
+    """`tunesmith serve` in a process of its own: its memory is its own to measure, a crash shows as a dead
+    process instead of taking pytest with it, and its log (stdout and stderr) is a file to read."""
+
+    process: subprocess.Popen
+    url: str
+    port: int
+    log: Path
+
+    def status(self, field: str) -> int:
+        """A line of /proc/PID/status in KiB (VmRSS, VmHWM: the peak since the last `reset_peak`)."""
+        text = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1))
+
+    def reset_peak(self) -> None:
+        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")  # VmHWM starts again from VmRSS
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def start_server_process(home: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    """`tunesmith serve ARGS` on a free loopback port, the store in `home`/models (TUNESMITH_MODELS)."""
+    port = free_port()
+    log = home / "server.log"
+    environment = {**os.environ, "TUNESMITH_HOST": f"127.0.0.1:{port}", "TUNESMITH_MODELS": str(home / "models"),
+                   "PYTHONPATH": str(ROOT), **(env or {})}
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", *args], cwd=ROOT,
+                                   env=environment, stdout=out, stderr=subprocess.STDOUT)
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", port, log)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(server.url, timeout=1).status_code in (200, 401):
+                return server
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or process.poll() is not None:
+            process.kill()
+            raise RuntimeError("tunesmith serve did not start: " + server.log_text()[-2000:])
+        time.sleep(0.2)
 
 
 def add_smol(store: Store, gguf: Path, name: str = MODEL) -> None:

@@ -122,6 +122,22 @@ def test_inspect_prints_shape_counts_lengths_problems_and_the_trained_part(tmp_p
         assert expected in text, expected
 
 
+@pytest.mark.parametrize("text", ["x" * 200_000, "ab\n" * 66_000], ids=["one long line", "many short lines"])
+def test_inspect_cuts_a_huge_example_and_says_how_much(tmp_path, text):
+    """A 200,000-character example printed whole filled about a thousand terminal lines (short lines passed the
+    characters' cut); both are cut now, and the gap says how much."""
+    train = write(tmp_path / "train.jsonl", [{"input": text, "output": "ok"}, *pairs(2)])
+    console = Console(record=True, width=100)
+    inspect_file(train, Config(), console)
+    out = console.export_text()
+    assert len(out.splitlines()) < 120, len(out.splitlines())
+    gap = next(line for line in out.splitlines() if "not shown" in line)
+    shown = out.count("x") + out.count("ab")
+    cut = int(gap.split("…")[1].split()[0].replace(",", ""))
+    assert 0.95 * len(text) < cut < len(text) and shown < len(text) - cut + 100, gap
+    assert ("lines)" in gap) == ("\n" in text)
+
+
 def test_data_inspect_command_exit_codes(tmp_path, capsys):
     good = write(tmp_path / "good.jsonl", pairs(2))
     assert main(["data", "inspect", str(good)]) == 0

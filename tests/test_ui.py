@@ -370,3 +370,141 @@ def test_runs_folder_comes_from_runs_dir_or_serve_runs(site, tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+# ------------------------------------------------------------------- the cookie, seen from another origin
+
+KEY = "tunesmith-ui-test-key-0123456789"
+# What a page on another port of the same machine can make a browser send, the cookie included (SameSite does
+# not separate ports): no-cors POSTs with a text/plain body, a form posted to a hidden frame, and CORS requests
+# with the CSRF header guessed. Each records what it saw; the test then checks the store.
+ATTACK = """<!doctype html><html><body><iframe name="sink"></iframe>
+<form id="form" method="post" enctype="text/plain" target="sink" action="SERVER/api/copy">
+<input name='{"source": "smol", "destination": "by-form", "x": "' value='"}'></form>
+<script>
+const server = "SERVER", seen = {};
+async function attempt(name, path, init) {
+  try {
+    const r = await fetch(server + path, {credentials: "include", ...init});
+    seen[name] = r.type === "opaque" ? "opaque" : r.status + " " + (await r.text()).slice(0, 200);
+  } catch (e) { seen[name] = "blocked: " + e; }
+}
+const text = (body) => ({method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"},
+                         body: JSON.stringify(body)});
+const guessed = {"Content-Type": "application/json", "X-Tunesmith-CSRF": "0".repeat(64)};
+(async () => {
+  await attempt("copy", "/api/copy", text({source: "smol", destination: "stolen"}));
+  await attempt("create", "/api/create", text({model: "planted", from: "smol"}));
+  await attempt("push", "/api/push", text({model: "smol"}));
+  await attempt("blob", "/api/blobs/sha256:" + "0".repeat(64), {method: "POST", mode: "no-cors", body: "x"});
+  await attempt("delete", "/api/delete", {method: "DELETE", headers: guessed, body: '{"model": "smol"}'});
+  await attempt("copy-cors", "/api/copy", {method: "POST", headers: guessed,
+                                           body: '{"source": "smol", "destination": "stolen-cors"}'});
+  await attempt("read-chat-page", "/ui/chat", {});
+  document.getElementById("form").submit();
+  await new Promise((resolve) => document.querySelector("iframe").onload = resolve);
+  window.seen = seen;
+})();
+</script></body></html>"""
+
+
+@pytest.fixture
+def attacker_site():
+    """A second web server on loopback, another port: the page of some other local app, or a dev server."""
+    import http.server
+    import threading
+
+    page: dict[str, bytes] = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(page["html"])
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1], page
+    server.shutdown()
+    server.server_close()
+
+
+@needs_chromium
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_a_page_on_another_local_origin_cannot_use_the_ui_cookie(browser, site, smollm2_gguf, attacker_site, host,
+                                                                 tmp_path):
+    store = Store(tmp_path / "store")
+    add_smol(store, smollm2_gguf)
+    server = start_server(store, api_key=KEY, runs_dir=str(site.runs))
+    attacker_port, attacker_page = attacker_site
+    own = f"http://{host}:{server.port}"
+    attacker_page["html"] = ATTACK.replace("SERVER", own).encode()
+    before = (sorted(name for name, _ in store.list()), store.manifest_path(MODEL).read_bytes())
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(own + "/ui/login")
+        page.fill("#key", KEY)
+        page.click("#login")
+        page.wait_for_url(own + "/ui")
+        assert [c["name"] for c in context.cookies(own)] == ["tunesmith_ui"]
+
+        attack = context.new_page()
+        attack.goto(f"http://{host}:{attacker_port}/")
+        seen = attack.wait_for_function("window.seen", timeout=30_000).json_value()
+        assert (sorted(name for name, _ in store.list()), store.manifest_path(MODEL).read_bytes()) == before, seen
+        assert not store.has_blob("sha256:" + "0" * 64)
+        # The cross-origin requests a page can read never get through either: the CSRF token stays unread.
+        assert seen["delete"].startswith("blocked") and seen["copy-cors"].startswith("blocked"), seen
+        assert seen["read-chat-page"].startswith("blocked"), seen
+
+        # The UI itself still works with the same cookie: its chat posts to /api/chat and answers.
+        page.goto(own + f"/ui/chat?model={MODEL}")
+        page.wait_for_function("document.querySelectorAll('#model option').length === 1")
+        page.fill("#num-predict", "8")
+        page.fill("#prompt", QUESTION)
+        page.press("#prompt", "Enter")
+        page.wait_for_selector('.msg.assistant[data-done="true"]', timeout=60_000)
+        assert "Paris" in page.inner_text(".msg.assistant .content")
+    finally:
+        context.close()
+        server.stop()
+
+
+def test_the_ui_cookie_opens_only_the_uis_own_requests(site, smollm2_gguf, tmp_path):
+    """The rule behind the browser test above, request by request: the cookie opens reads from the UI's own origin
+    (or none, as page loads send), and a change only from that origin with the page's CSRF token."""
+    from tunesmith.serve.guard import CSRF_HEADER, csrf_token, ui_token
+
+    store = Store(tmp_path / "store")
+    add_smol(store, smollm2_gguf)
+    server = start_server(store, api_key=KEY, runs_dir=str(site.runs))
+    own = server.url
+    copy = json.dumps({"source": "smol", "destination": "copied"})
+    try:
+        with httpx.Client(base_url=own, cookies={"tunesmith_ui": ui_token(KEY)}) as browser:
+            assert browser.get("/api/tags").status_code == 200
+            assert browser.get("/api/tags", headers={"Origin": own}).status_code == 200
+            for origin in ("http://localhost:3000", f"http://127.0.0.1:{server.port + 1}", "http://[::1]:8080"):
+                refused = browser.get("/api/tags", headers={"Origin": origin})
+                assert refused.status_code == 403 and "cookie" in refused.json()["error"], origin
+            for headers in ({}, {"Origin": own}, {CSRF_HEADER: csrf_token(KEY)}, {"Origin": own, CSRF_HEADER: "0" * 64},
+                            {"Origin": "http://localhost:3000", CSRF_HEADER: csrf_token(KEY)}):
+                refused = browser.post("/api/copy", content=copy, headers={"Content-Type": "text/plain", **headers})
+                assert refused.status_code == 403, headers
+            assert "copied:latest" not in [name for name, _ in store.list()]
+            token = browser.get("/ui/chat").text.split('name="tunesmith-csrf" content="')[1].split('"')[0]
+            assert token == csrf_token(KEY) and KEY not in browser.get("/ui/chat").text
+            assert browser.post("/api/copy", content=copy, headers={"Origin": own, CSRF_HEADER: token}).status_code == 200
+            assert "copied:latest" in [name for name, _ in store.list()]
+        # Scripts with the key itself are not the UI: Bearer needs no token, from any allowed origin.
+        bearer = {"Authorization": f"Bearer {KEY}", "Origin": "http://localhost:3000"}
+        deleted = httpx.request("DELETE", own + "/api/delete", content=b'{"model": "copied"}', headers=bearer)
+        assert deleted.status_code == 200
+    finally:
+        server.stop()

@@ -32,8 +32,11 @@ def serve(config: ServeConfig) -> None:
     """Run the server with uvicorn until interrupted."""
     import uvicorn
 
+    from tunesmith.serve.timeouts import uvicorn_config
+
     app = create_app(config)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.Server(uvicorn_config(app, host=config.host, port=config.port, read_timeout=config.read_timeout,
+                                  timeout_graceful_shutdown=5)).run()
 
 
 def main(argv: list[str] | None = None) -> None:

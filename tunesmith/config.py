@@ -209,6 +209,9 @@ class ServeConfig(Section):
     """The largest file /api/blobs accepts (a model's GGUF); a disk that fills first is answered 507 as well."""
     runs_dir: str = RUNS_DIR
     """The runs the web UI at /ui shows. Unless set here, the top-level runs_dir (where training writes)."""
+    read_timeout: float = Field(20.0, gt=0)
+    """Seconds a client has to send a request's head, and its body (plus a second per 500 bytes received, as
+    Apache's mod_reqtimeout): a stalled or trickling client (slowloris) gets 408 and its connection closed."""
 
 
 class EvalConfig(Section):

@@ -44,3 +44,15 @@ class DiskFull(TunesmithError):
         super().__init__(f"{path}: the disk is full (no space left on device while writing it)",
                          hint or "free some space and run the command again; nothing half-written was kept")
         self.path = path
+
+
+ECHO_CHARS = 100
+"""How much of a value a user sent (a model name, a digest, a header) a message repeats."""
+
+
+def clip(text: str, limit: int = ECHO_CHARS) -> str:
+    """`text` for a message that echoes it: its first `limit` characters and how long it was, so that one
+    request cannot make the server write megabytes back (a 10 MiB model name) or into its log."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text):,} characters)"

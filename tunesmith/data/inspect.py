@@ -93,12 +93,29 @@ def inspect_file(path: str | Path, config: Config, console: Console) -> None:
 
 SHOWN_CHARS = 3000
 """Of a long example, the characters shown from each end: laying out a 16 MiB record took rich minutes."""
+SHOWN_LINES = 20
+"""And the lines shown from each end: 3,000 characters of short lines still filled a thousand terminal lines."""
 
 
 def _shortened(text: Text | str) -> Text | str:
-    if len(text) <= 2 * SHOWN_CHARS:
+    plain = text if isinstance(text, str) else text.plain
+    head = min(SHOWN_CHARS, _after_lines(plain, SHOWN_LINES))
+    tail = max(len(plain) - SHOWN_CHARS, len(plain) - _after_lines(plain[::-1], SHOWN_LINES))
+    if head >= tail:
         return text
-    gap = f" … {len(text) - 2 * SHOWN_CHARS:,} characters not shown … "
+    cut = plain[head:tail]
+    lines = cut.count("\n")
+    gap = f" … {len(cut):,} characters{f' ({lines:,} lines)' if lines else ''} not shown … "
     if isinstance(text, str):
-        return text[:SHOWN_CHARS] + gap + text[-SHOWN_CHARS:]
-    return Text.assemble(text[:SHOWN_CHARS], (gap, "bold"), text[-SHOWN_CHARS:])
+        return text[:head] + gap + text[tail:]
+    return Text.assemble(text[:head], (gap, "bold"), text[tail:])
+
+
+def _after_lines(text: str, count: int) -> int:
+    """Where the first `count` lines of `text` end (all of it when it has fewer)."""
+    end = -1
+    for _ in range(count):
+        end = text.find("\n", end + 1)
+        if end < 0:
+            return len(text)
+    return end

@@ -9,13 +9,17 @@ the key given, else TUNESMITH_API_KEY, else OLLAMA_API_KEY (as Ollama's own clie
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
+import stat
 from pathlib import Path
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
 from tunesmith.config import ServeConfig
 from tunesmith.errors import ConfigError
+
+log = logging.getLogger("tunesmith.serve")
 
 DEFAULT_PORT = 11434
 HOST_ENV = "TUNESMITH_HOST"
@@ -41,18 +45,35 @@ def is_loopback(host: str) -> bool:
 
 # ---------------------------------------------------------------------------------------- the server side
 
+def api_key_value(key: str, source: str) -> str:
+    """`key` without the whitespace around it (the line break `echo` adds, a stray space or tab): a Bearer token
+    cannot carry it, HTTP clients refuse to send it, and a server that kept it could never be authenticated to.
+    ConfigError naming `source` for a key that is then empty, or holds what no HTTP header can carry."""
+    stripped = key.strip()
+    if not stripped:
+        raise ConfigError(f"{source}: the API key is empty (whitespace only)", "e.g. `openssl rand -hex 16`")
+    bad = next((c for c in stripped if not (" " <= c <= "~" or c == "\t")), None)
+    if bad is not None:
+        raise ConfigError(f"{source}: the API key contains {bad!r}, which an HTTP header cannot carry",
+                          "use letters, digits and punctuation, e.g. `openssl rand -hex 16`")
+    return stripped
+
+
 def read_api_key_file(path: str | Path) -> str:
-    """The key in a key file: its first line, without the line break editors and `echo` add."""
+    """The key in a key file: its first line, without the whitespace around it. A file that other users may read
+    or write gets a warning naming it and its mode, as ssh names a private key's (it is not refused: secrets
+    mounted by Docker or Kubernetes are often 0444)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
+        mode = stat.S_IMODE(os.stat(path).st_mode)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the API key file ({exc.__class__.__name__}: {exc})",
                           "pass a readable file holding the key on its first line") from exc
+    if mode & 0o077:
+        log.warning("warning: %s: permissions %04o are too open: other users can read the API key (chmod 600 %s)",
+                    path, mode, path)
     lines = text.splitlines()
-    key = lines[0].strip("\r\n") if lines else ""
-    if not key:
-        raise ConfigError(f"{path}: the API key file is empty", "write the key on its first line")
-    return key
+    return api_key_value(lines[0] if lines else "", f"{path} (first line)")
 
 
 def server_settings(config: ServeConfig, *, host: str | None = None, port: int | None = None,
@@ -78,8 +99,12 @@ def server_settings(config: ServeConfig, *, host: str | None = None, port: int |
 
 
 def server_api_key(config: ServeConfig) -> str | None:
-    """The key a server built from `config` requires (None: none)."""
-    return config.api_key or os.environ.get(API_KEY_ENV) or None
+    """The key a server built from `config` requires (None: none), without the whitespace around it."""
+    if config.api_key:
+        return api_key_value(config.api_key, "serve.api_key (or --api-key)")
+    if os.environ.get(API_KEY_ENV):
+        return api_key_value(os.environ[API_KEY_ENV], API_KEY_ENV)
+    return None
 
 
 def check_api_key(host: str, api_key: str | None) -> None:
@@ -123,5 +148,10 @@ def host_url(host: str | None = None) -> str:
 
 
 def client_api_key(api_key: str | None = None) -> str | None:
-    """The key a client sends: the one given, else TUNESMITH_API_KEY, else OLLAMA_API_KEY."""
-    return api_key or os.environ.get(API_KEY_ENV) or os.environ.get(OLLAMA_API_KEY_ENV) or None
+    """The key a client sends: the one given, else TUNESMITH_API_KEY, else OLLAMA_API_KEY; without the whitespace
+    around it, and ConfigError naming where it came from when no HTTP header can carry it."""
+    for source, value in (("serve.api_key", api_key), (API_KEY_ENV, os.environ.get(API_KEY_ENV)),
+                          (OLLAMA_API_KEY_ENV, os.environ.get(OLLAMA_API_KEY_ENV))):
+        if value:
+            return api_key_value(value, source)
+    return None

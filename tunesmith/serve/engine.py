@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config import ServeConfig
+from tunesmith.serve import token_count
 from tunesmith.serve.batching import (
     EXTRA_BUFTS_ENV,
     MAX_TOP_LOGPROBS,
@@ -350,7 +351,9 @@ class Engine:
         batcher = lease.runner.batcher
         if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
             raise BadRequest(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
-        tokens = batcher.tokenize(prompt)
+        # A short prompt tokenizes in less time than a hop to a worker thread takes.
+        tokens = await asyncio.to_thread(_long_prompt, batcher, prompt) if len(prompt) > token_count.LONG \
+            else batcher.tokenize(prompt)
         if not tokens:
             # Nothing to start from (an empty prompt on a model without BOS): the decode loop would hold the
             # slot forever waiting for a first token.
@@ -409,10 +412,29 @@ class Engine:
         return await asyncio.shield(worker)
 
 
+def _long_prompt(batcher: Batcher, prompt: str) -> list[int]:
+    """A long prompt's tokens, in a worker thread (ctypes lets go of the GIL: the event loop goes on serving
+    other clients); one far longer than the context is refused once its first pieces show it, before llama.cpp
+    tokenizes all of it (seconds and 20-100 times its size in memory for megabytes)."""
+    limit = 2 * batcher.n_ctx
+    counted, _ = token_count.count_tokens(lambda piece: len(batcher.tokenize(piece)), prompt, limit)
+    if counted > limit:
+        raise BadRequest(f"the prompt is more than {counted} tokens, more than the context length "
+                         f"(num_ctx {batcher.n_ctx})", "shorten the prompt or raise num_ctx")
+    return batcher.tokenize(prompt)
+
+
 def _embed(llama: Any, inputs: list[str], truncate: bool) -> tuple[list[list[float]], int]:
     vectors: list[list[float]] = []
     count = 0
     for text in inputs:
+        if len(text) > token_count.LONG:  # as _long_prompt: what lies past twice the context is never tokenized
+            limit = 2 * llama.n_ctx()
+            counted, counted_chars = token_count.count_tokens(
+                lambda piece: len(llama.tokenize(piece.encode("utf-8"), add_bos=False, special=True)), text, limit)
+            if counted > limit and not truncate:
+                raise BadRequest("the input length exceeds the context length", "shorten it or set truncate true")
+            text = text[:counted_chars]
         tokens = llama.tokenize(text.encode("utf-8"), add_bos=True, special=True)
         if len(tokens) > llama.n_ctx() and not truncate:
             raise BadRequest("the input length exceeds the context length", "shorten it or set truncate true")

@@ -147,7 +147,8 @@ async def run(engine: Engine, job: Job) -> AsyncIterator[Event]:
             # Older clients carry the conversation as tokens; Ollama detokenizes and prepends them.
             prompt = engine.detokenize(lease, job.context) + prompt
         # A template may open the thinking block itself (`...assistant\n<think>\n`); then output starts inside it.
-        opened = prompt.rstrip().endswith(thinking.OPEN)
+        # (Its end only: stripping all of a prompt of megabytes copies it.)
+        opened = prompt[-len(thinking.OPEN) - 256:].rstrip().endswith(thinking.OPEN)
         parser = thinking.ThinkingParser(started=opened) if job.think else None
         holding = bool(job.tools)
         held = ""

@@ -9,7 +9,9 @@ and the size a JSON body may announce.
   and JavaScript clients outside a browser) and same-origin ones (the web UI at /ui) pass; other origins must be
   on the allow-list: loopback origins on any port, app/file/tauri/vscode and browser-extension pages, and
   TUNESMITH_ORIGINS (comma-separated, `*` wildcards), as OLLAMA_ORIGINS extends Ollama's. Anything else gets 403,
-  including the `text/plain` POSTs a page may send without a CORS preflight. Allowed origins get CORS headers.
+  including the `text/plain` POSTs a page may send without a CORS preflight. Allowed origins get CORS headers
+  (never Access-Control-Allow-Credentials: no page elsewhere reads an answer its cookie opened).
+- The web UI's cookie (on a server with an API key) opens only the UI's own requests: see UI_COOKIE.
 
 A pure ASGI middleware, not Starlette's BaseHTTPMiddleware: under that one `request.is_disconnected()` never
 turns true, so a client that left while queued was still generated for.
@@ -32,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tunesmith.errors import clip
 from tunesmith.serve import api_types as t
 
 ORIGINS_ENV = "TUNESMITH_ORIGINS"
@@ -45,9 +48,14 @@ DEFAULT_ORIGINS = (
 LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
 
 # A browser cannot add an Authorization header to page loads, so on a server with an API key the web UI logs
-# in once (/ui/login) and gets this cookie: an HMAC of the key, never the key itself; HttpOnly, SameSite=Strict
-# (another site's page cannot make the browser send it). It opens the API too, for the UI's own fetches.
+# in once (/ui/login) and gets this cookie: an HMAC of the key, never the key itself; HttpOnly, SameSite=Strict.
+# SameSite does not separate ports (a page on localhost:3000 is the same site as localhost:11434, and the browser
+# sends it the cookie), so the cookie is honoured only on the UI's own requests: none from another origin, and a
+# request that changes anything must also come from the server's own origin and carry CSRF_HEADER, which the
+# UI's script copies from its page (a page elsewhere can neither read it nor set a header without a preflight).
 UI_COOKIE = "tunesmith_ui"
+CSRF_HEADER = "x-tunesmith-csrf"
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 # Open without a key: the login form, and the UI's CSS and JavaScript (package files, nothing of the user's).
 OPEN_PATHS = ("/ui/login", "/ui/static/")
 
@@ -56,16 +64,39 @@ def ui_token(api_key: str) -> str:
     return hmac.new(api_key.encode(), b"tunesmith web UI", hashlib.sha256).hexdigest()
 
 
-def authorized(request: Request, api_key: str) -> bool:
+def csrf_token(api_key: str) -> str:
+    """What the web UI's pages give their script to send in CSRF_HEADER."""
+    return hmac.new(api_key.encode(), b"tunesmith web UI: changes", hashlib.sha256).hexdigest()
+
+
+def credentials(request: Request, api_key: str) -> str | None:
+    """How a request shows it knows the key: "bearer" (Authorization: Bearer KEY), "cookie" (the web UI's), or
+    None."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode()):
-        return True
+        return "bearer"
     cookie = request.cookies.get(UI_COOKIE, "")
-    return hmac.compare_digest(cookie.encode(), ui_token(api_key).encode())
+    return "cookie" if hmac.compare_digest(cookie.encode(), ui_token(api_key).encode()) else None
+
+
+def from_the_ui(method: str, headers: Headers, origin: str | None, host: str, api_key: str) -> bool:
+    """Whether a request that came with the UI's cookie is the UI's own: no other origin named, and for one that
+    changes anything (not GET, HEAD, OPTIONS) the server's own origin and the CSRF token."""
+    if origin is not None and not same_origin(origin, host):
+        return False
+    if method in SAFE_METHODS:
+        return True
+    return origin is not None and hmac.compare_digest(headers.get(CSRF_HEADER, "").encode(),
+                                                      csrf_token(api_key).encode())
+
+
+ERROR_CHARS = 1000
+"""The longest error message sent: values a message echoes are cut where it is written, and this is the bound."""
 
 
 def error_response(path: str, status: int, message: str) -> JSONResponse:
     """Ollama's `{"error": "..."}`, or OpenAI's error object under /v1/."""
+    message = clip(message, ERROR_CHARS)
     body: t.OpenAIErrorResponse | t.ErrorResponse
     if path.startswith("/v1/"):
         kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
@@ -180,23 +211,27 @@ class Guard:
                  scope: Scope) -> Response | None:
         """The answer that stops this request here, or None to let it through."""
         if self.check_host and not allowed_host(host):
-            return error_response(path, 403, f"forbidden: host {host_name(host)!r} is not a local name of this "
-                                             "server (it listens on a loopback address)")
+            return error_response(path, 403, f"forbidden: host {clip(repr(host_name(host)))} is not a local name "
+                                             "of this server (it listens on a loopback address)")
         cross = origin is not None and not same_origin(origin, host)
         if cross and not origin_allowed(origin, self.origins):
-            return error_response(path, 403, f"forbidden: origin {origin!r} is not allowed; add it to "
+            return error_response(path, 403, f"forbidden: origin {clip(repr(origin))} is not allowed; add it to "
                                              f"{ORIGINS_ENV} to let its pages use this server")
         if cross and method == "OPTIONS" and "access-control-request-method" in headers:
             return _preflight(origin or "", headers)
-        if self.api_key is not None and not path.startswith(OPEN_PATHS) \
-                and not authorized(Request(scope), self.api_key):
-            if method == "GET" and (path == "/ui" or path.startswith("/ui/")) and "/api/" not in path:
-                return RedirectResponse("/ui/login", status_code=303)  # a person at a browser: ask for the key
-            return error_response(path, 401, "unauthorized: missing or wrong API key")
+        if self.api_key is not None and not path.startswith(OPEN_PATHS):
+            how = credentials(Request(scope), self.api_key)
+            if how is None:
+                if method == "GET" and (path == "/ui" or path.startswith("/ui/")) and "/api/" not in path:
+                    return RedirectResponse("/ui/login", status_code=303)  # a person at a browser: ask for the key
+                return error_response(path, 401, "unauthorized: missing or wrong API key")
+            if how == "cookie" and not from_the_ui(method, headers, origin, host, self.api_key):
+                return error_response(path, 403, "forbidden: the web UI's cookie opens only the UI's own requests "
+                                                 "(other pages and scripts send Authorization: Bearer KEY)")
         if not path.startswith("/api/blobs/"):
             length = headers.get("content-length")
             if length and length.isdigit() and int(length) > self.max_body:
-                return error_response(path, 413, f"request body too large (limit {self.max_body} bytes)")
+                return error_response(path, 413, f"request body too large (limit {self.max_body:,} bytes)")
         return None
 
 

@@ -24,7 +24,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from gguf import Keys
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, clip
 from tunesmith.serve import api_types as t
 from tunesmith.serve import gguf_meta, gotemplate, known_templates, modelfile, options
 from tunesmith.serve.engine import normalize
@@ -44,7 +44,6 @@ from tunesmith.serve.generation import (
     resolve_think,
 )
 from tunesmith.serve.http import ApiError, ndjson, now_rfc3339, stream_response
-from tunesmith.serve.options import FOREVER
 from tunesmith.serve.prompt import build_prompt
 from tunesmith.serve.server import Server
 from tunesmith.serve.store import InvalidDigest, Manifest, Store, StoreError, full_name, parse_digest
@@ -149,9 +148,8 @@ async def ps(server: Server) -> t.ProcessResponse:
     engine = server.engine
     models = []
     for name, runner in list(engine.runners.items()):
-        expires = engine.expires_at(runner)
-        if expires == FOREVER:
-            expires = time.time() + 100 * 365 * 86400  # Ollama's way of saying "never"
+        # Forever, or later than a date can say (year 9999): Ollama's way of saying "never", 100 years on.
+        expires = min(engine.expires_at(runner), time.time() + 100 * 365 * 86400)
         models.append(t.ProcessModel(
             name=name, model=name, size=runner.size, digest=runner.digest.removeprefix("sha256:"),
             details=server.details(runner.manifest), context_length=runner.num_ctx,
@@ -344,10 +342,10 @@ def _adapter(store: Store, file_name: str, digest: str) -> str:
     if not store.has_blob(digest):
         raise ApiError(400, f"adapter blob {digest} not found; upload it to /api/blobs first")
     if not gguf_meta.is_gguf(store.blob_path(digest)):
-        raise ApiError(400, f"adapter {file_name} is not GGUF; convert it with `tunesmith export`")
+        raise ApiError(400, f"adapter {clip(file_name)} is not GGUF; convert it with `tunesmith export`")
     meta, _ = gguf_meta.read_metadata(store.blob_path(digest))
     if meta.get(Keys.General.TYPE) != "adapter":
-        raise ApiError(400, f"adapter {file_name} is a GGUF model, not a LoRA adapter")
+        raise ApiError(400, f"adapter {clip(file_name)} is a GGUF model, not a LoRA adapter")
     return digest
 
 
@@ -382,7 +380,7 @@ async def create(req: t.CreateRequest, server: Server) -> Response:
         for key in req.parameters:
             if key not in options.Options.__dataclass_fields__ and key not in modelfile.DEPRECATED_OPTIONS \
                     and key not in options.CPU_IGNORED:
-                raise ApiError(400, f"unknown parameter '{key}'")
+                raise ApiError(400, f"unknown parameter '{clip(key)}'")
         ignored = sorted(options.CPU_IGNORED & set(req.parameters))
         if ignored:
             log.info("create %s: parameters %s are kept in the model but ignored: %s", name, ", ".join(ignored),
@@ -451,10 +449,10 @@ async def pull(req: t.PullRequest, server: Server) -> t.ProgressResponse:
             server.store.read(full_name(req.model))
             # Already here: nothing to pull, which is what Ollama reports for an up-to-date model.
             return t.ProgressResponse(status="success")
-    raise ApiError(400, f"cannot pull {req.model!r}: tunesmith has no registry; "
+    raise ApiError(400, f"cannot pull {clip(repr(req.model))}: tunesmith has no registry; "
                         "create the model with `tunesmith create` or `tunesmith deploy`")
 
 
 async def push(req: t.PullRequest, server: Server) -> Response:
-    raise ApiError(400, f"cannot push {req.model!r}: tunesmith has no registry; "
+    raise ApiError(400, f"cannot push {clip(repr(req.model))}: tunesmith has no registry; "
                         "use `tunesmith deploy --to URL` to send a model to an Ollama server")

@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, clip
 from tunesmith.serve.modelfile import BOOL_OPTIONS, DEPRECATED_OPTIONS, FLOAT_OPTIONS, INT_OPTIONS
 
 log = logging.getLogger("tunesmith.serve")
@@ -88,11 +88,12 @@ FLOAT32_MAX = 3.4028234663852886e38
 def resolve(num_ctx: int, *layers: dict[str, Any] | None) -> Options:
     """Defaults, then each layer in order (the model's PARAMETERs, then the request's options).
 
-    Unknown keys are logged and ignored, as Ollama does; wrong types and values out of llama.cpp's range
-    are errors.
+    Unknown keys are ignored, as Ollama does, and logged in one line however many there are; wrong types and
+    values out of llama.cpp's range are errors.
     """
     opts = Options(num_ctx=num_ctx)
     known = set(Options.__dataclass_fields__)
+    unknown: list[str] = []
     for layer in layers:
         if layer is not None and not isinstance(layer, dict):
             raise OptionError("options must be an object")
@@ -104,16 +105,27 @@ def resolve(num_ctx: int, *layers: dict[str, Any] | None) -> Options:
                 continue
             if name not in known:
                 if name not in DEPRECATED_OPTIONS:
-                    log.info("invalid option provided: %s", name)
+                    unknown.append(name)
                 continue
             if value is None:
                 continue
             setattr(opts, name, _typed(name, value))
+    if unknown:
+        log.info("invalid option%s provided: %s", "s" if len(unknown) > 1 else "", summary(unknown))
     if opts.num_ctx < 1:
         raise OptionError('option "num_ctx" must be positive')
     if opts.num_thread < 0:
         raise OptionError('option "num_thread" must be 0 (as many as suit this machine) or more')
     return opts
+
+
+SUMMARY_NAMES = 10
+
+
+def summary(names: list[str]) -> str:
+    """Names for one log line: the first few, each cut short, and how many there were in all."""
+    shown = ", ".join(clip(name, 40) for name in names[:SUMMARY_NAMES])
+    return shown if len(names) <= SUMMARY_NAMES else f"{shown} and {len(names) - SUMMARY_NAMES:,} more"
 
 
 def fit(opts: Options, context_length: int | None) -> Options:
@@ -136,16 +148,20 @@ def fit(opts: Options, context_length: int | None) -> Options:
 _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 FOREVER = float("inf")
+MAX_DURATION = (2**63 - 1) / 1e9
+"""Go's longest time.Duration (about 292 years), in seconds: Ollama's "forever" (math.MaxInt64)."""
 
 
 def keep_alive_seconds(value: Any, default: Any = "5m") -> float:
-    """`keep_alive` as seconds: a number is seconds, a string a Go duration; negative means forever."""
+    """`keep_alive` as seconds: a number is seconds, a string a Go duration; negative means forever, and so
+    does anything from Go's longest duration on (`1e300`, `"99999999h"`), as Ollama stores a negative or
+    overflowing keep_alive as math.MaxInt64: no later date computed from it can overflow."""
     if value is None:
         value = default
     if isinstance(value, bool):
-        raise OptionError(f"invalid keep_alive {value!r}")
+        raise OptionError(f"invalid keep_alive {clip(repr(value))}")
     if isinstance(value, int | float):
-        seconds = float(value)
+        seconds = float(value) if abs(value) < MAX_DURATION else FOREVER
     elif isinstance(value, str):
         text = value.strip()
         sign = -1.0 if text.startswith("-") else 1.0
@@ -154,8 +170,9 @@ def keep_alive_seconds(value: Any, default: Any = "5m") -> float:
             return 0.0
         parts = _DURATION_RE.findall(text)
         if not parts or "".join(n + u for n, u in parts) != text:
-            raise OptionError(f'time: invalid duration "{value}"', 'use a number of seconds or a duration like "5m"')
+            raise OptionError(f'time: invalid duration "{clip(value)}"',
+                              'use a number of seconds or a duration like "5m"')
         seconds = sign * sum(float(n) * _UNITS[u] for n, u in parts)
     else:
-        raise OptionError(f"invalid keep_alive {value!r}")
-    return FOREVER if seconds < 0 else seconds
+        raise OptionError(f"invalid keep_alive {clip(repr(value))}")
+    return FOREVER if seconds < 0 or seconds >= MAX_DURATION else seconds

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from tunesmith import paths
 from tunesmith.atomic import TMP_PREFIX, atomic_path, write_text
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import TunesmithError, clip
 
 DEFAULT_TAG = "latest"
 _DIGEST_RE = re.compile(r"^sha256[:-]([0-9a-fA-F]{64})$")
@@ -106,7 +106,7 @@ def parse_name(name: str) -> tuple[str, str]:
         base, tag = tag, DEFAULT_TAG
     parts = base.split("/")
     if len(parts) > 3 or not all(_PART_RE.match(p) and p not in (".", "..") for p in parts) or not _TAG_RE.match(tag):
-        raise InvalidName(f"invalid model name {name!r}",
+        raise InvalidName(f"invalid model name {clip(repr(name))}",
                           "use letters, digits, '.', '_', '-' (optionally namespace/name and :tag)")
     return base, tag
 

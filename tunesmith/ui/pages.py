@@ -14,8 +14,11 @@ from urllib.parse import quote
 from tunesmith.ui.runs import ExportedFile, RunSummary
 
 
-def layout(title: str, body: str, *, script: str | None = None, refresh: int | None = None) -> str:
+def layout(title: str, body: str, *, script: str | None = None, refresh: int | None = None,
+           csrf: str | None = None) -> str:
+    """A page; `csrf` is the token its script sends with requests that change something (serve/guard.py)."""
     head = f'<meta http-equiv="refresh" content="{refresh}">' if refresh else ""
+    head += f'<meta name="tunesmith-csrf" content="{escape(csrf)}">' if csrf else ""
     tail = f'<script src="/ui/static/{script}"></script>' if script else ""
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
@@ -136,7 +139,7 @@ def _export_section(files: list[ExportedFile], fidelity: dict[str, Any] | None) 
     return f'{table}<p class="muted">{escape(note)}</p>'
 
 
-def chat_page(model: str | None) -> str:
+def chat_page(model: str | None, csrf: str | None = None) -> str:
     body = f"""<h1>Chat</h1>
 <form id="chat-settings" class="settings">
 <label>model <select id="model" data-selected="{escape(model or '')}"></select></label>
@@ -151,7 +154,7 @@ def chat_page(model: str | None) -> str:
 <button type="button" id="stop" disabled>Stop</button><button type="button" id="clear">New chat</button></div>
 </form>
 <p id="chat-status" class="muted"></p>"""
-    return layout("Chat", body, script="chat.js")
+    return layout("Chat", body, script="chat.js", csrf=csrf)
 
 
 def login_page(wrong: bool) -> str:

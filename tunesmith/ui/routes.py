@@ -25,8 +25,8 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 
 from tunesmith.run import REPORT
-from tunesmith.serve.guard import UI_COOKIE, ui_token
-from tunesmith.serve.http import ApiError
+from tunesmith.serve.guard import UI_COOKIE, csrf_token, ui_token
+from tunesmith.serve.http import ApiError, read_body
 from tunesmith.serve.store import Store, StoreError, full_name
 from tunesmith.ui import pages, runs
 
@@ -35,6 +35,8 @@ STATIC = Path(__file__).parent / "static"
 PAGE_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
                "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 REPORT_POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; frame-ancestors 'none'"
+LOGIN_BODY_BYTES = 4096
+"""The login form holds one key."""
 
 
 def install_ui(app: FastAPI, runs_dir: Path, store: Store, api_key: str | None = None) -> None:
@@ -87,7 +89,7 @@ def install_ui(app: FastAPI, runs_dir: Path, store: Store, api_key: str | None =
 
     @app.get("/ui/chat")
     def chat(model: str | None = None) -> HTMLResponse:
-        return page(pages.chat_page(model))
+        return page(pages.chat_page(model, csrf_token(api_key) if api_key is not None else None))
 
     @app.get("/ui/login", response_model=None)
     def login_form() -> Response:
@@ -100,8 +102,8 @@ def install_ui(app: FastAPI, runs_dir: Path, store: Store, api_key: str | None =
         if api_key is None:
             return RedirectResponse("/ui", status_code=303)
         # a plain urlencoded form: parsed here rather than pulling in python-multipart for one field
-        fields = parse_qs((await request.body()).decode("utf-8", "replace"))
-        given = (fields.get("key") or [""])[0]
+        fields = parse_qs((await read_body(request, LOGIN_BODY_BYTES)).decode("utf-8", "replace"))
+        given = (fields.get("key") or [""])[0].strip()  # as the server strips the key it reads
         if not hmac.compare_digest(given.encode(), api_key.encode()):
             response = page(pages.login_page(wrong=True))
             response.status_code = 401

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 # Reuse the report's readers, so the page and report.html read the run's files the same way.
+from tunesmith.errors import clip
 from tunesmith.evaluate.report import _read_json
 from tunesmith.evaluate.run import model_label, summarize
 from tunesmith.run import CHECKPOINTS, EVAL_ANSWERS, FIDELITY, GGUF, METRICS, MODELFILE, REPORT, RUN_JSON
@@ -54,7 +55,7 @@ def inside(root: Path, relative: str | Path) -> Path | None:
 def locate(runs_dir: Path, name: str) -> Path:
     """The folder of run `name`: 400 for a name that is not a run name, 404 for no such run."""
     if not RUN_NAME.match(name):
-        raise RunError(400, f"invalid run name {name!r}: a letter or digit, then letters, digits, '.', '_' or '-'")
+        raise RunError(400, f"invalid run name {clip(repr(name))}: a letter or digit, then letters, digits, '.', '_' or '-'")
     path = inside(runs_dir, name)
     # The resolved folder must sit directly in the runs folder: a symlink to elsewhere is not a run here.
     if path is None or path.parent != runs_dir.resolve() or not path.is_dir() or inside(path, RUN_JSON) is None:

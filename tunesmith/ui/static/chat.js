@@ -104,8 +104,12 @@ async function readNdjson(response, onChunk) {
     stop.disabled = false;
     status.textContent = "";
     try {
+      // On a server with an API key the page carries a token that proves the request comes from this UI.
+      const csrf = document.querySelector('meta[name="tunesmith-csrf"]');
+      const headers = { "Content-Type": "application/json" };
+      if (csrf) headers["X-Tunesmith-CSRF"] = csrf.content;
       const response = await fetch("/api/chat", {
-        method: "POST", headers: { "Content-Type": "application/json" }, signal: controller.signal,
+        method: "POST", headers, signal: controller.signal,
         body: JSON.stringify({ model: select.value, messages, options: options(), stream: true }),
       });
       if (!response.ok) {
