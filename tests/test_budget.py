@@ -129,3 +129,17 @@ def test_the_loop_spends_its_budget_and_a_resume_in_the_decay_matches_an_uninter
     assert json.loads((run / "run.json").read_text())["final"]["steps"] == final["steps"]
     for key, value in adapter_weights(run).items():
         torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6)
+
+
+def test_without_steps_or_epochs_a_cpu_run_trains_for_the_default_budget(tmp_path, tiny_qwen3, work_clock):
+    """Neither max_steps nor epochs: on CPU the run is bounded by DEFAULT_CPU_MINUTES (and 3 epochs)."""
+    from tunesmith.config import DEFAULT_CPU_MINUTES
+
+    config = _config(tmp_path, tiny_qwen3, "default", max_steps=None, eval_steps=5, eval_accuracy=0)
+    out = train_in_process(config, work_clock(lambda step: 60.0, eval_seconds=2.0))
+    assert f"training for {DEFAULT_CPU_MINUTES:g} minutes (the CPU default" in out
+    final = json.loads((tmp_path / "runs" / "default" / "run.json").read_text())["final"]
+    budget = DEFAULT_CPU_MINUTES * 60
+    assert final["budget_seconds"] == budget
+    assert budget - 60 - 2 < final["train_seconds"] + final["eval_seconds"] <= budget
+    assert final["steps"] < 33  # 3 epochs of 42 examples in batches of 4 would be 33 steps

@@ -84,10 +84,18 @@ class LoraConfig(Section):
     half of the layers saves about a third of each training step."""
 
 
+DEFAULT_EPOCHS = 3.0
+DEFAULT_CPU_MINUTES = 15.0
+
+
 class TrainConfig(Section):
     method: Literal["lora", "qlora", "full"] = "lora"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    epochs: float = Field(3.0, gt=0)
+    epochs: float | None = Field(None, gt=0)
+    """Passes over the training data. With neither `epochs` nor `max_steps`: on a GPU 3 epochs; on a CPU a time
+    budget of `max_minutes` (DEFAULT_CPU_MINUTES unless set) within at most 3 epochs, because a CPU's speed, not
+    the data's size, decides what a run can do there (a 2-core machine trains ~1,400 goDrive examples in 15
+    minutes on one VM of this project and ~3,500 on another)."""
     max_steps: int | None = Field(None, gt=0)
     max_minutes: float | None = Field(None, gt=0)
     """A time budget for the training loop, eval passes included (model loading and data preparation not
@@ -115,6 +123,11 @@ class TrainConfig(Section):
     optimizer: Literal["auto", "adamw", "adamw_8bit"] = "auto"
     """`auto`: adamw_8bit on GPU (bitsandbytes, as the article), plain AdamW on CPU."""
     max_seq_length: int = Field(1024, gt=0)
+    packing: bool = False
+    """transformers + peft engine: each batch's examples end to end in one row, attention kept inside each example
+    (position ids), instead of rows padded to the batch's longest. No padding at all, but attention over the whole
+    row: measured slower on goDrive on CPU (bench/RESULTS.md), where length-grouped batches already waste only
+    ~3% on padding. The GPU fast path always packs."""
     gradient_checkpointing: Literal["auto", True, False] = "auto"
     """Recompute activations in the backward pass to save memory, at the cost of a second forward. `auto`: on
     only when the largest batch's activations would not fit in half the free memory (train/memory.py); the
@@ -149,6 +162,13 @@ class TrainConfig(Section):
     """With several GPUs, shard the model with FSDP2 (models that don't fit one card) instead of replicating
     it with DDP. Uses the transformers + peft engine (not the fast path)."""
 
+
+    def bounds(self, device: str) -> tuple[float | None, int | None, float | None]:
+        """(epochs, max_steps, max_minutes) as the run applies them on `device` (see `epochs`)."""
+        if self.epochs is None and self.max_steps is None:
+            minutes = self.max_minutes or (DEFAULT_CPU_MINUTES if device == "cpu" else None)
+            return DEFAULT_EPOCHS, None, minutes
+        return self.epochs, self.max_steps, self.max_minutes
 
     @field_validator("threads")
     @classmethod

@@ -57,3 +57,15 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int, multiple: int = 1
         labels[row, :n] = torch.tensor(example["labels"])
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def collate_packed(examples: list[dict[str, list[int]]]) -> dict[str, Any]:
+    """The examples of a batch end to end in one row, with no padding: position ids restart at each example, and
+    transformers turns them into attention that stays inside each example. The last token of one example is
+    never trained to predict the next example's first (a prompt token, labelled -100). Same loss as `collate`."""
+    import torch
+
+    input_ids = torch.tensor([[token for example in examples for token in example["input_ids"]]])
+    labels = torch.tensor([[label for example in examples for label in example["labels"]]])
+    position_ids = torch.tensor([[position for example in examples for position in range(len(example["input_ids"]))]])
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}

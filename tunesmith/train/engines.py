@@ -57,6 +57,8 @@ class HFEngine:
             # runs forward and backward (DDP and FSDP wait for every rank), on one whose loss is masked out.
             first = self.data.train[indices[0]]
             examples = [{**first, "labels": [-100] * len(first["labels"])}]
+        if self.config.train.packing:
+            return batches.collate_packed(examples)
         return batches.collate(examples, self.pad_id, batches.pad_multiple(self.device))
 
     def step(self, step: int) -> tuple[float, float, int, int]:

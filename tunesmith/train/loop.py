@@ -194,9 +194,12 @@ class Recipe:
 
     def _setup_schedule(self) -> None:
         cfg = self.cfg
-        total_steps = cfg.max_steps or math.ceil(cfg.epochs * self.engine.steps_per_epoch)
-        self.budget = Budget(total_steps, cfg.max_minutes * 60 if cfg.max_minutes else None,
-                             cfg.eval_steps if self.data.eval else 0)
+        epochs, max_steps, minutes = cfg.bounds(self.device)
+        total_steps = max_steps or math.ceil(epochs * self.engine.steps_per_epoch)
+        if minutes and not cfg.max_minutes:
+            self.console.print(f"training for {minutes:g} minutes (the CPU default: set train.max_minutes, "
+                               "max_steps or epochs to choose)")
+        self.budget = Budget(total_steps, minutes * 60 if minutes else None, cfg.eval_steps if self.data.eval else 0)
         self.rate = LearningRate(self.engine.optimizer, cfg.lr_scheduler, cfg.warmup_ratio, cfg.decay_ratio)
         self.settings = checkpoint.resume_settings(self.config, "fast" if isinstance(self.engine, FastEngine) else "hf")
 
@@ -242,7 +245,7 @@ class Recipe:
                 if last:
                     break
             if self.budget.seconds is not None and self.budget.progress < 1.0:
-                progress.print(f"time budget {self.cfg.max_minutes:g} min spent at step {self.state.step}")
+                progress.print(f"time budget {self.budget.seconds / 60:g} min spent at step {self.state.step}")
         self.metrics.close()
 
     def _next_step(self) -> StepPlan | None:

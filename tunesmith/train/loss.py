@@ -24,7 +24,10 @@ def completion_loss(model: Any, batch: dict[str, Any]) -> tuple[Any, Any]:
 
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = getattr(causal, causal.base_model_prefix)
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    # A packed row (batches.collate_packed) has no attention mask but position ids that restart at each example:
+    # transformers then masks attention to each example's own tokens (only without a KV cache).
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                     position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != -100
     logits = causal.get_output_embeddings()(hidden[:, :-1][keep])

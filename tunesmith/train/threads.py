@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-CHECK_EVERY = 10.0
+CHECK_EVERY = 5.0
 """Seconds between two readings: long enough to average over a few steps, short enough to follow a job that
 starts or stops within a minute."""
 DOWN_AT = 0.5
