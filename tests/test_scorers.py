@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from tunesmith.evaluate.scorers import edit_similarity, exact_match, normalize
+from tunesmith.scorers import edit_similarity, exact_match, normalize
 
 
 def _levenshtein(a: str, b: str) -> int:

@@ -172,7 +172,7 @@ def _key(ctx: Context, serve: ServeConfig) -> str | None:
 def _sample_prompts(config: Config) -> list[tuple[str, str | None]]:
     """The first SAMPLES held-out prompts with their reference answers; training prompts (reference None) when
     there is no held-out file."""
-    from tunesmith.evaluate.run import load_cases
+    from tunesmith.inference.cases import load_cases
 
     held_out = held_out_file(config)
     cases = load_cases(held_out or config.data.train_file, config, SAMPLES)
