@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 
 from tunesmith import testing
-from tunesmith.inference import hf
 from tunesmith.config import Config, TrainConfig
 from tunesmith.data import IGNORE_INDEX, Example, Source, tokenize
 from tunesmith.data.render import strip_think
 from tunesmith.export import ollama_template
+from tunesmith.inference import hf
 
 SYSTEM = "You are a driving coach. 你好"
 # family variant → (family, data.think)

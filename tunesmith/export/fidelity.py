@@ -95,8 +95,8 @@ def report(results: list[QuantFidelity], reference_seconds: float, n: int, min_a
 
 def print_table(results: list[QuantFidelity], console: Console, settings: ExportConfig, merged_exact_match: float,
                 examples: int, choice: Choice) -> None:
-    table = Table(title=f"GGUFs vs the merged model (exact match {percent(merged_exact_match)} on {examples} held-out "
-                        f"examples); pass: agreement ≥ {settings.min_agreement:.2f} and exact match at most "
+    table = Table(title=f"fidelity vs the merged model (its exact match: {percent(merged_exact_match)} of {examples} "
+                        f"held-out examples); pass: agreement ≥ {settings.min_agreement:.2f} and exact match at most "
                         f"{points(settings.max_exact_match_loss)} lower")
     for column in ("quant", "MiB", "exact match", "vs merged", "agreement", "first token", "loglik gap", "seconds",
                    "result", "Modelfile"):

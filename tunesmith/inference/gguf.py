@@ -52,8 +52,9 @@ def gguf_answers(gguf: Path, config: Config, conversations: list[list[dict[str, 
     tokenizer = load_tokenizer(resolve_base(config.model.base, config.model.revision))
     prompts = [hf.prompt_ids(tokenizer, messages, config) for messages in conversations]
     stops = frozenset(hf.stop_ids(tokenizer))
-    # Each sequence's cache holds its prompt and answer; a longer one would only take memory.
-    num_ctx = max(len(prompt) for prompt in prompts) + max_new + 1
+    # Each sequence's cache holds its prompt and answer; a longer one would only take memory. A multiple of 256,
+    # which llama.cpp would otherwise pad the context to (and say so on the terminal).
+    num_ctx = -(-(max(len(prompt) for prompt in prompts) + max_new + 1) // 256) * 256
     batcher = Batcher(gguf, num_ctx=num_ctx, parallel=min(parallel, len(prompts)))
     try:
         decoded = decode_all(batcher, prompts, max_new, stops)
