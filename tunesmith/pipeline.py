@@ -1,7 +1,8 @@
 """`tunesmith pipeline`: the reference article's nine steps in order, from one config.
 
-data check → train → evaluate (base vs fine-tuned) → export (GGUF + fidelity check) → evaluate the
-GGUFs → create the model in the store → start the server → one request through the Ollama API.
+data check → train → evaluate (base vs fine-tuned) → export (GGUF, each scored on the held-out set: fidelity
+check and the Modelfile's choice) → evaluate the GGUFs (scoring the answers export gave) → create the model in
+the store → start the server → a few requests through the Ollama API.
 
 A stage whose outputs are complete is skipped on re-run (every output is written atomically, so
 "exists" means "complete"); `--force STAGE` redoes one. Training always resumes from its newest

@@ -206,7 +206,8 @@ def _fidelity(run: Run, config: Any, merged: Path, tokenizer: Any, ggufs: dict[s
         return [], {"prompts": 0, "skipped": "no held-out examples", "quantizations": []}, unchecked
     conversations = [case.messages for case in cases]
     max_new = config.eval.max_new_tokens
-    console.print(f"export: {len(ggufs)} GGUFs answer {len(cases)} held-out prompts (greedy, up to {max_new} tokens)")
+    console.print(f"export: each GGUF answers {len(cases)} held-out prompts (greedy, up to {max_new} tokens, "
+                  "batched as the server decodes)")
     answers: dict[str, list[str]] = {}
     seconds: dict[str, float] = {}
     for quant, path in ggufs.items():

@@ -102,7 +102,7 @@ def print_table(results: list[QuantFidelity], console: Console, settings: Export
                    "result", "Modelfile"):
         table.add_column(column, justify="left" if column in ("quant", "result", "Modelfile") else "right")
     for r in results:
-        table.add_row(r.quant, f"{r.size / 2**20:.0f}", percent(r.exact_match), f"{-100 * r.exact_match_loss:+.1f}",
+        table.add_row(r.quant, f"{r.size / 2**20:.0f}", percent(r.exact_match), f"{0.0 - 100 * r.exact_match_loss:+.1f}",
                       f"{r.exact:.2f}", f"{r.first_token:.2f}", f"{r.loglik_gap:+.4f}", f"{r.seconds:.0f}",
                       "[green]pass[/]" if r.passed else "[bold red]FAIL[/]", "←" if r.quant == choice.quant else "")
     console.print(table)
