@@ -27,6 +27,7 @@ from tunesmith.config import Config, ExportConfig
 from tunesmith.export.choice import Choice, percent, points
 from tunesmith.inference import hf
 from tunesmith.inference.cases import Case
+from tunesmith.run import MODELFILE  # the column that marks the Modelfile's GGUF
 
 
 @dataclass
@@ -99,8 +100,8 @@ def print_table(results: list[QuantFidelity], console: Console, settings: Export
                         f"held-out examples); pass: agreement ≥ {settings.min_agreement:.2f} and exact match at most "
                         f"{points(settings.max_exact_match_loss)} lower")
     for column in ("quant", "MiB", "exact match", "vs merged", "agreement", "first token", "loglik gap", "seconds",
-                   "result", "Modelfile"):
-        table.add_column(column, justify="left" if column in ("quant", "result", "Modelfile") else "right")
+                   "result", MODELFILE):
+        table.add_column(column, justify="left" if column in ("quant", "result", MODELFILE) else "right")
     for r in results:
         table.add_row(r.quant, f"{r.size / 2**20:.0f}", percent(r.exact_match), f"{0.0 - 100 * r.exact_match_loss:+.1f}",
                       f"{r.exact:.2f}", f"{r.first_token:.2f}", f"{r.loglik_gap:+.4f}", f"{r.seconds:.0f}",
