@@ -9,8 +9,8 @@ the only difference from the Hugging Face model's answers is the weights.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from tunesmith.config import Config
 from tunesmith.inference import hf
@@ -23,22 +23,10 @@ sequences together pay: on one thread of 2 cores, from about 6 on, up to 1.8x on
 (bench/RESULTS.md, issue 19)."""
 
 
-@dataclass(frozen=True)
-class Greedy:
-    """The most likely token at every step, with no penalty: how evaluation has always decoded (llama-cpp-python's
-    temp 0), in the batcher's sampling settings (batching.Sampling)."""
-
-    temperature: float = 0.0
-    top_k: int = 1
-    top_p: float = 1.0
-    min_p: float = 0.0
-    typical_p: float = 1.0
-    repeat_last_n: int = 0
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int = 0
-    stop: list[str] = field(default_factory=list)
+GREEDY = SimpleNamespace(temperature=0.0, repeat_last_n=0, repeat_penalty=1.0, presence_penalty=0.0,
+                         frequency_penalty=0.0, stop=[], top_k=1, typical_p=1.0, top_p=1.0, min_p=0.0, seed=0)
+"""The most likely token at every step, with no penalty: how evaluation has always decoded (llama-cpp-python's
+temp 0), as the batcher's sampling settings (batching.Sequence.opts)."""
 
 
 def gguf_answers(gguf: Path, config: Config, conversations: list[list[dict[str, str]]], max_new: int,
@@ -84,10 +72,9 @@ def decode_all(batcher: Batcher, prompts: list[list[int]], limit: int,
             if left[0] == 0:
                 finished.set()
 
-    opts = Greedy()
     for index, prompt in enumerate(prompts):
-        batcher.submit(Sequence(prompt, opts, batcher.sampler(opts), receiver(index), threading.Event(), None, limit,
-                                batcher.n_ctx, on_done=done, stop_tokens=stop_tokens))
+        batcher.submit(Sequence(prompt, GREEDY, batcher.sampler(GREEDY), receiver(index), threading.Event(), None,
+                                limit, batcher.n_ctx, on_done=done, stop_tokens=stop_tokens))
     while not finished.wait(1.0):
         if not batcher.alive:
             raise EngineError("llama.cpp's decode loop ended before every prompt was answered")

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from tunesmith.llama.load import EngineError, default_threads, load_model, new_context
 
@@ -46,23 +46,6 @@ EXPLORE_EVERY = 50
 
 class BadRequest(EngineError):
     status_code = 400
-
-
-class Sampling(Protocol):
-    """The sampling settings a sequence is decoded with: the server's `Options` (Ollama's), or evaluation's
-    greedy settings."""
-
-    temperature: float
-    top_k: int
-    top_p: float
-    min_p: float
-    typical_p: float
-    repeat_last_n: int
-    repeat_penalty: float
-    presence_penalty: float
-    frequency_penalty: float
-    seed: int
-    stop: list[str]
 
 
 @dataclass
@@ -105,7 +88,10 @@ class Sequence:
     """One request inside the batcher. Everything but `cancel` is touched only by the decode thread."""
 
     prompt: list[int]
-    opts: Sampling
+    opts: Any
+    """The sampling settings, by Ollama's option names: the server's `Options`, or evaluation's greedy ones
+    (inference/gguf.py). Read: temperature, repeat_last_n, repeat_penalty, presence_penalty, frequency_penalty,
+    stop; above temperature 0 also top_k, typical_p, top_p, min_p and seed."""
     sampler: Any
     """A llama_sampler chain, freed when the sequence ends."""
     emit: Callable[[Any], None]
@@ -268,7 +254,7 @@ class Batcher:
             eog = self._eog[token] = bool(self._L.llama_vocab_is_eog(self.vocab, token))
         return eog
 
-    def sampler(self, opts: Sampling, grammar: Any = None) -> Any:
+    def sampler(self, opts: Any, grammar: Any = None) -> Any:
         """A sampler chain for `opts`, in llama-cpp-python's order: penalties, grammar, then greedy at
         temperature 0, else top-k, typical, top-p, min-p, temperature and a draw seeded by `opts.seed`."""
         L = self._L

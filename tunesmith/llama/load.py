@@ -56,9 +56,7 @@ def model_params() -> Any:
     """llama.cpp's default model parameters, the extra buffer types off unless EXTRA_BUFTS_ENV is 1."""
     import llama_cpp
 
-    params = llama_cpp.llama_model_default_params()
-    params.use_extra_bufts = os.environ.get(EXTRA_BUFTS_ENV) == "1"
-    return params
+    return _with_bufts(llama_cpp.llama_model_default_params())
 
 
 def load_model(path: str | Path) -> Any:
