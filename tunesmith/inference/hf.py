@@ -17,7 +17,7 @@ from tunesmith.errors import ModelError
 from tunesmith.run import Run
 from tunesmith.serve.known_templates import FAMILIES
 
-END_OF_TURN = tuple(dict.fromkeys(token for family in FAMILIES.values() for token in family.stop))
+STOP_TOKENS = tuple(dict.fromkeys(token for family in FAMILIES.values() for token in family.stop))
 """The stop tokens of every chat family tunesmith knows: what a Modelfile's PARAMETER stop ends answers on."""
 
 
@@ -89,10 +89,10 @@ def stream(model: Any, tokenizer: Any, messages: list[dict[str, str]], config: C
 
 def stop_ids(tokenizer: Any) -> set[int]:
     """Token ids that end an answer: EOS and the stop tokens of the chat families tunesmith knows
-    (`END_OF_TURN`), those the tokenizer has. A base model given a chat template (Gemma 3 270M) has only `<eos>`
+    (`STOP_TOKENS`), those the tokenizer has. A base model given a chat template (Gemma 3 270M) has only `<eos>`
     as its EOS, while its turns end in `<end_of_turn>`."""
     ids = {tokenizer.eos_token_id} - {None}
-    for token in END_OF_TURN:
+    for token in STOP_TOKENS:
         token_id = tokenizer.convert_tokens_to_ids(token)
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
             ids.add(token_id)
