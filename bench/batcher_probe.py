@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import llama_cpp
 from serve_load import PROMPTS, bench_gguf, pct
 
-from tunesmith.serve.batching import Batcher, Sequence, Stats
+from tunesmith.llama.batching import Batcher, Sequence, Stats
 from tunesmith.serve.options import Options
 
 

@@ -6,7 +6,7 @@ Each row decodes 20 steps of one token for each of N sequences (separate per-seq
 on, as tunesmith's engine runs them), best of 5, and reports the CPU time of the calling thread
 (time.thread_time) per step: with one llama.cpp thread that is the work done, and it moves far less than wall
 time when other jobs share the cores. With more threads, read the wall column on a quiet machine only.
-This is the measurement behind Batcher._plan (tunesmith/serve/batching.py).
+This is the measurement behind Batcher._plan (tunesmith/llama/batching.py).
 """
 
 from __future__ import annotations

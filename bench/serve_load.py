@@ -263,7 +263,7 @@ def direct(gguf: Path, threads: int, duration: float, num_predict: int) -> Load:
     """llama-cpp-python alone on one stream: the same prompts and settings, no server in between."""
     import llama_cpp
 
-    from tunesmith.serve.engine import open_llama
+    from tunesmith.llama.load import open_llama
 
     llama = open_llama(gguf, n_ctx=NUM_CTX, n_threads=threads, flash_attn=True)
     vocab = llama_cpp.llama_model_get_vocab(llama.model)
@@ -347,7 +347,7 @@ def main() -> None:
     import llama_cpp
     from llama_server import ensure_built
 
-    from tunesmith.serve.batching import default_threads
+    from tunesmith.llama.load import default_threads
 
     threads = args.threads or default_threads()
     binary = ensure_built()

@@ -64,7 +64,7 @@ def main() -> None:
                     value = run(config, args.steps, hog, threads, Path(tmp), name)
                     results.setdefault((label, way), []).append(value)
                     print(f"round {round_ + 1} {label:18} {way:15} {value:7.1f} tokens/s", flush=True)
-    print(f"\n| config | way | tokens/s (each round) | median | vs quiet |\n|---|---|---|---|---|")
+    print("\n| config | way | tokens/s (each round) | median | vs quiet |\n|---|---|---|---|---|")
     for (label, way), values in results.items():
         quiet = statistics.median(results[(label, WAYS[0][0])])
         median = statistics.median(values)

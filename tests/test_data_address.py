@@ -105,7 +105,7 @@ def test_held_out_records_are_written_every_way_training_writes():
 
 
 def test_score_exact_match_and_per_field_accuracy():
-    from tunesmith.evaluate.scorers import load_scorer
+    from tunesmith.scorers import load_scorer
 
     spec = load_config(CONFIG, ["eval.scorer=examples.address.generate:score"]).eval.scorer
     score = load_scorer(spec)

@@ -105,7 +105,7 @@ def test_the_example_config_loads_the_dataset(tmp_path):
 
 
 def test_score_exact_match_and_per_rule_recall_and_precision():
-    from tunesmith.evaluate.scorers import load_scorer
+    from tunesmith.scorers import load_scorer
 
     # load_config pins `examples.godrive.generate:score` to the file beside the config
     spec = load_config(HERE / "config.yaml").eval.scorer

@@ -76,16 +76,23 @@ def test_export_writes_merged_ggufs_lora_modelfile_and_fidelity(tiny_run, tiny_q
     Llama(model_path=str(base_gguf), lora_path=str(tiny_run / "gguf" / "tiny.lora.f16.gguf"), verbose=False,
           n_ctx=64).close()
 
+    report = json.loads((tiny_run / "fidelity.json").read_text())
+    # The smallest GGUF that passed, its exact match within 1 point of the merged model's (export/choice.py).
+    fine = [q for q in report["quantizations"]
+            if q["passed"] and q["exact_match"] >= report["merged_exact_match"] - 0.01]
+    smallest = min(fine, key=lambda q: q["size"])["quant"]
+    assert report["modelfile"]["quant"] == smallest and report["modelfile"]["reason"].startswith("the smallest within")
+    assert f"the Modelfile serves {smallest}: the smallest within 1 point" in done.stdout
     modelfile = parse((tiny_run / "Modelfile").read_text())
-    assert modelfile.from_ == "./gguf/tiny.q8_0.gguf"  # the first asked for, and it passed
+    assert modelfile.from_ == f"./gguf/tiny.{smallest}.gguf"
     assert modelfile.system == "Answer briefly."
     assert modelfile.parameters["stop"] == ["<|im_start|>", "<|im_end|>"]
     assert modelfile.parameters["temperature"] == 0.0
     assert "<|im_start|>assistant\n" in modelfile.template
 
-    report = json.loads((tiny_run / "fidelity.json").read_text())
-    assert report["prompts"] == 3
+    assert report["prompts"] == report["examples"] == 3  # no test file: the first fidelity_prompts of the eval split
     assert [q["quant"] for q in report["quantizations"]] == ["q8_0", "f16", "q4_k_m", "bf16"]
+    assert all(len(q["answers"]) == 3 for q in report["quantizations"])
     assert not list(tiny_run.glob(".tmp-*")) and not list((tiny_run / "gguf").glob(".tmp-*"))
 
 
@@ -177,8 +184,9 @@ def _error_run(kind: str, tmp: Path, tiny: Path) -> tuple[Path, list[str], str]:
     """(run, extra CLI args, expected message) for one user error."""
     from tunesmith.testing import tiny_checkpoint
 
-    run = make_run(tmp, tiny, kind, export={"parameters": {"temprature": 0.5}} if kind == "parameter" else {},
-                   train={"method": "qlora"} if kind == "qlora-on-cpu" else {})
+    export = {"parameters": {"temprature": 0.5}} if kind == "parameter" else (
+        {"modelfile_quant": "q6_k"} if kind == "modelfile-quant" else {})
+    run = make_run(tmp, tiny, kind, export=export, train={"method": "qlora"} if kind == "qlora-on-cpu" else {})
     if kind == "qlora-on-cpu":  # the adapter belongs to the 4-bit base: merging needs what training needed
         return run, [], "trained with train.method: qlora"
     if kind == "parameter":
@@ -188,6 +196,8 @@ def _error_run(kind: str, tmp: Path, tiny: Path) -> tuple[Path, list[str], str]:
         return run, [], "the run has no trained adapter"
     if kind == "unknown-quant":
         return run, ["--quant", "q8_0,q4_k_x"], "unknown quantization q4_k_x; valid: f32, f16, bf16, q8_0"
+    if kind == "modelfile-quant":
+        return run, [], "export.modelfile_quant q6_k is not among the quantizations made (q4_k_m, q8_0)"
     if kind == "architecture":
         strange = tmp / "strange"
         shutil.copytree(tiny, strange)
@@ -210,8 +220,8 @@ def _error_run(kind: str, tmp: Path, tiny: Path) -> tuple[Path, list[str], str]:
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["no-adapter", "unknown-quant", "architecture", "disk", "template", "parameter",
-                                  "qlora-on-cpu"])
+@pytest.mark.parametrize("kind", ["no-adapter", "unknown-quant", "modelfile-quant", "architecture", "disk", "template",
+                                  "parameter", "qlora-on-cpu"])
 def test_user_errors_are_one_line_exit_2_and_write_nothing(kind, tiny_qwen3, tmp_path):
     run, args, expected = _error_run(kind, tmp_path, tiny_qwen3)
     done = run_cli("export", "--run", str(run), *args)

@@ -5,7 +5,7 @@ with their date preamble) and Gemma 3 (the built-in's SentencePiece vocabulary a
 models that carry the real tokenizer (tunesmith/testing.py builds them from llama.cpp's own vocabulary files).
 
 The proof is in token ids, compared at both ends: what training renders (the HF Jinja template through
-data/render.py, and inference.prompt_ids for evaluation) against what the server feeds llama.cpp (the Modelfile's
+data/render.py, and inference/hf.prompt_ids for evaluation) against what the server feeds llama.cpp (the Modelfile's
 Go template through serve/prompt.py, tokenized by llama.cpp from the exported GGUF). The fast tests do it on a
 GGUF of the base; the slow ones train, export, create and serve, and read the ids back from a real server through
 the official `ollama` client.
@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from tunesmith import inference, testing
+from tunesmith import testing
 from tunesmith.config import Config, TrainConfig
 from tunesmith.data import IGNORE_INDEX, Example, Source, tokenize
 from tunesmith.data.render import strip_think
 from tunesmith.export import ollama_template
+from tunesmith.inference import hf
 
 SYSTEM = "You are a driving coach. 你好"
 # family variant → (family, data.think)
@@ -147,7 +148,7 @@ def test_served_prompt_ids_are_the_trained_prompt_ids(family_base, variant, syst
         served = _served_ids(vocab, build_prompt(template, ollama_template.ollama_messages(
             [m for m in history if m["role"] != "system"], modelfile_system)))
         assert served == trained_prompt, (variant, name, tokenizer.decode(served), tokenizer.decode(trained_prompt))
-        assert inference.prompt_ids(tokenizer, history, config) == trained_prompt, (variant, name)
+        assert hf.prompt_ids(tokenizer, history, config) == trained_prompt, (variant, name)
         # The reply is trained through its end-of-turn token, which the server stops on.
         assert trained_reply[-1] == end_of_turn
         reply = tokenizer.decode(trained_reply)

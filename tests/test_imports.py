@@ -1,5 +1,6 @@
-"""The package's import graph, read with `ast` (every import, function-local ones too): no circles, and the server
-never imports the layers above it (the web UI, training, evaluation)."""
+"""The package's import graph, read with `ast` (every import, function-local ones too): no circles, the server
+never imports the layers above it (the web UI, training, evaluation), evaluation never imports the server and
+export never imports evaluation (both answer prompts through tunesmith/inference, below them)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-NEVER = (("serve", "ui"), ("serve", "train"), ("serve", "evaluate"))
+NEVER = (("serve", "ui"), ("serve", "train"), ("serve", "evaluate"), ("evaluate", "serve"), ("export", "evaluate"))
 
 
 def import_graph(package: Path) -> dict[str, set[str]]:
@@ -99,7 +100,7 @@ def forbidden(graph: dict[str, set[str]], root: str, never: tuple[tuple[str, str
                   for t in targets if under(t, b))
 
 
-def test_tunesmith_has_no_import_circle_and_serve_imports_no_higher_layer():
+def test_tunesmith_has_no_import_circle_and_no_forbidden_arrow():
     graph = import_graph(ROOT / "tunesmith")
     assert "tunesmith.serve.handlers" in graph and graph["tunesmith.app"] >= {"tunesmith.ui", "tunesmith.serve.app"}
     assert circles(graph) == []
@@ -125,11 +126,17 @@ def test_the_checks_find_a_circle_and_a_forbidden_arrow(tmp_path):
         "fake/server.py": "x = 1\n",  # `server` is not under `serve`
         "fake/ui/__init__.py": "",
         "fake/ui/routes.py": "from fake.serve.app import create\n",
+        "fake/evaluate/__init__.py": "",
+        "fake/evaluate/run.py": "def answers():\n    from fake.serve.engine import open_llama\n",
+        "fake/serve/engine.py": "",
+        "fake/export.py": "from fake.evaluate.run import answers\n",
+        "fake/inference.py": "from fake.serve import engine\n",  # below evaluate and export: no rule for it
     })
     graph = import_graph(package)
     assert graph["fake.b"] == {"fake.c"}
     assert circles(graph) == [["fake.a", "fake.b", "fake.c"], ["fake.serve.app", "fake.ui.routes"]]
-    assert forbidden(graph, "fake", NEVER) == ["fake.serve.app -> fake.ui.routes"]
+    assert forbidden(graph, "fake", NEVER) == ["fake.evaluate.run -> fake.serve.engine",
+                                               "fake.export -> fake.evaluate.run", "fake.serve.app -> fake.ui.routes"]
 
 
 def test_a_package_without_circles_passes(tmp_path):

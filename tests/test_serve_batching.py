@@ -294,7 +294,7 @@ def test_create_accepts_gpu_parameters_and_logs_that_they_are_ignored(oc, caplog
 def _burst(gguf, n_batch: int) -> tuple[list[int], int]:
     """Four requests arriving in one instant: their first-token stamps, and how many tokens the first had
     generated when the last gave its first."""
-    from tunesmith.serve.batching import Batcher, Piece, Sequence
+    from tunesmith.llama.batching import Batcher, Piece, Sequence
     from tunesmith.serve.options import Options
 
     batcher = Batcher(gguf, num_ctx=512, parallel=4, n_threads=1, n_batch=n_batch)

@@ -23,10 +23,10 @@ from tests.test_serve_api import QUESTION, THINKING_TEMPLATE
 from tunesmith.atomic import write_json, write_text
 from tunesmith.config import Config, load_config
 from tunesmith.evaluate.report import build_report
-from tunesmith.evaluate.scorers import score_all
 from tunesmith.export import fidelity
 from tunesmith.export.ollama_template import write_modelfile
 from tunesmith.run import Run
+from tunesmith.scorers import score_all
 from tunesmith.serve.known_templates import CHATML
 from tunesmith.serve.store import Store
 from tunesmith.train.metrics import MetricsLog

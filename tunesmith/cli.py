@@ -143,13 +143,13 @@ def _check_gpus(processes: int, device: str) -> None:
 @app.command()
 def generate(prompt: str, run: RunOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Answer one prompt with the fine-tuned model (base + adapter, or the fully fine-tuned model), streaming."""
-    from tunesmith import inference
+    from tunesmith.inference import hf
     from tunesmith.run import Run
 
     run_dir = run or _config(config, set_).run_dir
     settings = Run(run_dir).recorded_config()
-    model, tokenizer = inference.load_finetuned(run_dir, settings)
-    for piece in inference.stream(model, tokenizer, inference.messages_for(prompt, settings), settings):
+    model, tokenizer = hf.load_finetuned(run_dir, settings)
+    for piece in hf.stream(model, tokenizer, hf.messages_for(prompt, settings), settings):
         console.out(piece, end="", highlight=False)
     console.out("")
 

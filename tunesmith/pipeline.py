@@ -1,7 +1,8 @@
 """`tunesmith pipeline`: the reference article's nine steps in order, from one config.
 
-data check → train → evaluate (base vs fine-tuned) → export (GGUF + fidelity check) → evaluate the
-GGUFs → create the model in the store → start the server → one request through the Ollama API.
+data check → train → evaluate (base vs fine-tuned) → export (GGUF, each scored on the held-out set: fidelity
+check and the Modelfile's choice) → evaluate the GGUFs (scoring the answers export gave) → create the model in
+the store → start the server → a few requests through the Ollama API.
 
 A stage whose outputs are complete is skipped on re-run (every output is written atomically, so
 "exists" means "complete"); `--force STAGE` redoes one. Training always resumes from its newest
@@ -172,7 +173,7 @@ def _key(ctx: Context, serve: ServeConfig) -> str | None:
 def _sample_prompts(config: Config) -> list[tuple[str, str | None]]:
     """The first SAMPLES held-out prompts with their reference answers; training prompts (reference None) when
     there is no held-out file."""
-    from tunesmith.evaluate.run import load_cases
+    from tunesmith.inference.cases import load_cases
 
     held_out = held_out_file(config)
     cases = load_cases(held_out or config.data.train_file, config, SAMPLES)

@@ -189,6 +189,12 @@ class Run:
         `train.method: full` the whole fine-tuned checkpoint (`model/`)."""
         return self.dir / (FULL_MODEL if config.train.method == "full" else ADAPTER)
 
+    def eval_rows(self) -> list[dict[str, Any]]:
+        """eval.jsonl: one row per held-out example and model (`tunesmith eval` writes it); [] before it has run."""
+        if not self.eval_answers.is_file():
+            return []
+        return [json.loads(line) for line in self.eval_answers.read_text(encoding="utf-8").splitlines() if line.strip()]
+
     def ggufs(self) -> list[Path]:
         """The exported model files (not the LoRA-only GGUF, which needs its base), by name."""
         return sorted(path for path in self.gguf.glob("*.gguf") if ".lora." not in path.name.lower())

@@ -46,8 +46,13 @@ QWEN3_FIRST_ADDED = 151643
 QWEN3_SPECIAL = QWEN3_ADDED[:14]
 
 
-def tiny_checkpoint(out: str | Path, arch: Architecture = "qwen3", seed: int = 0, chat_template: str | None = None) -> Path:
-    """Write a 2-layer, 64-wide random model of `arch` with the SmolLM2 tokenizer to `out`."""
+def tiny_checkpoint(out: str | Path, arch: Architecture = "qwen3", seed: int = 0, chat_template: str | None = None,
+                    init_std: float | None = None) -> Path:
+    """Write a 2-layer, 64-wide random model of `arch` with the SmolLM2 tokenizer to `out`.
+
+    `init_std`: draw every weight matrix from N(0, init_std) instead of transformers' initialisation (std 0.02),
+    whose greedy answers are a newline repeated whatever the prompt; at 0.16 they are words that differ from
+    prompt to prompt, which tests comparing answers need."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen3Config
 
@@ -77,6 +82,11 @@ def tiny_checkpoint(out: str | Path, arch: Architecture = "qwen3", seed: int = 0
         raise ValueError(f"unknown tiny architecture {arch!r}")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if init_std is not None:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.dim() == 2:
+                    parameter.normal_(0.0, init_std)
     with atomic_path(out, directory=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -1,8 +1,9 @@
 """`tunesmith data inspect FILE`: what the data stage would see, printed without training anything.
 
 Shows the reader and detected shape, the counts, the token-length table against train.max_seq_length,
-every problem found (skipped records, duplicates, overlong examples, ignored fields), and the first
-example rendered with the model's chat template, the trained (assistant) part highlighted.
+every problem found (skipped records, duplicates, overlong examples, ignored fields, held-out examples that
+repeat training ones: data/near_duplicates.py), and the first example rendered with the model's chat template,
+the trained (assistant) part highlighted.
 Loads only the tokenizer, never model weights. Invalid data raises DataError (exit code 2).
 """
 
@@ -16,10 +17,12 @@ from rich.table import Table
 from rich.text import Text
 
 from tunesmith.config import Config
+from tunesmith.data import near_duplicates
 from tunesmith.data.render import IGNORE_INDEX, render, tokenize_many
 from tunesmith.data.split import dedupe
 from tunesmith.data.stats import length_stats
-from tunesmith.data.validate import LoadReport, load_examples
+from tunesmith.data.validate import Example, LoadReport, load_examples
+from tunesmith.run import held_out_file
 
 SHOWN = 20  # problems listed per kind; the count is always complete
 
@@ -70,6 +73,13 @@ def inspect_file(path: str | Path, config: Config, console: Console) -> None:
     if think:
         problems.append((f"replies with <think> blocks (data.think: {data.think})",
                          [f"{think} examples; " + ("stripped from the targets" if data.think == "strip" else "kept")]))
+    repeats = held_out_repeats(path, unique, config)
+    if repeats is not None:
+        title, lines = repeats
+        console.print(title, highlight=False)
+        if lines:
+            problems.append(("held-out examples that repeat a training example (tunesmith eval scores them apart)",
+                             lines))
     found = [(title, lines) for title, lines in problems if lines]
     if not found:
         console.print("[green]no problems found[/]")
@@ -89,6 +99,30 @@ def inspect_file(path: str | Path, config: Config, console: Console) -> None:
     # Spelled out as well, so the trained part is visible where colour is not (a pipe, a log file).
     for start, end in rendered.spans:
         console.print(Text.assemble(("trained: ", "bold"), (repr(_shortened(rendered.text[start:end])), "green")))
+
+
+def held_out_repeats(path: str | Path, examples: list[Example], config: Config) -> tuple[str, list[str]] | None:
+    """(a summary line, one line per repeat) of the held-out file (eval.file, else data.test_file) against the
+    training data: `path`'s examples, or data.train_file's when `path` is the held-out file. None when the config
+    names no held-out file, or `path` is it and there is no training file to compare with."""
+    held_out = held_out_file(config)
+    if not held_out:
+        return None
+    if Path(held_out).resolve() == Path(path).resolve():
+        if not config.data.train_file or Path(config.data.train_file).resolve() == Path(path).resolve():
+            return None
+        test, training = examples, load_examples(config.data.train_file, config.data)
+    else:
+        test, training = load_examples(held_out, config.data), examples
+    pairs = [(pair, str(e.source)) for e in training if (pair := near_duplicates.split_example(list(e.messages)))]
+    tests = [(pair, e) for e in test if (pair := near_duplicates.split_example(list(e.messages)))]
+    similarity = config.eval.near_duplicate_similarity
+    found = near_duplicates.find_repeats([(*pair, source) for pair, source in pairs], [pair for pair, _ in tests],
+                                         similarity)
+    lines = [f"{example.source}: {repeat.kind} of {repeat.training_source}"
+             + ("" if repeat.kind == near_duplicates.DUPLICATE else f" (similarity {repeat.similarity:g})")
+             for (_, example), repeat in zip(tests, found) if repeat is not None]
+    return near_duplicates.summary(found, similarity), lines
 
 
 SHOWN_CHARS = 3000

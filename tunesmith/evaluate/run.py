@@ -1,9 +1,13 @@
-"""`tunesmith eval`: generate answers for held-out examples with every model of a run and score them.
+"""`tunesmith eval`: score every model of a run on held-out examples.
 
-Models: `base` (the base checkpoint, no adapter), `finetuned` (base + the run's adapter), and each GGUF in
-`runs/<name>/gguf/` (through llama.cpp). Prompts are rendered by the tokenizer's own chat template, the one
-used in training, so all models see identical prompts; greedy decoding, so results are reproducible.
-Writes `runs/<name>/eval.jsonl` (one line per example and model) and returns the summary.
+Models: `base` (the base checkpoint, no adapter: only the first `eval.base_examples`, since it shows the "before"),
+`finetuned` (base + the run's adapter), and each GGUF in `runs/<name>/gguf/`. Their greedy answers come from
+tunesmith/inference (Hugging Face models in batches; GGUFs through the server's batched decoder, or the answers
+export already gave, kept in fidelity.json); prompts are rendered by the training chat template, so every model
+sees the same prompts. Scores (tunesmith/scorers.py): exact match, edit similarity, JSON validity, per-field and
+per-label detail, the task's own. Held-out examples that repeat training examples (data/near_duplicates.py) are
+scored apart from the rest. Writes `runs/<name>/eval.jsonl` (one line per example and model) and returns the
+summary.
 """
 
 from __future__ import annotations
@@ -17,19 +21,18 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from tunesmith import inference
 from tunesmith.atomic import atomic_path
 from tunesmith.config import Config
+from tunesmith.data import near_duplicates
+from tunesmith.data.source import Source
 from tunesmith.errors import ConfigError
-from tunesmith.evaluate.scorers import load_scorer, mean_scores, score_all
+from tunesmith.inference.answer import answers as model_answers
+from tunesmith.inference.cases import Case, cases_digest, load_cases
 from tunesmith.run import Run, held_out_file
+from tunesmith.scorers import label_set, load_scorer, mean_scores, score_answers
 
-
-@dataclass
-class Case:
-    messages: list[dict[str, str]]
-    reference: str
-    source: str
+SEEN = "repeats training"
+UNSEEN = "new"
 
 
 @dataclass
@@ -39,44 +42,36 @@ class ModelScores:
     means: dict[str, float]
     seconds: float
     answers: list[str] = field(repr=False, default_factory=list)
-
-
-def load_cases(path: str | Path, config: Config, limit: int | None) -> list[Case]:
-    from tunesmith.data import load_examples
-
-    cases = []
-    for example in load_examples(path, config.data):
-        messages = list(example.messages)
-        if not messages or messages[-1]["role"] != "assistant":
-            continue
-        cases.append(Case(messages[:-1], messages[-1]["content"], str(getattr(example, "source", ""))))
-        if limit and len(cases) >= limit:
-            break
-    return cases
+    apart: dict[str, tuple[int, dict[str, float | None]]] = field(default_factory=dict)
+    """SEEN and UNSEEN: (how many examples, their mean scores), when some held-out examples repeat training."""
 
 
 def evaluated_models(run_dir: Path) -> set[str]:
-    return {row["model"] for row in _rows(run_dir)}
-
-
-def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = Run(run_dir).eval_answers
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {row["model"] for row in Run(run_dir).eval_rows()}
 
 
 def summarize(run_dir: Path) -> list[ModelScores]:
-    """Per-model means of everything in eval.jsonl (for the report), in the order models were added."""
+    """Per-model means of everything in eval.jsonl (for the report and the web UI)."""
+    return scores_of(Run(run_dir).eval_rows())
+
+
+def scores_of(rows: list[dict[str, Any]]) -> list[ModelScores]:
+    """Per-model means of eval.jsonl's rows, in the order models were added."""
     by_model: dict[str, list[dict[str, Any]]] = {}
-    for row in _rows(run_dir):
+    for row in rows:
         by_model.setdefault(row["model"], []).append(row)
-    results = []
-    for model, rows in by_model.items():
-        means = mean_scores([row["scores"] for row in rows])
-        results.append(ModelScores(model, len(rows), means, rows[0].get("seconds", 0.0),
-                                   [row["answer"] for row in rows]))
-    return results
+    return [_scores(model, model_rows, model_rows[0].get("seconds", 0.0)) for model, model_rows in by_model.items()]
+
+
+def _scores(model: str, rows: list[dict[str, Any]], seconds: float) -> ModelScores:
+    result = ModelScores(model, len(rows), mean_scores([row["scores"] for row in rows]), seconds,
+                         [row["answer"] for row in rows])
+    seen = [row for row in rows if row.get("repeats")]
+    if seen:
+        unseen = [row for row in rows if not row.get("repeats")]
+        result.apart = {SEEN: (len(seen), mean_scores([row["scores"] for row in seen])),
+                        UNSEEN: (len(unseen), mean_scores([row["scores"] for row in unseen]))}
+    return result
 
 
 def evaluate(config: Config, run_dir: Path, file: str | Path | None, models: list[str], console: Console,
@@ -84,70 +79,87 @@ def evaluate(config: Config, run_dir: Path, file: str | Path | None, models: lis
     file = file or held_out_file(config)
     if not file:
         raise ConfigError("nothing to evaluate on: set eval.file (or data.test_file) or pass --file")
+    run = Run(run_dir)
     cases = load_cases(file, config, limit or config.eval.limit)
     task = load_scorer(config.eval.scorer) if config.eval.scorer else None
+    labels = label_set([case.reference for case in cases])
+    repeats = repeated_training(config, run, cases)
+    if any(repeats):
+        console.print(f"eval: {near_duplicates.summary(repeats, config.eval.near_duplicate_similarity)}; they are "
+                      "scored apart", highlight=False)
     results = []
-    rows: list[dict[str, Any]] = [row for row in _rows(run_dir) if row["model"] not in models] if keep_existing else []
+    rows: list[dict[str, Any]] = [row for row in run.eval_rows() if row["model"] not in models] if keep_existing else []
     for name in models:
+        chosen = cases[:config.eval.base_examples] if name == "base" else cases
         started = time.perf_counter()
-        console.print(f"eval: {name} on {len(cases)} examples from {file}")
-        answers = _answers(name, config, run_dir, cases)
+        answers = _exported_answers(run, name, chosen)
+        if answers is None:
+            console.print(f"eval: {model_label(name)} on {len(chosen)} examples from {file}")
+            answers = model_answers(name, config, run.dir, [case.messages for case in chosen])
+        else:
+            console.print(f"eval: {model_label(name)}: the answers export gave to these {len(chosen)} examples")
         seconds = time.perf_counter() - started
-        per_case = [score_all(answer, case.reference, config.eval.expect, task) for answer, case in zip(answers, cases)]
-        means = mean_scores(per_case)
-        results.append(ModelScores(name, len(cases), means, seconds, answers))
-        for index, (case, answer, scores) in enumerate(zip(cases, answers, per_case)):
-            rows.append({"index": index, "model": name, "prompt": case.messages[-1]["content"],
-                         "reference": case.reference, "answer": answer, "scores": scores,
-                         "seconds": round(seconds, 1)})
-    with atomic_path(Run(run_dir).eval_answers) as tmp:
+        per_case = score_answers(answers, [case.reference for case in chosen], config.eval.expect, task, labels)
+        model_rows = []
+        for index, (case, answer, scores) in enumerate(zip(chosen, answers, per_case)):
+            repeat = repeats[index]
+            model_rows.append({"index": index, "model": name, "prompt": case.prompt, "reference": case.reference,
+                               "answer": answer, "scores": scores, "seconds": round(seconds, 1),
+                               "repeats": None if repeat is None else {"kind": repeat.kind,
+                                                                       "similarity": repeat.similarity,
+                                                                       "training": repeat.training_source}})
+        results.append(_scores(name, model_rows, seconds))
+        rows += model_rows
+    with atomic_path(run.eval_answers) as tmp:
         tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     return results
 
 
-def _answers(name: str, config: Config, run_dir: Path, cases: list[Case]) -> list[str]:
-    conversations = [case.messages for case in cases]
-    max_new = config.eval.max_new_tokens
-    if name in ("base", "finetuned"):
-        model, tokenizer = (inference.load_finetuned(run_dir, config) if name == "finetuned"
-                            else inference.load(config, None))
-        if name == "finetuned" and config.train.method == "lora":
-            model = model.merge_and_unload()  # same answers, no per-layer adapter overhead while generating
-        return inference.generate_batch(model, tokenizer, conversations, config, max_new)
-    return gguf_answers(Path(name), config, conversations, max_new)
+def repeated_training(config: Config, run: Run, cases: list[Case]) -> list[near_duplicates.Repeat | None]:
+    """For each case, the training example it repeats (data/near_duplicates.py): the training split the data
+    stage wrote, else data.train_file; all None when there is neither."""
+    training = training_examples(config, run)
+    held_out = [(near_duplicates.input_text(case.messages), case.reference) for case in cases]
+    if not training:
+        return [None] * len(cases)
+    return near_duplicates.find_repeats(training, held_out, config.eval.near_duplicate_similarity)
 
 
-def stored_answers(run_dir: Path, model: str, cases: list[Case]) -> list[str] | None:
-    """`model`'s answers to exactly these cases from eval.jsonl, or None when it has not answered them all."""
-    rows = {row["index"]: row for row in _rows(run_dir) if row["model"] == model}
-    answers = []
-    for index, case in enumerate(cases):
-        row = rows.get(index)
-        if row is None or row["prompt"] != case.messages[-1]["content"] or row["reference"] != case.reference:
-            return None
-        answers.append(row["answer"])
-    return answers
+def training_examples(config: Config, run: Run) -> list[tuple[str, str, str]]:
+    """(input, answer, where) of each training example."""
+    found = []
+    if run.train_split.is_file():
+        for number, line in enumerate(run.train_split.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                row = json.loads(line)
+                source = row.get("source") or {}
+                pair = near_duplicates.split_example(row["messages"])
+                if pair:
+                    where = Source(source.get("file", str(run.train_split)), source.get("index", number - 1),
+                                   source.get("line", number))
+                    found.append((*pair, str(where)))
+        return found
+    if config.data.train_file and Path(config.data.train_file).exists():
+        from tunesmith.data import load_examples
+
+        for example in load_examples(config.data.train_file, config.data):
+            pair = near_duplicates.split_example(list(example.messages))
+            if pair:
+                found.append((*pair, str(example.source)))
+    return found
 
 
-def gguf_answers(gguf: Path, config: Config, conversations: list[list[dict[str, str]]], max_new: int) -> list[str]:
-    """Greedy answers of a GGUF through llama.cpp, prompted with the training template's token ids."""
-    from tunesmith.models import load_tokenizer, resolve_base
-    from tunesmith.serve.engine import open_llama
-
-    tokenizer = load_tokenizer(resolve_base(config.model.base, config.model.revision))
-    # open_llama: the thread settings the server uses (llama.cpp's default spin-waits on busy cores)
-    llm = open_llama(gguf, n_ctx=2048)
-    stop = inference.stop_ids(tokenizer) | {llm.token_eos()}
-    answers = []
-    for messages in conversations:
-        ids = inference.prompt_ids(tokenizer, messages, config)
-        out = []
-        for token in llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            if token in stop or len(out) >= max_new:
-                break
-            out.append(token)
-        answers.append(inference.answer_text(tokenizer, out, cut=len(out) >= max_new))
-    return answers
+def _exported_answers(run: Run, name: str, cases: list[Case]) -> list[str] | None:
+    """A GGUF's answers to exactly these cases as export recorded them in fidelity.json, else None."""
+    if not name.endswith(".gguf") or not run.fidelity.is_file():
+        return None
+    recorded = json.loads(run.fidelity.read_text(encoding="utf-8"))
+    if recorded.get("cases") != cases_digest(cases):
+        return None
+    for entry in recorded.get("quantizations", []):
+        if Path(entry.get("path", "")).resolve() == Path(name).resolve() and len(entry.get("answers", [])) == len(cases):
+            return entry["answers"]
+    return None
 
 
 def gguf_models(run_dir: Path) -> list[str]:
@@ -171,6 +183,20 @@ def print_summary(results: list[ModelScores], console: Console) -> None:
                       end_section=key == headline[-1] if headline else False)
     table.add_row("seconds", *[f"{result.seconds:.0f}" for result in results])
     console.print(table)
+    apart = [result for result in results if result.apart]
+    if apart:
+        split = Table(title="exact match: held-out examples that repeat a training example, and the rest")
+        split.add_column("examples")
+        for result in apart:
+            split.add_column(model_label(result.model), justify="right")
+        for part in (SEEN, UNSEEN):
+            split.add_row(part, *[_count_and_score(*result.apart[part]) for result in apart])
+        console.print(split)
+
+
+def _count_and_score(n: int, means: dict[str, float | None]) -> str:
+    value = means.get("exact_match")
+    return f"{value:.3f} of {n}" if value is not None else f"– of {n}"
 
 
 def model_label(model: str) -> str:

@@ -1,7 +1,8 @@
 """`tunesmith export`: a trained run → merged/, GGUF files, a GGUF LoRA, fidelity.json and the Modelfile.
 
     merge adapter → merged/ → <name>.<outtype>.gguf (llama.cpp's converter) → each quantization
-    → <name>.lora.<outtype>.gguf → fidelity check → fidelity.json → Modelfile (FROM the preferred passing GGUF)
+    → <name>.lora.<outtype>.gguf → fidelity check → fidelity.json → Modelfile (FROM the smallest GGUF that keeps
+    the merged model's accuracy: export/choice.py)
 
 A fully fine-tuned run (`train.method: full`) has no adapter: its model/ is converted as it is (no merged/, no
 LoRA GGUF). A QLoRA run's adapter is merged into the dequantized 4-bit base it was trained on (merge.py).
@@ -25,14 +26,19 @@ from typing import Any
 
 from rich.console import Console
 
-from tunesmith import inference
 from tunesmith.atomic import remove_temporaries, write_json
 from tunesmith.config import Config, ExportConfig
 from tunesmith.data.render import template_kwargs
-from tunesmith.errors import ModelError, TunesmithError
-from tunesmith.export import convert, fidelity, merge, ollama_template, quantize
+from tunesmith.errors import ConfigError, ModelError, TunesmithError
+from tunesmith.export import choice, convert, fidelity, merge, ollama_template, quantize
+from tunesmith.inference import hf
+from tunesmith.inference.cases import cases_digest, held_out_cases, load_cases, recorded_answers
+from tunesmith.inference.gguf import gguf_answers
+from tunesmith.llama.load import idle_cores, open_vocab
+from tunesmith.llama.logliks import answer_logliks
 from tunesmith.models import load_model
 from tunesmith.run import Run, held_out_file
+from tunesmith.scorers import exact_match
 from tunesmith.serve.known_templates import FAMILIES
 from tunesmith.serve.modelfile import format_value, typed_parameter
 
@@ -77,6 +83,9 @@ def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict
     config = run.config_for("export", live)
     settings = config.export
     names = quantize.check_names(settings.quantizations if quants is None else quants)
+    if settings.modelfile_quant is not None and settings.modelfile_quant not in names:
+        raise ConfigError(f"export.modelfile_quant {settings.modelfile_quant} is not among the quantizations made "
+                          f"({', '.join(names)})", "add it to export.quantizations (or --quant), or unset it")
     full = config.train.method == "full"
     trained = run.trained_dir(config)
     if not run.trained(config):
@@ -149,12 +158,12 @@ def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict
             console.print(f"export: LoRA adapter alone as {lora.name} ({seconds['lora']:.0f} s)")
 
         clock = time.perf_counter()
-        results, summary = _fidelity(run_dir, config, merged, tokenizer, ggufs, settings, console)
+        results, summary, picked = _fidelity(run, config, merged, tokenizer, ggufs, settings, console)
         write_json(run.fidelity, summary)
         written.append(run.fidelity)
         seconds["fidelity"] = time.perf_counter() - clock
 
-        chosen = _choose(names, results)
+        chosen = picked.quant
         template, system, stop = _template(tokenizer, config, settings, ggufs[chosen])
         modelfile = ollama_template.write_modelfile(run.modelfile, f"./{run.relative(ggufs[chosen])}", template,
                                                system, stop, settings.parameters)
@@ -169,81 +178,84 @@ def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict
                   f"  (try: tunesmith create {name} -f {modelfile})")
     result = ExportResult(run_dir, merged, ggufs, lora, modelfile, chosen, results, seconds)
     if result.failed:
-        console.print(f"[bold red]export: {', '.join(result.failed)} fell under export.min_agreement "
-                      f"{settings.min_agreement}[/]; the Modelfile uses {chosen}")
+        console.print(f"[bold red]export: {', '.join(result.failed)} failed the fidelity check[/]; the Modelfile "
+                      f"uses {chosen}")
         if strict:
             raise FidelityFailed(f"fidelity check failed for {', '.join(result.failed)} (--strict)",
                                  "see fidelity.json; use a larger quantization such as q8_0")
     return result
 
 
-def _fidelity(run_dir: Path, config: Any, merged: Path, tokenizer: Any, ggufs: dict[str, Path],
-              settings: ExportConfig, console: Console) -> tuple[list[fidelity.QuantFidelity], dict]:
-    """One greedy pass per GGUF. With a test file (eval.file or data.test_file) the pass answers the
-    evaluation's held-out prompts and is recorded as that GGUF's eval rows, so `tunesmith eval` (the pipeline's
-    eval-gguf stage) need not answer them again; the fine-tuned model's answers come from the eval stage when it
-    has answered the same prompts. Without one, the run's eval split is used and nothing is recorded."""
-    from tunesmith.evaluate import run as evaluation
-
+def _fidelity(run: Run, config: Any, merged: Path, tokenizer: Any, ggufs: dict[str, Path], settings: ExportConfig,
+              console: Console) -> tuple[list[fidelity.QuantFidelity], dict, choice.Choice]:
+    """Each GGUF answers the held-out set (eval.file or data.test_file; without one, the first
+    export.fidelity_prompts of the run's eval split), once, batched as the server decodes; those answers are
+    scored against the references, compared with the merged model's (export/fidelity.py), kept in fidelity.json
+    for `tunesmith eval`, and decide the Modelfile's GGUF (export/choice.py). The merged model's answers come
+    from the eval stage when it has answered the same prompts."""
+    candidates = [choice.Candidate(quant, path.stat().st_size, None) for quant, path in ggufs.items()]
+    unchecked = choice.choose(candidates, None, settings.modelfile_tolerance, settings.modelfile_quant)
     if not settings.fidelity_prompts:
         console.print("[yellow]export: fidelity check skipped (export.fidelity_prompts is 0)[/]")
-        return [], {"prompts": 0, "skipped": "export.fidelity_prompts is 0", "quantizations": []}
-    answers: dict[str, list[str]] = {}
-    seconds: dict[str, float] = {}
-    reference: list[str] | None = None
+        return [], {"prompts": 0, "skipped": "export.fidelity_prompts is 0", "quantizations": []}, unchecked
     held_out = held_out_file(config)
-    if held_out:
-        for quant, scores in zip(ggufs, evaluation.evaluate(config, run_dir, None, [str(p) for p in ggufs.values()],
-                                                          console, keep_existing=True)):
-            answers[quant], seconds[quant] = scores.answers, scores.seconds
-        cases = evaluation.load_cases(held_out, config, config.eval.limit)
-        reference = evaluation.stored_answers(run_dir, "finetuned", cases)
-    else:
-        cases = fidelity.held_out_cases(Run(run_dir), settings.fidelity_prompts)
-        for quant, path in ggufs.items():
-            clock = time.perf_counter()
-            answers[quant] = evaluation.gguf_answers(path, config, [c.messages for c in cases],
-                                                     config.eval.max_new_tokens)
-            seconds[quant] = time.perf_counter() - clock
+    cases = (load_cases(held_out, config, config.eval.limit) if held_out
+             else held_out_cases(run, settings.fidelity_prompts))
     if not cases:
         console.print("[yellow]export: fidelity check skipped (no held-out examples)[/]")
-        return [], {"prompts": 0, "skipped": "no held-out examples", "quantizations": []}
-    n = min(settings.fidelity_prompts, len(cases))
-    cases = cases[:n]
+        return [], {"prompts": 0, "skipped": "no held-out examples", "quantizations": []}, unchecked
+    conversations = [case.messages for case in cases]
+    max_new = config.eval.max_new_tokens
+    console.print(f"export: each GGUF answers {len(cases)} held-out prompts (greedy, up to {max_new} tokens, "
+                  "batched as the server decodes)")
+    answers: dict[str, list[str]] = {}
+    seconds: dict[str, float] = {}
+    for quant, path in ggufs.items():
+        clock = time.perf_counter()
+        answers[quant] = gguf_answers(path, config, conversations, max_new)
+        seconds[quant] = time.perf_counter() - clock
+
     clock = time.perf_counter()
+    model = None
+    reference = recorded_answers(run.eval_rows(), "finetuned", cases) if held_out else None
     if reference is None:
         model = load_model(merged)
         model.eval()
-        reference = inference.generate_batch(model, tokenizer, [c.messages for c in cases], config,
-                                             config.eval.max_new_tokens)
-        del model
-    reference = reference[:n]
-    console.print(f"export: fidelity check on {n} held-out prompts (greedy, up to {config.eval.max_new_tokens} "
-                  "tokens; the GGUFs' answers are their eval answers)")
-    prompts, reference_ids = fidelity.prompt_and_reference_ids(tokenizer, cases, config)
-    merged_logliks = fidelity.merged_logliks(merged, prompts, reference_ids)
+        reference = hf.generate_batch(model, tokenizer, conversations, config, max_new)
+    n = min(settings.fidelity_prompts, len(cases))
+    console.print(f"export: fidelity check on {n} held-out prompts against the merged model")
+    prompts, reference_ids = fidelity.prompt_and_reference_ids(tokenizer, cases[:n], config)
+    pairs = list(zip(prompts, reference_ids, strict=True))
+    if model is None:
+        model = load_model(merged)
+        model.eval()
+    merged_logliks = hf.answer_logliks(model, pairs)
+    del model
     reference_seconds = time.perf_counter() - clock
 
     def first_ids(texts: list[str]) -> list[list[int]]:
         return [tokenizer(text, add_special_tokens=False)["input_ids"][:1] for text in texts]
 
+    def accuracy(texts: list[str]) -> float:
+        return sum(exact_match(text, case.reference) for text, case in zip(texts, cases, strict=True)) / len(cases)
+
+    merged_exact_match = accuracy(reference)
     results = []
     for quant, path in ggufs.items():
-        logliks = fidelity.gguf_logliks(path, prompts, reference_ids)
-        results.append(fidelity.compare(quant, path, reference, answers[quant][:n],
-                                        (first_ids(reference), first_ids(answers[quant][:n])),
-                                        (merged_logliks, logliks), settings.min_agreement, seconds[quant]))
-    fidelity.print_table(results, console, settings.min_agreement)
-    return results, fidelity.report(results, reference_seconds, n, settings.min_agreement)
-
-
-def _choose(names: list[str], results: list[fidelity.QuantFidelity]) -> str:
-    """The first quantization asked for that passed (the order is the preference); else the most faithful."""
-    by_name = {result.quant: result for result in results}
-    for quant in names:
-        if quant not in by_name or by_name[quant].passed:
-            return quant
-    return max(names, key=lambda quant: (by_name[quant].exact, by_name[quant].first_token))
+        logliks = answer_logliks(path, pairs, n_threads=idle_cores())
+        result = fidelity.compare(quant, path, reference[:n], answers[quant][:n],
+                                  (first_ids(reference[:n]), first_ids(answers[quant][:n])),
+                                  (merged_logliks, logliks), seconds[quant])
+        fidelity.judge(result, accuracy(answers[quant]), merged_exact_match, settings)
+        results.append(result)
+    candidates = [choice.Candidate(r.quant, r.size, r.exact_match, r.passed) for r in results]
+    picked = choice.choose(candidates, merged_exact_match, settings.modelfile_tolerance, settings.modelfile_quant)
+    fidelity.print_table(results, console, settings, merged_exact_match, len(cases), picked)
+    summary = fidelity.report(results, reference_seconds, n, settings.min_agreement,
+                              max_exact_match_loss=settings.max_exact_match_loss,
+                              merged_exact_match=merged_exact_match, examples=len(cases), choice=picked,
+                              answers=answers, digest=cases_digest(cases))
+    return results, summary, picked
 
 
 def _template(tokenizer: Any, config: Any, settings: ExportConfig, gguf: Path) -> tuple[str, str | None, list[str]]:
@@ -251,13 +263,10 @@ def _template(tokenizer: Any, config: Any, settings: ExportConfig, gguf: Path) -
 
     A user's export.template is taken as given (with the family's stop tokens when the family is known).
     """
-    from llama_cpp import Llama
-
     if settings.template is not None:
         family = FAMILIES.get(_family_or_none(tokenizer) or "")
         return settings.template, config.data.system_prompt, list(family.stop) if family else []
-    with quantize.native_output():
-        vocab = Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    vocab = open_vocab(gguf)
     adds_bos = len(vocab.tokenize(b"", add_bos=True, special=True)) > 0
 
     def served_ids(text: str) -> list[int]:  # as tunesmith's server (and Ollama's runner) tokenizes

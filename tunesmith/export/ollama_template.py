@@ -30,36 +30,7 @@ class TemplateFamilyError(TunesmithError):
 
 _HINT = "set export.template to an Ollama Go template that writes the same prompt as the model's chat template"
 
-# Skeletons with the probed parts as {BOS}, {GEN} (the generation prompt) and, for Mistral, {SYSTEM_TURN}.
-# Literal text is never next to a `{{-`/`-}}` trim marker where it could lose whitespace.
-_SKELETONS = {
-    "chatml": (
-        "{BOS}{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-        "{{- range .Messages }}{{ if ne .Role \"system\" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
-        "{{ end }}{{ end }}{GEN}"
-    ),
-    "llama3": (
-        "{BOS}{SYSTEM_BLOCK}"
-        "{{- range .Messages }}{{ if ne .Role \"system\" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
-        "{{ .Content }}<|eot_id|>{{ end }}{{ end }}{GEN}"
-    ),
-    "gemma": (
-        "{BOS}{{- $first := true }}{{ range .Messages }}"
-        "{{ if eq .Role \"user\" }}<start_of_turn>user\n{{ if and $first $.System }}{{ $.System }}\n\n{{ end }}"
-        "{{ .Content }}<end_of_turn>\n{{ $first = false }}"
-        "{{ else if eq .Role \"assistant\" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n{{ end }}"
-        "{{ end }}{GEN}"
-    ),
-    "mistral": (
-        "{BOS}{{- $first := true }}{{ range $i, $_ := .Messages }}"
-        "{{ if eq .Role \"user\" }}[INST] {{ if and $.System {SYSTEM_TURN} }}{{ $.System }}\n\n{{ end }}"
-        "{{ .Content }}[/INST]{{ $first = false }}"
-        "{{ else if eq .Role \"assistant\" }} {{ .Content }}</s>{{ end }}"
-        "{{ end }}{GEN}"
-    ),
-}
 _SYSTEM_TURN = {"first": "$first", "last": "(eq (len (slice $.Messages $i)) 1)"}
-_LLAMA3_SYSTEM = ("<|start_header_id|>system<|end_header_id|>\n\n", "<|eot_id|>")
 
 # Distinct words so each probe's pieces can be found in a rendering.
 _U1, _A1, _U2, _S = "Ping-one", "Pong-one", "Ping-two", "Sys-prompt"
@@ -124,7 +95,7 @@ def derive(tokenizer: Any, template_kwargs: dict[str, Any], llama_adds_bos: bool
     system_block = ""
     if name == "llama3":
         preamble, always = _llama3_system(render)
-        opening, closing = _LLAMA3_SYSTEM
+        opening, closing = family.system_turn
         system_block = f"{opening}{preamble}{{{{ .System }}}}{closing}"
         if always:  # Llama 3.1/3.2 write the system turn (its date preamble) whether or not there is a system prompt
             default_system = None
@@ -138,7 +109,7 @@ def derive(tokenizer: Any, template_kwargs: dict[str, Any], llama_adds_bos: bool
         "{SYSTEM_TURN}": _SYSTEM_TURN[_system_turn(render)] if name == "mistral" else "",
         "{SYSTEM_BLOCK}": system_block,
     }
-    template = _SKELETONS[name]
+    template = family.skeleton
     for key, value in pieces.items():
         template = template.replace(key, value)
     return OllamaTemplate(name, template, list(family.stop), default_system, notes)
@@ -148,7 +119,7 @@ def _llama3_system(render: Render) -> tuple[str, bool]:
     """(preamble, always) of a Llama 3 system turn: the text the template writes before the system prompt
     (3.1/3.2: "Cutting Knowledge Date: December 2023\nToday Date: ...\n\n"), and whether the turn is written
     when the conversation has no system prompt."""
-    opening, closing = _LLAMA3_SYSTEM
+    opening, closing = FAMILIES["llama3"].system_turn
     with_system = render([{"role": "system", "content": _S}, {"role": "user", "content": _U1}], False)
     start, at = with_system.find(opening), with_system.find(_S)
     if start < 0 or at < start:
@@ -162,8 +133,7 @@ def _llama3_system(render: Render) -> tuple[str, bool]:
 
 def _default_system(family: str, rendered: str) -> str | None:
     """The system text a template writes for a conversation without one (ChatML/Llama 3 system turns)."""
-    opening = {"chatml": ("<|im_start|>system\n", "<|im_end|>"),
-               "llama3": ("<|start_header_id|>system<|end_header_id|>\n\n", "<|eot_id|>")}.get(family)
+    opening = FAMILIES[family].system_turn
     if not opening or opening[0] not in rendered:
         return None
     start = rendered.index(opening[0]) + len(opening[0])

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import logging
 import os
 import shutil
-import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from tunesmith.atomic import atomic_path, is_disk_full
 from tunesmith.config import QUANTIZATIONS
 from tunesmith.errors import ConfigError, DiskFull, ToolingError
+from tunesmith.llama.load import native_output  # what llama.cpp's quantizer prints goes to a file
 
 # Bits per weight of each type as llama.cpp reports them for 7B-class models (`llama-quantize --help`);
 # used to tell, before starting, whether the outputs fit on the disk.
@@ -63,26 +59,3 @@ def quantize(source: Path, out: Path, name: str, threads: int | None = None) -> 
             last = (text.strip().splitlines() or ["no output"])[-1]
             raise ToolingError(f"llama.cpp's quantizer failed making {out.name} from {source.name}: {last}")
     return out
-
-
-@contextlib.contextmanager
-def native_output() -> Iterator[Path]:
-    """Send what llama.cpp's C code prints (a line per tensor) to a file instead of the terminal.
-
-    It writes to file descriptors 1 and 2 directly, past Python's sys.stdout; the file is logged at
-    debug level (`--debug`) and its last line goes into error messages.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    with tempfile.NamedTemporaryFile("w+b", prefix="tunesmith-llama-", suffix=".log") as handle:
-        os.dup2(handle.fileno(), 1)
-        os.dup2(handle.fileno(), 2)
-        try:
-            yield Path(handle.name)
-        finally:
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            for fd in saved:
-                os.close(fd)
-            logging.getLogger(__name__).debug(Path(handle.name).read_text(errors="replace"))

@@ -4,7 +4,7 @@
     modelfile.py        Modelfile text <-> Modelfile
     gotemplate.py       Go's text/template language (`parse`, `render`)
     prompt.py           Ollama's prompt assembly: messages -> prompt (`build_prompt`)
-    engine.py           llama-cpp-python models: scheduling, streaming, embeddings (`open_llama` for other callers)
+    engine.py           loaded models: scheduling requests onto their batchers (tunesmith/llama), streaming, embeddings
     generation.py       a job -> events (think/tool parsing), and a started `Generation`
     api_types.py        every request/response model, Ollama's and OpenAI's, error bodies included
     server.py           `Server`: the state every handler shares

@@ -1,6 +1,6 @@
 """The llama.cpp engine: loads store models, schedules requests onto them, streams their tokens.
 
-One `Runner` per loaded model holds a `Batcher` (batching.py): one llama.cpp context whose cache holds
+One `Runner` per loaded model holds a `Batcher` (llama/batching.py): one llama.cpp context whose cache holds
 `serve.parallel` sequences, decoded together by one thread (continuous batching). Requests beyond the free
 slots wait inside it; more than `serve.max_queue` pending requests get ServerBusy (503) at once. At most
 `serve.max_loaded` models stay loaded; the least recently used idle one unloads to make room, and an idle model
@@ -14,31 +14,24 @@ import collections
 import contextlib
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tunesmith.config import ServeConfig
+from tunesmith.llama.batching import MAX_TOP_LOGPROBS, BadRequest, Batcher, Piece, Sequence, Stats
+from tunesmith.llama.load import EngineError, default_threads, open_llama
 from tunesmith.serve import token_count
-from tunesmith.serve.batching import (
-    EXTRA_BUFTS_ENV,
-    MAX_TOP_LOGPROBS,
-    BadRequest,
-    Batcher,
-    EngineError,
-    Piece,
-    Sequence,
-    Stats,
-    default_threads,
-)
 from tunesmith.serve.options import FOREVER, Options
 from tunesmith.serve.store import Manifest, Store
 
 log = logging.getLogger("tunesmith.serve")
+
+# Names the server's other modules take from here: the engine is their one door to llama.cpp.
+__all__ = ["MAX_TOP_LOGPROBS", "BadRequest", "Engine", "EngineError", "Lease", "Piece", "Runner", "ServerBusy",
+           "Stats", "normalize"]
 
 
 class ServerBusy(EngineError):
@@ -47,46 +40,6 @@ class ServerBusy(EngineError):
     def __init__(self) -> None:
         super().__init__("server busy, please try again.  maximum pending requests exceeded",
                          "raise serve.max_queue or retry later")
-
-
-_construct_lock = threading.Lock()
-
-
-def open_llama(path: str | Path, *, n_ctx: int, n_threads: int | None = None, n_batch: int = 512,
-               lora_path: str | Path | None = None, embedding: bool = False, flash_attn: bool = False) -> Any:
-    """A `llama_cpp.Llama` for a GGUF file, with the settings every tunesmith caller needs (embeddings, eval).
-
-    n_threads None means half the cores (`batching.default_threads` says why).
-    """
-    threads = n_threads or default_threads()
-    import llama_cpp
-    import llama_cpp.llama as llama_module
-
-    kwargs: dict[str, Any] = {}
-    if embedding:
-        # Decoder models have no pooling of their own; mean pooling gives one vector per input.
-        kwargs["pooling_type"] = llama_cpp.LLAMA_POOLING_TYPE_MEAN
-    default_params = llama_module.llama_cpp.llama_model_default_params
-
-    def params_without_extra_bufts() -> Any:
-        params = default_params()
-        params.use_extra_bufts = os.environ.get(EXTRA_BUFTS_ENV) == "1"
-        return params
-
-    # Llama() builds its model params from this module function; swap it only while constructing.
-    with _construct_lock:
-        llama_module.llama_cpp.llama_model_default_params = params_without_extra_bufts
-        try:
-            return llama_cpp.Llama(
-                model_path=str(path), n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=threads,
-                n_threads_batch=threads,
-                lora_path=str(lora_path) if lora_path else None, embedding=embedding, flash_attn=flash_attn,
-                verbose=False, **kwargs)
-        except ValueError as exc:
-            raise EngineError(f"llama.cpp could not load {path}: {exc}",
-                              "check that the file is a GGUF model llama.cpp supports") from exc
-        finally:
-            llama_module.llama_cpp.llama_model_default_params = default_params
 
 
 def _close(llama: Any) -> None:

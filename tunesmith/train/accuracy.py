@@ -2,7 +2,9 @@
 
 A falling loss says the model moves toward the references; whether its answers are right is another matter (on
 goDrive the loss flattens long before exact match does). At every eval step the loop asks this probe, and logs
-`eval_exact_match` and friends beside `eval_loss`; `train.stop_when` can end the run on them.
+`eval_exact_match` and friends beside `eval_loss`; `train.stop_when` can end the run on them. Where the answers are
+JSON objects, each field's accuracy (`eval_field:NAME`), and for a few short labels each label's precision and
+recall (`eval_precision:LABEL`, `eval_recall:LABEL`): which part the model has not learned yet.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import time
 from typing import Any
 
 from tunesmith.config import Config, parse_stop_rule
-from tunesmith.evaluate.scorers import load_scorer, mean_scores, score_all
+from tunesmith.scorers import label_set, load_scorer, mean_scores, score_answers
 
 _COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
@@ -27,16 +29,21 @@ class AccuracyProbe:
         self.conversations = [list(e.messages[:-1]) for e in chosen]
         self.references = [e.messages[-1]["content"] for e in chosen]
         self.task = load_scorer(config.eval.scorer) if config.eval.scorer else None
+        self.labels = label_set(self.references)
+        # Logged beside the headline scores: per-field and per-label ones, not a task scorer's per-rule detail
+        # (goDrive's is 40 scores, in every eval record and progress line).
+        self.detail = {f"{kind}:{label}" for label in self.labels or [] for kind in ("precision", "recall")}
 
     def __len__(self) -> int:
         return len(self.conversations)
 
     def __call__(self, model: Any, autocast: Any) -> dict[str, float]:
         """Headline scores (`eval_exact_match`, `eval_edit_similarity`, a task scorer's `eval_rule_f1`...) of
-        `model`'s greedy answers, and `eval_accuracy_seconds`. The model is put back in training mode."""
+        `model`'s greedy answers, the per-field and per-label ones (not a task scorer's per-rule detail, which
+        can be dozens), and `eval_accuracy_seconds`. The model is put back in training mode."""
         import torch
 
-        from tunesmith.inference import generate_batch
+        from tunesmith.inference.hf import generate_batch
 
         started = time.perf_counter()
         model.eval()
@@ -46,10 +53,10 @@ class AccuracyProbe:
                                          self.config.eval.max_new_tokens)
         finally:
             model.train()
-        per_case = [score_all(answer, reference, self.config.eval.expect, self.task)
-                    for answer, reference in zip(answers, self.references)]
+        per_case = score_answers(answers, self.references, self.config.eval.expect, self.task, self.labels)
         means = mean_scores(per_case)
-        scores = {f"eval_{key}": round(value, 4) for key, value in means.items() if ":" not in key and value is not None}
+        scores = {f"eval_{key}": round(value, 4) for key, value in means.items()
+                  if value is not None and (":" not in key or key.startswith("field:") or key in self.detail)}
         scores["eval_accuracy_seconds"] = round(time.perf_counter() - started, 1)
         return scores
 

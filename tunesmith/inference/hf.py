@@ -1,6 +1,7 @@
 """Answers from Hugging Face models: the base, or base + a run's LoRA adapter, through the chat template.
 
-Used by `tunesmith generate` (the article's quick inference test) and by evaluation.
+Used by `tunesmith generate` (the article's quick inference test), evaluation, export (the merged model's answers
+and log-likelihoods for the fidelity check) and training's accuracy probe.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ from typing import Any
 from tunesmith.config import Config
 from tunesmith.errors import ModelError
 from tunesmith.run import Run
+from tunesmith.serve.known_templates import FAMILIES
+
+STOP_TOKENS = tuple(dict.fromkeys(token for family in FAMILIES.values() for token in family.stop))
+"""The stop tokens of every chat family tunesmith knows: what a Modelfile's PARAMETER stop ends answers on."""
 
 
 def load_finetuned(run_dir: Path, config: Config) -> tuple[Any, Any]:
@@ -83,10 +88,11 @@ def stream(model: Any, tokenizer: Any, messages: list[dict[str, str]], config: C
 
 
 def stop_ids(tokenizer: Any) -> set[int]:
-    """Token ids that end an answer: EOS and the end-of-turn markers of the chat families tunesmith knows. A base
-    model given a chat template (Gemma 3 270M) has only `<eos>` as its EOS, while its turns end in `<end_of_turn>`."""
+    """Token ids that end an answer: EOS and the stop tokens of the chat families tunesmith knows
+    (`STOP_TOKENS`), those the tokenizer has. A base model given a chat template (Gemma 3 270M) has only `<eos>`
+    as its EOS, while its turns end in `<end_of_turn>`."""
     ids = {tokenizer.eos_token_id} - {None}
-    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "</s>"):
+    for token in STOP_TOKENS:
         token_id = tokenizer.convert_tokens_to_ids(token)
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
             ids.add(token_id)
@@ -153,3 +159,24 @@ def answer_text(tokenizer: Any, tokens: list[int], cut: bool) -> str:
     if cut and text.endswith("\ufffd"):
         text = text[:-1]
     return text.strip()
+
+
+def answer_logliks(model: Any, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+    """For each (prompt ids, answer ids): the mean log-likelihood per answer token under `model`, 0.0 for an
+    empty answer. The LM head runs only over the positions that predict the answer (`logits_to_keep`): with
+    Gemma 3's 262k-token vocabulary it costs more than the rest of the model at every position."""
+    import torch
+
+    logliks = []
+    with torch.no_grad():
+        for prompt, answer in pairs:
+            if not answer:
+                logliks.append(0.0)
+                continue
+            ids = torch.tensor([prompt + answer], device=model.device)
+            # The last len(answer) + 1 positions: all but the last predict an answer token.
+            logits = model(input_ids=ids, logits_to_keep=len(answer) + 1).logits[0, :-1].float()
+            logprobs = logits.log_softmax(-1)
+            picked = logprobs[torch.arange(len(answer)), torch.tensor(answer, device=logprobs.device)]
+            logliks.append(float(picked.double().mean()))
+    return logliks

@@ -1,13 +1,16 @@
-"""Continuous batching on one llama.cpp context: concurrent requests decode together, each with its own sampler.
+"""Continuous batching on one llama.cpp context: many sequences decode together, each with its own sampler.
 
 A `Batcher` owns one llama.cpp context whose KV cache holds `parallel` sequences, each in its own stream of
-`num_ctx` cells (llama.cpp's non-unified cache, which `llama-server -np N` also uses): a sequence's attention
-never reads another's cells, so its numbers do not depend on who shares the batch. One thread runs the decode
-loop. Between steps, waiting requests take free slots and finished or abandoned ones leave; each step is one
-`llama_decode` over the next token of every generating sequence plus a chunk of the prompts still being read;
-then each sequence samples from its own row of logits with its own sampler chain (options, seed, grammar).
+`num_ctx` cells (load.new_context): a sequence's attention never reads another's cells, so its numbers do not
+depend on who shares the batch. One thread runs the decode loop. Between steps, waiting sequences take free
+slots and finished or abandoned ones leave; each step is one `llama_decode` over the next token of every
+generating sequence, or a chunk of a prompt still being read; then each sequence samples from its own row of
+logits with its own sampler chain (options, seed, grammar).
 
-A slot keeps the tokens of its last request in the cache: a new request goes to the free slot that shares the
+The server's engine (serve/engine.py) runs every request through one; evaluation and export answer their
+held-out prompts through one too (inference/gguf.py), so a GGUF is scored exactly as it is served.
+
+A slot keeps the tokens of its last sequence in the cache: a new sequence goes to the free slot that shares the
 longest prompt prefix with it and evaluates only the rest, as llama-server's slots do.
 """
 
@@ -19,7 +22,6 @@ import contextlib
 import ctypes
 import logging
 import math
-import os
 import random
 import threading
 import time
@@ -28,14 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunesmith.errors import TunesmithError
-from tunesmith.serve.options import Options
+from tunesmith.llama.load import EngineError, default_threads, load_model, new_context
 
 log = logging.getLogger("tunesmith.serve")
 
-# llama.cpp's CPU "extra buffer types" (AMX and weight repacking) crash with a general protection fault
-# inside some VMs whose CPUs report AMX (measured here: Firecracker, Sapphire Rapids). Off unless asked for.
-EXTRA_BUFTS_ENV = "TUNESMITH_LLAMA_EXTRA_BUFTS"
 N_BATCH = 512
 """Tokens per llama_decode call: a long prompt is read in chunks of this many, between other requests' tokens."""
 # A free slot whose cached tokens cover at least this share of a new prompt is picked for it even when a
@@ -46,21 +44,8 @@ EXPLORE_EVERY = 50
 """Every this many generation steps, the decode loop times the plan it did not choose (see Batcher._plan)."""
 
 
-class EngineError(TunesmithError):
-    """A request the engine cannot serve as asked."""
-
-    status_code = 500
-
-
 class BadRequest(EngineError):
     status_code = 400
-
-
-def default_threads() -> int:
-    """Half the cores, for generation and prompt evaluation alike (llama-cpp-python gives prompt evaluation
-    all cores): on 2 busy cores, 2 threads measured 2-3 tokens/s against 30-45 with 1, and a 16-token prompt
-    took 5 s instead of 0.2 s, because llama.cpp's threads spin-wait."""
-    return max(1, (os.cpu_count() or 2) // 2)
 
 
 @dataclass
@@ -103,7 +88,10 @@ class Sequence:
     """One request inside the batcher. Everything but `cancel` is touched only by the decode thread."""
 
     prompt: list[int]
-    opts: Options
+    opts: Any
+    """The sampling settings, by Ollama's option names: the server's `Options`, or evaluation's greedy ones
+    (inference/gguf.py). Read: temperature, repeat_last_n, repeat_penalty, presence_penalty, frequency_penalty,
+    stop; above temperature 0 also top_k, typical_p, top_p, min_p and seed."""
     sampler: Any
     """A llama_sampler chain, freed when the sequence ends."""
     emit: Callable[[Any], None]
@@ -115,6 +103,9 @@ class Sequence:
     n_ctx: int
     on_done: Callable[[], None] = lambda: None
     """Called from the decode thread once the sequence has left the batch for good."""
+    stop_tokens: frozenset[int] = frozenset()
+    """Token ids that end the sequence besides the model's end-of-generation tokens (evaluation's end-of-turn
+    tokens, which a base model given a chat template may not count as such)."""
     pending: list[int] = field(default_factory=list)
     """Prompt tokens not yet in the cache."""
     next_token: int | None = None
@@ -143,10 +134,8 @@ class Batcher:
     def __init__(self, model_path: str | Path, *, num_ctx: int, parallel: int, n_threads: int | None = None,
                  lora_path: str | Path | None = None, n_batch: int = N_BATCH):
         import llama_cpp
-        from llama_cpp._logger import set_verbose
 
         self._L = llama_cpp
-        set_verbose(False)
         self.parallel = parallel
         self.n_batch = n_batch
         self.n_threads = n_threads or default_threads()
@@ -178,25 +167,12 @@ class Batcher:
     # ------------------------------------------------------------------ loading
     def _load(self, path: str, num_ctx: int, lora_path: str | Path | None) -> None:
         L = self._L
-        params = L.llama_model_default_params()
-        params.use_extra_bufts = os.environ.get(EXTRA_BUFTS_ENV) == "1"
-        self.model = L.llama_model_load_from_file(path.encode(), params)
-        if not self.model:
-            raise EngineError(f"llama.cpp could not load {path}",
-                              "check that the file is a GGUF model llama.cpp supports")
+        self.model = load_model(path)
         self.vocab = L.llama_model_get_vocab(self.model)
         self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
         self.add_bos = bool(L.llama_vocab_get_add_bos(self.vocab))
-        cparams = L.llama_context_default_params()
-        cparams.n_ctx = num_ctx * self.parallel
-        cparams.n_batch = cparams.n_ubatch = self.n_batch
-        cparams.n_seq_max = self.parallel
-        cparams.kv_unified = False
-        cparams.n_threads = cparams.n_threads_batch = self.n_threads
-        # Flash attention, as llama-server's default (auto) chooses on CPU: it skips the masked cells, so a
-        # sequence's attention sums run over its own tokens in order, whatever else shares the batch.
-        cparams.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED
-        self.ctx = L.llama_init_from_model(self.model, cparams)
+        self.ctx = new_context(self.model, n_ctx=num_ctx, n_batch=self.n_batch, n_seq_max=self.parallel,
+                               n_threads=self.n_threads)
         if not self.ctx:
             raise EngineError(f"llama.cpp could not create a context for {path} (num_ctx {num_ctx} x {self.parallel})",
                               "lower num_ctx or serve.parallel")
@@ -278,7 +254,7 @@ class Batcher:
             eog = self._eog[token] = bool(self._L.llama_vocab_is_eog(self.vocab, token))
         return eog
 
-    def sampler(self, opts: Options, grammar: Any = None) -> Any:
+    def sampler(self, opts: Any, grammar: Any = None) -> Any:
         """A sampler chain for `opts`, in llama-cpp-python's order: penalties, grammar, then greedy at
         temperature 0, else top-k, typical, top-p, min-p, temperature and a draw seeded by `opts.seed`."""
         L = self._L
@@ -512,7 +488,7 @@ class Batcher:
             seq.first_at = time.perf_counter_ns()
         if seq.cancel.is_set():
             return "cancel"
-        if self.is_eog(token):
+        if self.is_eog(token) or token in seq.stop_tokens:
             return "stop"
         seq.generated.append(token)
         if logprob is not None:

@@ -1,4 +1,11 @@
-"""Scores for one answer against its reference. Each returns a number in [0, 1]."""
+"""Scores of answers against their references, each a number in [0, 1] (None where a score does not apply).
+
+Evaluation (`tunesmith eval`), training's accuracy probe and export's choice of the Modelfile's GGUF all score
+with these, so their figures mean the same. Beside the headline scores (exact match, edit similarity, JSON
+validity, a task scorer's), detail scores named `kind:name` say what is wrong:
+- `field:NAME` when references are JSON objects: whether the answer has that field right;
+- `precision:LABEL` and `recall:LABEL` when the references are a few short labels (classification).
+"""
 
 from __future__ import annotations
 
@@ -37,6 +44,54 @@ def json_valid(prediction: str, reference: str) -> float:
     except ValueError:
         return 0.0
     return 1.0
+
+
+def json_object(text: str) -> dict[str, Any] | None:
+    """`text` parsed, when it is a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def field_scores(prediction: str, reference: str) -> dict[str, float]:
+    """`field:NAME` for each top-level field of a reference that is a JSON object: 1 when the answer is a JSON
+    object whose NAME holds the same JSON value (so key order and spacing do not count), else 0. Empty when the
+    reference is not a JSON object."""
+    expected = json_object(reference)
+    if expected is None:
+        return {}
+    answered = json_object(prediction) or {}
+    return {f"field:{name}": float(name in answered and answered[name] == value) for name, value in expected.items()}
+
+
+MAX_LABELS = 20
+MAX_LABEL_CHARS = 40
+
+
+def label_set(references: list[str]) -> list[str] | None:
+    """The labels, when the references look like a classification: 2 to MAX_LABELS distinct answers, each at
+    most MAX_LABEL_CHARS characters and given at least twice on average (a handful of short free answers is
+    not a label set), none a JSON object (those get per-field scores). None otherwise."""
+    labels = list(dict.fromkeys(normalize(reference) for reference in references))
+    if not 2 <= len(labels) <= MAX_LABELS or len(references) < 2 * len(labels):
+        return None
+    if any(len(label) > MAX_LABEL_CHARS or json_object(label) is not None for label in labels):
+        return None
+    return labels
+
+
+def label_scores(prediction: str, reference: str, labels: list[str]) -> dict[str, float | None]:
+    """`recall:LABEL` (where the reference is LABEL: whether the answer is too) and `precision:LABEL` (where the
+    answer is LABEL: whether the reference is too), None elsewhere: their means over a test set are each label's
+    recall and precision."""
+    answered, expected = normalize(prediction), normalize(reference)
+    scores: dict[str, float | None] = {}
+    for label in labels:
+        scores[f"precision:{label}"] = float(expected == label) if answered == label else None
+        scores[f"recall:{label}"] = float(answered == label) if expected == label else None
+    return scores
 
 
 def load_scorer(spec: str, search: list[Path] | None = None) -> Scorer:
@@ -88,7 +143,9 @@ def mean_scores(per_case: list[dict[str, Any]]) -> dict[str, float | None]:
     return means
 
 
-def score_all(prediction: str, reference: str, expect: str, task: Scorer | None) -> dict[str, Any]:
+def score_all(prediction: str, reference: str, expect: str, task: Scorer | None,
+              labels: list[str] | None = None) -> dict[str, Any]:
+    """Every score of one answer: the headline ones, then the task scorer's, the per-field and per-label ones."""
     scores: dict[str, Any] = {
         "exact_match": exact_match(prediction, reference),
         "edit_similarity": round(edit_similarity(prediction, reference), 4),
@@ -98,4 +155,16 @@ def score_all(prediction: str, reference: str, expect: str, task: Scorer | None)
     if task is not None:
         for name, value in task(prediction, reference).items():
             scores.setdefault(name, value)
+    for name, value in field_scores(prediction, reference).items():
+        scores.setdefault(name, value)
+    for name, value in (label_scores(prediction, reference, labels) if labels else {}).items():
+        scores.setdefault(name, value)
     return scores
+
+
+def score_answers(answers: list[str], references: list[str], expect: str, task: Scorer | None,
+                  labels: list[str] | None = None) -> list[dict[str, Any]]:
+    """`score_all` for each answer; the label set is the references' (`label_set`) unless given (evaluation
+    gives the whole test set's, so a model scored on a sample of it is scored on the same labels)."""
+    labels = labels if labels is not None else label_set(references)
+    return [score_all(answer, reference, expect, task, labels) for answer, reference in zip(answers, references)]

@@ -1,0 +1,20 @@
+"""Greedy answers of one of a run's models, by the name evaluation gives it: `base` (the base checkpoint),
+`finetuned` (base + the run's adapter, or the fully fine-tuned checkpoint) or the path of a GGUF file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunesmith.config import Config
+from tunesmith.inference import hf
+from tunesmith.inference.gguf import gguf_answers
+
+
+def answers(name: str, config: Config, run_dir: Path, conversations: list[list[dict[str, str]]]) -> list[str]:
+    max_new = config.eval.max_new_tokens
+    if name not in ("base", "finetuned"):
+        return gguf_answers(Path(name), config, conversations, max_new)
+    model, tokenizer = hf.load_finetuned(run_dir, config) if name == "finetuned" else hf.load(config, None)
+    if name == "finetuned" and config.train.method == "lora":
+        model = model.merge_and_unload()  # same answers, no per-layer adapter overhead while generating
+    return hf.generate_batch(model, tokenizer, conversations, config, max_new)
