@@ -66,3 +66,27 @@ def test_stop_when_must_name_a_bound(tmp_path, tiny_qwen3):
     assert done.returncode == 2
     assert "train.stop_when: Value error, expected SCORE>=NUMBER" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_eval_records_carry_the_task_scorers_per_rule_recall_and_precision(tmp_path, tiny_qwen3):
+    """goDrive's scorer at every eval step: each rule's recall and precision over the validation answers it
+    applies to, in metrics.jsonl beside the headline scores (what report.html and the web UI plot per rule)."""
+    godrive = Path(__file__).resolve().parent.parent / "examples" / "godrive"
+    config = yaml.safe_load(_config(tmp_path, tiny_qwen3, max_steps=2, eval_steps=2, eval_accuracy=8).read_text())
+    config["data"] = {"train_file": str(godrive / "train.jsonl"), "eval_file": str(godrive / "valid.jsonl")}
+    config["eval"] = {"scorer": "examples.godrive.generate:score", "max_new_tokens": 8}
+    path = tmp_path / "godrive.yaml"
+    path.write_text(yaml.safe_dump(config))
+    done = run_cli("train", "--config", str(path))
+    assert done.returncode == 0, done.stderr
+    evals = [record for record in _records(tmp_path / "runs" / "probe") if "eval_loss" in record]
+    assert evals and evals[-1]["step"] == 2
+    last = evals[-1]
+    # the first 8 validation states' references give these rules (the random model's answers give none)
+    from examples.godrive.generate import split_instructions, WORDING_TO_RULE
+
+    references = [json.loads(line)["output"] for line in (godrive / "valid.jsonl").read_text().splitlines()[:8]]
+    wanted = {WORDING_TO_RULE[piece] for reference in references for piece in split_instructions(reference)}
+    assert {key.removeprefix("eval_recall:") for key in last if key.startswith("eval_recall:")} == wanted
+    assert all(0.0 <= last[f"eval_recall:{rule}"] <= 1.0 for rule in wanted)
+    assert "eval_rule_recall" in last and "eval_exact_match" in last

@@ -215,7 +215,10 @@ class ExportConfig(Section):
     """How much exact match (0.01: 1 point) the Modelfile's quantization may lose against the merged model when
     export chooses it: on a 2,000-example extraction task q4_k_m lost 4.5 points where q8_0 lost 0.5."""
     fidelity_prompts: int = Field(32, ge=0)
-    parameters: dict[str, Any] = Field(default_factory=lambda: {"temperature": 0.0})
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"temperature": 0.0, "repeat_penalty": 1.0})
+    """The Modelfile's PARAMETER lines: the answers the served model gives are the ones evaluation scored (greedy,
+    no penalty). Without `repeat_penalty 1` the server applies Ollama's default 1.1 over the last 64 tokens,
+    prompt included: a goDrive prompt says 挡 four times, and served answers dropped 起步请挂一挡。"""
 
     @field_validator("modelfile_quant")
     @classmethod

@@ -30,17 +30,15 @@ class AccuracyProbe:
         self.references = [e.messages[-1]["content"] for e in chosen]
         self.task = load_scorer(config.eval.scorer) if config.eval.scorer else None
         self.labels = label_set(self.references)
-        # Logged beside the headline scores: per-field and per-label ones, not a task scorer's per-rule detail
-        # (goDrive's is 40 scores, in every eval record and progress line).
-        self.detail = {f"{kind}:{label}" for label in self.labels or [] for kind in ("precision", "recall")}
 
     def __len__(self) -> int:
         return len(self.conversations)
 
     def __call__(self, model: Any, autocast: Any) -> dict[str, float]:
         """Headline scores (`eval_exact_match`, `eval_edit_similarity`, a task scorer's `eval_rule_f1`...) of
-        `model`'s greedy answers, the per-field and per-label ones (not a task scorer's per-rule detail, which
-        can be dozens), and `eval_accuracy_seconds`. The model is put back in training mode."""
+        `model`'s greedy answers and the detail that says what is not learned yet: per field (JSON answers), per
+        label (classification), per rule (a task scorer's `recall:<rule>`, `precision:<rule>`: goDrive's), each
+        over the answers it applies to; and `eval_accuracy_seconds`. The model is put back in training mode."""
         import torch
 
         from tunesmith.inference.hf import generate_batch
@@ -55,8 +53,7 @@ class AccuracyProbe:
             model.train()
         per_case = score_answers(answers, self.references, self.config.eval.expect, self.task, self.labels)
         means = mean_scores(per_case)
-        scores = {f"eval_{key}": round(value, 4) for key, value in means.items()
-                  if value is not None and (":" not in key or key.startswith("field:") or key in self.detail)}
+        scores = {f"eval_{key}": round(value, 4) for key, value in means.items() if value is not None}
         scores["eval_accuracy_seconds"] = round(time.perf_counter() - started, 1)
         return scores
 

@@ -55,6 +55,8 @@ class TrainState:
     """The last step times the budget estimates from, so a resumed run plans its next step as the run it
     continues would have."""
     eval_pass: float | None = None
+    stopped_early: str | None = None
+    """Why `train.stop_when` ended the run at this step: a resumed run does not train past it."""
     window_loss: float = 0.0
     window_steps: int = 0
     """The losses summed since the last logged step: a run resumed between two log steps then logs the same

@@ -216,6 +216,9 @@ class Recipe:
         self.engine.load_trainable(trainable)
         self.engine.load_optimizer_state(optimizer_state)
         self.state.restore(self.budget)
+        if self.state.stopped_early:  # train.stop_when ended the run here: nothing more to train
+            self.stopped_early = self.state.stopped_early
+            self.budget.total_steps = self.state.step
         where = f" of {self.budget.total_steps}" if self.budget.seconds is None else \
             f", {self.budget.spent / self.budget.seconds:.0%} of the time budget spent"
         self.console.print(f"resuming from {latest.name} (step {self.state.step}{where})")
@@ -335,6 +338,7 @@ class Recipe:
         checkpoint.check_finite(trainable, state.step, self.cfg.learning_rate)
         if self.world.main:
             state.keep(self.budget)
+            state.stopped_early = self.stopped_early
             checkpoint.save(self.run.checkpoints, trainable, optimizer_state, self.rate, state, self.settings)
 
     def _adjust_threads(self, progress: TrainProgress) -> None:
