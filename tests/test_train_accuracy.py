@@ -83,7 +83,7 @@ def test_eval_records_carry_the_task_scorers_per_rule_recall_and_precision(tmp_p
     assert evals and evals[-1]["step"] == 2
     last = evals[-1]
     # the first 8 validation states' references give these rules (the random model's answers give none)
-    from examples.godrive.generate import split_instructions, WORDING_TO_RULE
+    from examples.godrive.generate import WORDING_TO_RULE, split_instructions
 
     references = [json.loads(line)["output"] for line in (godrive / "valid.jsonl").read_text().splitlines()[:8]]
     wanted = {WORDING_TO_RULE[piece] for reference in references for piece in split_instructions(reference)}

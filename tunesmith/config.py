@@ -128,6 +128,10 @@ class TrainConfig(Section):
     (position ids), instead of rows padded to the batch's longest. No padding at all, but attention over the whole
     row: measured slower on goDrive on CPU (bench/RESULTS.md), where length-grouped batches already waste only
     ~3% on padding. The GPU fast path always packs."""
+    share_prefix: bool = True
+    """transformers + peft engine: compute the tokens every example of a batch starts with (the chat template's
+    start and the system prompt) once per batch, each example attending to their keys and values, instead of once
+    per example; same loss and gradients (tests/test_batches.py). Off under gradient checkpointing."""
     gradient_checkpointing: Literal["auto", True, False] = "auto"
     """Recompute activations in the backward pass to save memory, at the cost of a second forward. `auto`: on
     only when the largest batch's activations would not fit in half the free memory (train/memory.py); the

@@ -9,6 +9,9 @@ from __future__ import annotations
 import random
 from typing import Any
 
+MIN_SHARED_PREFIX = 8
+"""Shorter common prefixes are not worth a second decoder call."""
+
 # Sort inside windows of this many batches: long enough to group lengths tightly, short enough that the
 # epoch stays well shuffled (the same idea as transformers' group_by_length "megabatches").
 WINDOW_BATCHES = 50
@@ -69,3 +72,30 @@ def collate_packed(examples: list[dict[str, list[int]]]) -> dict[str, Any]:
     labels = torch.tensor([[label for example in examples for label in example["labels"]]])
     position_ids = torch.tensor([[position for example in examples for position in range(len(example["input_ids"]))]])
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def shared_prefix(examples: list[dict[str, list[int]]]) -> int:
+    """Tokens every example of the batch starts with that are trained in none of them, nor predict a trained
+    token: the template's start and the system prompt, which the loss can compute once for the batch."""
+    first = examples[0]["input_ids"]
+    length = min(len(example["input_ids"]) for example in examples) - 1
+    shared = 0
+    while shared < length and all(example["input_ids"][shared] == first[shared] for example in examples):
+        shared += 1
+    # labels[i] is what position i-1 predicts: the prefix's last position must not predict a trained token
+    while shared and any(label != -100 for example in examples for label in example["labels"][:shared + 1]):
+        shared -= 1
+    return shared if shared >= MIN_SHARED_PREFIX and len(examples) > 1 else 0
+
+
+def collate_shared_prefix(examples: list[dict[str, list[int]]], pad_id: int, multiple: int = 1) -> dict[str, Any]:
+    """`collate`, with the batch's common prefix (`shared_prefix`) taken out once as `prefix_ids` (1, P): the loss
+    runs the decoder on it once and lets every example attend to its keys and values (loss.completion_loss).
+    Same loss and gradients as `collate`; a batch with no such prefix is `collate`'s."""
+    import torch
+
+    shared = shared_prefix(examples)
+    if not shared:
+        return collate(examples, pad_id, multiple)
+    rest = [{"input_ids": e["input_ids"][shared:], "labels": e["labels"][shared:]} for e in examples]
+    return {"prefix_ids": torch.tensor([examples[0]["input_ids"][:shared]]), **collate(rest, pad_id, multiple)}

@@ -32,6 +32,9 @@ class HFEngine:
         self.optimizer, self.world = optimizer, world
         self.forward = forward
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # The shared prefix goes through a KV cache, which gradient checkpointing turns off (transformers).
+        checkpointing = any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+        self.share_prefix = config.train.share_prefix and not checkpointing and config.train.loss_on == "completion"
         model.train()  # from_pretrained returns eval mode, where gradient checkpointing is off
         cfg = config.train
         self.lengths = [len(example["input_ids"]) for example in data.train]
@@ -59,6 +62,8 @@ class HFEngine:
             examples = [{**first, "labels": [-100] * len(first["labels"])}]
         if self.config.train.packing:
             return batches.collate_packed(examples)
+        if self.share_prefix:
+            return batches.collate_shared_prefix(examples, self.pad_id, batches.pad_multiple(self.device))
         return batches.collate(examples, self.pad_id, batches.pad_multiple(self.device))
 
     def step(self, step: int) -> tuple[float, float, int, int]:
