@@ -145,7 +145,7 @@ class FastEngine:
         self.config, self.device, self.world = config, device, world
         self.fast = fast.prepare_fast_model(model, config.lora, low_memory=cfg.low_memory)
         longest = max(len(example["input_ids"]) for example in data.train + data.eval)
-        seq_len = fast.LOW_MEMORY_SEQ_LEN if cfg.low_memory else fast.DEFAULT_SEQ_LEN
+        seq_len = fast.buffer_tokens(self.fast)  # QLoRA: the 4-bit base's own size (checkpointed)
         self.seq_len = max(seq_len, 256 * math.ceil(longest / 256))  # static shape: one buffer size for all
         examples = [(e["input_ids"], e["labels"]) for e in data.train]
         self.buffers = fast.pack(examples, self.seq_len, pad_id)
@@ -256,7 +256,7 @@ def fast_path_wanted(config: Config, device: str, model: Any) -> bool:
     if wanted is True and config.train.fsdp:
         raise ConfigError("train.fast: true and train.fsdp: true don't go together",
                           "FSDP2 shards the transformers + peft model; set train.fast: auto or false")
-    if wanted is False or config.train.method != "lora" or config.train.fsdp:
+    if wanted is False or config.train.method not in ("lora", "qlora") or config.train.fsdp:
         return False
     if wanted == "auto" and device != "cuda":
         return False
