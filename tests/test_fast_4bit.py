@@ -23,8 +23,22 @@ from test_fast_path import assert_close_grads, examples, padded, ref_grads, tiny
 
 from tunesmith.config import PROJECTIONS, LoraConfig
 from tunesmith.export import merge
-from tunesmith.train.fast import NF4Linear, make_optimizer, make_train_step, pack, prepare_fast_model, save_adapter
-from tunesmith.train.fast.nf4 import NF4_CODE, NF4Weight, block_scales, dequantize, quantize, quantize_projections
+from tunesmith.train.fast import (
+    NF4Linear,
+    make_optimizer,
+    make_train_step,
+    pack,
+    prepare_fast_model,
+    save_adapter,
+)
+from tunesmith.train.fast.nf4 import (
+    NF4_CODE,
+    NF4Weight,
+    block_scales,
+    dequantize,
+    quantize,
+    quantize_projections,
+)
 
 
 def adapter_state(fast, seed: int = 2) -> dict[str, torch.Tensor]:

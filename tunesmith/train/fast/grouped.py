@@ -55,7 +55,7 @@ class _GroupMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         xcat, E = ctx.saved_tensors
-        n_in, n_out, rank, ranks, scaling = ctx.shape
+        n_in, n_out, _, ranks, scaling = ctx.shape
         x, xa = xcat[:, :n_in], xcat[:, n_in:]
         g_xa = (gy @ E[:n_out, n_in:]) * scaling
         gx = torch.addmm(g_xa @ E[n_out:, :n_in], gy, E[:n_out, :n_in])
