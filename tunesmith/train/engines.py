@@ -243,7 +243,8 @@ def without_targets(buffer: Any) -> Any:
 
 
 def fast_path_wanted(config: Config, device: str, model: Any) -> bool:
-    """The fast path where it runs: CUDA (or forced with train.fast: true), LoRA, a supported architecture.
+    """The fast path where it runs: CUDA (or forced with train.fast: true), LoRA or QLoRA (its NF4 base read by
+    train/fast/nf4.py), a supported architecture.
     Not with train.fsdp: FSDP2 shards the Hugging Face modules, the fast path has its own flat LoRA buffer."""
     from tunesmith.train.fast import FastPathUnsupported, check_supported
 
