@@ -3,8 +3,8 @@
 - `HFEngine`: transformers + peft, eager, on CPU or GPU. Length-grouped batches of `train.batch_size`
   sequences; the LM head runs only at trained positions (`completion_loss`).
 - `FastEngine`: tunesmith's GPU path (train/fast): documents packed into fixed 4096/8192-token buffers with
-  per-document attention, compiled layers, bf16 LoRA and CUDA graphs; 5.9x Unsloth's fastest configuration
-  (bench/RESULTS.md).
+  per-document attention, compiled layers, bf16 LoRA (grouped projections), CUDA graphs; QLoRA on an NF4 base
+  too. ~3.1x Unsloth's fastest configuration at Qwen3-0.6B's shape (ratio of medians, bench/RESULTS.md).
 
 Both expose the same few methods, so checkpoints, resume, logging and eval are written once.
 """
