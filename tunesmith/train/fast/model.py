@@ -62,14 +62,20 @@ class FastDecoderLayer(nn.Module):
         self.layer = layer
         self.low_memory = low_memory
         self.groups = groups
+        self.run_body = self.body  # compile_layers may compile it alone (4-bit bases)
+        # The checkpoint's recompute must replay the same dropout masks only where there is dropout; saving the
+        # CUDA RNG state otherwise would be a host read that stops CUDA-graph capture.
+        self.needs_rng = any(isinstance(m, LoraLinear) and not isinstance(m.dropout, nn.Identity)
+                             for m in layer.modules())
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: BlockMask) -> torch.Tensor:
         if self.low_memory:
             # Activation checkpointing: keep only each layer's input, recompute the rest in backward.
             # Buys memory for ~1/3 more compute; measured (H200, 8,192-token buffers, CUDA graphs):
             # peak 12.3 -> 2.6 GiB, 106k -> 86k tokens/s.
-            return checkpoint(self.body, h, cos, sin, mask, use_reentrant=False)
-        return self.body(h, cos, sin, mask)
+            return checkpoint(self.run_body, h, cos, sin, mask, use_reentrant=False,
+                              preserve_rng_state=self.needs_rng)
+        return self.run_body(h, cos, sin, mask)
 
     def body(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: BlockMask) -> torch.Tensor:
         if self.groups is not None:
@@ -271,9 +277,18 @@ def compile_layers(layers: list[FastDecoderLayer]) -> None:
     gate into a few kernels and cuts per-operator dispatch. All layers share one compiled graph
     (parameters are graph inputs), so compile time is one layer's (~20 s of warm-up on H100).
     Measured: 96.7k tokens/s at 8,192 tokens without CUDA graphs (H200); there is no eager baseline
-    worth timing, since flex attention uncompiled materializes the scores."""
+    worth timing, since flex attention uncompiled materializes the scores.
+
+    A 4-bit base's layers compile their body only and checkpoint it eagerly around the compiled call: compiled
+    whole (checkpoint inside the graph), the partitioner kept every layer's dequantized weights for backward
+    (an 8B QLoRA step ran out of a 14.5 GiB cap in its first forward, H100, 2026-12-07); the eager checkpoint
+    drops whatever the compiled body saves and recomputes it layer by layer in backward."""
     for layer in layers:
-        layer.compile(dynamic=False)
+        if layer.groups is not None and layer.groups.qkv.four_bit or any(
+                isinstance(m, NF4Linear) for m in layer.layer.modules()):
+            layer.run_body = torch.compile(layer.body, dynamic=False)
+        else:
+            layer.compile(dynamic=False)
 
 
 def flatten_lora_weights(fast: FastCausalLM) -> nn.Parameter:
