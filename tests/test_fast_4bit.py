@@ -150,3 +150,32 @@ def test_4bit_fast_path_trains_and_export_merge_gives_its_logits(tmp_path):
     # The adapter changed the model: the base alone is far from it (the check above can fail).
     with pytest.raises(merge.MergeMismatch):
         merge.check_logits(trained, base_logits, merge.TOLERANCE)
+
+
+def test_qlora_takes_the_fast_path_with_checkpointed_4096_token_buffers():
+    from types import SimpleNamespace
+
+    from tunesmith.config import Config
+    from tunesmith.train.engines import FastEngine, fast_path_wanted
+    from tunesmith.train.fast import FOUR_BIT_SEQ_LEN
+
+    config = Config.model_validate({"model": {"base": "x"}, "train": {"method": "qlora", "loss_on": "all"}})
+    base = tiny_qwen3(0)
+    assert fast_path_wanted(config, "cuda", base)  # QLoRA ran on the transformers loop before issue 31
+    assert not fast_path_wanted(config.model_copy(update={"train": config.train.model_copy(
+        update={"method": "full"})}), "cuda", base)
+    quantize_projections(base, tuple(PROJECTIONS))
+    data = SimpleNamespace(train=[{"input_ids": ids, "labels": labels} for ids, labels in examples()], eval=[])
+    engine = FastEngine(base, data, config, "cpu", pad_id=0)
+    assert engine.fast.four_bit and engine.fast.low_memory and engine.seq_len == FOUR_BIT_SEQ_LEN
+
+
+def test_normal_buffers_shrink_for_large_models():
+    from types import SimpleNamespace
+
+    from tunesmith.train.fast import normal_buffer_tokens
+
+    qwen3_06b = SimpleNamespace(num_hidden_layers=28, hidden_size=1024, intermediate_size=3072)
+    qwen3_8b = SimpleNamespace(num_hidden_layers=36, hidden_size=4096, intermediate_size=12288)
+    assert normal_buffer_tokens(qwen3_06b) == 4096  # ~4 GiB of activations
+    assert normal_buffer_tokens(qwen3_8b) == 2048  # 4,096 would save ~20 GiB (measured peak at 2,048: 27.5 GiB)
