@@ -4,8 +4,9 @@ The Qwen3-0.6B architecture (DESIGN.md) with random weights (seed 0, bf16 on dis
 chat template (tunesmith/testing.py), and a memorisation task (a fixed code word for each of 200 keys, in a few
 phrasings). `tunesmith.train.loop.train` runs twice on the same data, seed and schedule, each in its own process:
 `train.method: lora` (bf16 base) and `train.method: qlora` (NF4 base through bitsandbytes, double quant, bf16
-compute, prepared for k-bit training); both on the transformers loop (`train.fast: false`: the fast path is
-LoRA-only), adamw_8bit, gradient checkpointing, 100 steps of 8 examples, the loss logged every 10 steps.
+compute, prepared for k-bit training); both on the transformers loop (`train.fast: false`: this bench measures
+that loop; bench/train_gpu.py's fast_qlora measures the fast path's QLoRA), adamw_8bit, gradient checkpointing,
+100 steps of 8 examples, the loss logged every 10 steps.
 Then `tunesmith.export.merge.merge_adapter(..., four_bit=True)` merges the QLoRA adapter into the dequantized NF4
 base in float32, as `tunesmith export` does, and the merged model is compared with the QLoRA model itself (4-bit
 base + adapter): greedy answers on 32 held-out prompts and logits at every prompt position. For contrast, the same

@@ -100,11 +100,7 @@ def merge_adapter(base: Path, adapter: Path, out: Path, outtype: str = "f16", tr
         expected = logits(quantized, probes)
         del quantized
         torch.cuda.empty_cache()
-        model = load_model(base, trust_remote_code=trust_remote_code, four_bit=True)
-        # bitsandbytes dequantizes to the compute dtype (bf16) for every forward pass in training: those bf16
-        # weights are the ones the adapter learned on, held here in float32 for the merge.
-        model = model.dequantize().float()
-        model.is_loaded_in_4bit = False  # plain Linear layers now: peft must treat it as a full-precision model
+        model = dequantized(load_model(base, trust_remote_code=trust_remote_code, four_bit=True))
         tolerance = TOLERANCE_4BIT if tolerance is None else tolerance
     else:
         model = load_model(base, trust_remote_code=trust_remote_code)
@@ -119,6 +115,31 @@ def merge_adapter(base: Path, adapter: Path, out: Path, outtype: str = "f16", tr
         model.save_pretrained(tmp, safe_serialization=True)
         save_tokenizer(tokenizer, tmp, base)
     return check
+
+
+def dequantized(model: Any) -> Any:
+    """A QLoRA base as plain float32 layers holding its dequantized 4-bit weights: the weights the adapter was
+    trained on (bitsandbytes and the GPU fast path both dequantize to the compute dtype, bf16, for every forward
+    pass), held in float32 for the merge. bitsandbytes' layers go through transformers' `dequantize()`; the fast
+    path's NF4Linear layers (train/fast/nf4.py: the same tensors, read by torch ops) through their own."""
+    import torch
+    from torch import nn
+
+    from tunesmith.train.fast.nf4 import NF4Linear
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, NF4Linear):
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                   device=child.device)
+                linear.weight.data = child.dequantized()
+                if child.bias is not None:
+                    linear.bias.data = child.bias.data
+                setattr(module, name, linear)
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = model.dequantize()
+        model.is_loaded_in_4bit = False  # plain Linear layers now: peft must treat it as a full-precision model
+    return model.to(torch.float32)
 
 
 def probe_ids(tokenizer: Any, template_kwargs: dict[str, Any]) -> list[list[int]]:

@@ -3,8 +3,8 @@
 - `HFEngine`: transformers + peft, eager, on CPU or GPU. Length-grouped batches of `train.batch_size`
   sequences; the LM head runs only at trained positions (`completion_loss`).
 - `FastEngine`: tunesmith's GPU path (train/fast): documents packed into fixed 4096/8192-token buffers with
-  per-document attention, compiled layers, bf16 LoRA and CUDA graphs; 5.9x Unsloth's fastest configuration
-  (bench/RESULTS.md).
+  per-document attention, compiled layers, bf16 LoRA (grouped projections), CUDA graphs; QLoRA on an NF4 base
+  too. ~3.1x Unsloth's fastest configuration at Qwen3-0.6B's shape (ratio of medians, bench/RESULTS.md).
 
 Both expose the same few methods, so checkpoints, resume, logging and eval are written once.
 """
@@ -152,7 +152,7 @@ class FastEngine:
         self.config, self.device, self.world = config, device, world
         self.fast = fast.prepare_fast_model(model, config.lora, low_memory=cfg.low_memory)
         longest = max(len(example["input_ids"]) for example in data.train + data.eval)
-        seq_len = fast.LOW_MEMORY_SEQ_LEN if cfg.low_memory else fast.DEFAULT_SEQ_LEN
+        seq_len = fast.buffer_tokens(self.fast)  # QLoRA: the 4-bit base's own size (checkpointed)
         self.seq_len = max(seq_len, 256 * math.ceil(longest / 256))  # static shape: one buffer size for all
         examples = [(e["input_ids"], e["labels"]) for e in data.train]
         self.buffers = fast.pack(examples, self.seq_len, pad_id)
@@ -250,7 +250,8 @@ def without_targets(buffer: Any) -> Any:
 
 
 def fast_path_wanted(config: Config, device: str, model: Any) -> bool:
-    """The fast path where it runs: CUDA (or forced with train.fast: true), LoRA, a supported architecture.
+    """The fast path where it runs: CUDA (or forced with train.fast: true), LoRA or QLoRA (its NF4 base read by
+    train/fast/nf4.py), a supported architecture.
     Not with train.fsdp: FSDP2 shards the Hugging Face modules, the fast path has its own flat LoRA buffer."""
     from tunesmith.train.fast import FastPathUnsupported, check_supported
 
@@ -263,7 +264,7 @@ def fast_path_wanted(config: Config, device: str, model: Any) -> bool:
     if wanted is True and config.train.fsdp:
         raise ConfigError("train.fast: true and train.fsdp: true don't go together",
                           "FSDP2 shards the transformers + peft model; set train.fast: auto or false")
-    if wanted is False or config.train.method != "lora" or config.train.fsdp:
+    if wanted is False or config.train.method not in ("lora", "qlora") or config.train.fsdp:
         return False
     if wanted == "auto" and device != "cuda":
         return False

@@ -17,6 +17,7 @@ from torch import nn
 from tunesmith.atomic import atomic_path
 from tunesmith.config import PROJECTIONS, LoraConfig
 from tunesmith.errors import ConfigError
+from tunesmith.train.fast.nf4 import NF4Linear
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -25,15 +26,18 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 class LoraLinear(nn.Module):
     """y = base(x) + scaling * (dropout(x) A^T) B^T, with A (r, in) and B (out, r) trainable."""
 
-    def __init__(self, base_layer: nn.Linear, r: int, alpha: int, dropout: float, use_rslora: bool):
+    def __init__(self, base_layer: nn.Linear | NF4Linear, r: int, alpha: int, dropout: float, use_rslora: bool):
         super().__init__()
         self.base_layer = base_layer
-        base_layer.weight.requires_grad_(False)
-        if base_layer.bias is not None:
-            base_layer.bias.requires_grad_(False)
-        w = base_layer.weight
-        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, dtype=w.dtype, device=w.device))
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        if isinstance(base_layer, NF4Linear):  # a 4-bit base: the adapter is in the compute dtype
+            dtype, device = base_layer.compute_dtype, base_layer.device
+        else:
+            dtype, device = base_layer.weight.dtype, base_layer.weight.device
+        self.r = r
+        self.lora_A = nn.Parameter(torch.empty(r, base_layer.in_features, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base_layer.out_features, r, dtype=dtype, device=device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's default initialization
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -59,7 +63,7 @@ def inject_lora(model: nn.Module, cfg: LoraConfig) -> dict[str, LoraLinear]:
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if child_name in targets and isinstance(child, nn.Linear) and child_name != "lm_head":
+            if child_name in targets and isinstance(child, (nn.Linear, NF4Linear)) and child_name != "lm_head":
                 lora = LoraLinear(child, cfg.r, cfg.alpha, cfg.dropout, cfg.use_rslora)
                 setattr(module, child_name, lora)
                 found[full] = lora

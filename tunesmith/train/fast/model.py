@@ -18,7 +18,9 @@ from torch.utils.checkpoint import checkpoint
 
 from tunesmith.config import LoraConfig
 from tunesmith.errors import ModelError
+from tunesmith.train.fast.grouped import LayerGroups, layer_groups
 from tunesmith.train.fast.lora import PEFT_PREFIX, LoraLinear, inject_lora
+from tunesmith.train.fast.nf4 import NF4Linear, take_over_4bit
 from tunesmith.train.fast.packing import IGNORE_INDEX, PackedBatch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -52,22 +54,32 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class FastDecoderLayer(nn.Module):
-    """One Hugging Face decoder layer run on a packed buffer: (tokens, hidden) in, (tokens, hidden) out."""
+    """One Hugging Face decoder layer run on a packed buffer: (tokens, hidden) in, (tokens, hidden) out.
+    With `groups` (grouped.py) its seven LoRA projections run as four matmuls with the adapters folded in."""
 
-    def __init__(self, layer: nn.Module, low_memory: bool):
+    def __init__(self, layer: nn.Module, low_memory: bool, groups: LayerGroups | None = None):
         super().__init__()
         self.layer = layer
         self.low_memory = low_memory
+        self.groups = groups
+        self.run_body = self.body  # compile_layers may compile it alone (4-bit bases)
+        # The checkpoint's recompute must replay the same dropout masks only where there is dropout; saving the
+        # CUDA RNG state otherwise would be a host read that stops CUDA-graph capture.
+        self.needs_rng = any(isinstance(m, LoraLinear) and not isinstance(m.dropout, nn.Identity)
+                             for m in layer.modules())
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: BlockMask) -> torch.Tensor:
         if self.low_memory:
             # Activation checkpointing: keep only each layer's input, recompute the rest in backward.
             # Buys memory for ~1/3 more compute; measured (H200, 8,192-token buffers, CUDA graphs):
             # peak 12.3 -> 2.6 GiB, 106k -> 86k tokens/s.
-            return checkpoint(self.body, h, cos, sin, mask, use_reentrant=False)
-        return self.body(h, cos, sin, mask)
+            return checkpoint(self.run_body, h, cos, sin, mask, use_reentrant=False,
+                              preserve_rng_state=self.needs_rng)
+        return self.run_body(h, cos, sin, mask)
 
     def body(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: BlockMask) -> torch.Tensor:
+        if self.groups is not None:
+            return self.grouped_body(h, cos, sin, mask)
         layer, attn = self.layer, self.layer.self_attn
         tokens, d = h.shape[0], attn.head_dim
         x = layer.input_layernorm(h)
@@ -80,6 +92,20 @@ class FastDecoderLayer(nn.Module):
         o = document_attention(q, k, v, mask, attn.scaling)
         h = h + attn.o_proj(o.reshape(tokens, -1))
         return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def grouped_body(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: BlockMask) -> torch.Tensor:
+        """`body` with the grouped projections: the same function of the same weights."""
+        layer, attn, groups = self.layer, self.layer.self_attn, self.groups
+        tokens, d = h.shape[0], attn.head_dim
+        q, k, v = groups.qkv(layer.input_layernorm(h)).split(groups.qkv.outs, dim=1)
+        q, k, v = q.view(tokens, -1, d), k.view(tokens, -1, d), v.view(tokens, -1, d)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        o = document_attention(q, k, v, mask, attn.scaling)
+        h = h + groups.o(o.reshape(tokens, -1))
+        gate, up = groups.gate_up(layer.post_attention_layernorm(h)).split(groups.gate_up.outs, dim=1)
+        return h + groups.down(layer.mlp.act_fn(gate) * up)
 
 
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask | torch.Tensor,
@@ -157,15 +183,22 @@ class FastCausalLM(nn.Module):
     """A causal LM with LoRA adapters, trained on `PackedBatch`es. Call it to get the mean token loss."""
 
     def __init__(self, model: nn.Module, lora_cfg: LoraConfig, low_memory: bool = False,
-                 compile: bool | None = None, ce_chunk: int | None = None):
+                 compile: bool | None = None, ce_chunk: int | None = None, grouped: bool = True):
         super().__init__()
         check_supported(model)
         self.model = model
+        # A QLoRA base (bitsandbytes' 4-bit layers, or NF4Linear already): its NF4 tensors are read by torch
+        # ops the compiler fuses (nf4.py). Its point is memory, so its layers are always checkpointed.
+        self.four_bit = take_over_4bit(model) > 0 or any(isinstance(m, NF4Linear) for m in model.modules())
+        low_memory = low_memory or self.four_bit
+        self.low_memory = low_memory
         self.loras: dict[str, LoraLinear] = inject_lora(model, lora_cfg)
         device = model.lm_head.weight.device
         compile = device.type == "cuda" if compile is None else compile
         self.ce_chunk = ce_chunk or (1024 if low_memory else 2048)
-        self.layers = [FastDecoderLayer(layer, low_memory) for layer in model.model.layers]
+        self.layers = [FastDecoderLayer(layer, low_memory, layer_groups(layer) if grouped else None)
+                       for layer in model.model.layers]
+        self.groups = [g for layer in self.layers if layer.groups is not None for g in layer.groups.all()]
         self.ce_fn = _cross_entropy_chunk
         if compile:
             compile_layers(self.layers)
@@ -221,6 +254,8 @@ class FastCausalLM(nn.Module):
     def master_to_weights(self) -> None:
         with torch.no_grad():
             self._flat.copy_(self.master)
+        for group in self.groups:
+            group.sync()
 
     def adapter_state_dict(self, grads: bool = False) -> dict[str, torch.Tensor]:
         """The adapter in peft's format (`base_model.model.<module>.lora_A.weight`), fp32, on the CPU.
@@ -242,9 +277,18 @@ def compile_layers(layers: list[FastDecoderLayer]) -> None:
     gate into a few kernels and cuts per-operator dispatch. All layers share one compiled graph
     (parameters are graph inputs), so compile time is one layer's (~20 s of warm-up on H100).
     Measured: 96.7k tokens/s at 8,192 tokens without CUDA graphs (H200); there is no eager baseline
-    worth timing, since flex attention uncompiled materializes the scores."""
+    worth timing, since flex attention uncompiled materializes the scores.
+
+    A 4-bit base's layers compile their body only and checkpoint it eagerly around the compiled call: compiled
+    whole (checkpoint inside the graph), the partitioner kept every layer's dequantized weights for backward
+    (an 8B QLoRA step ran out of a 14.5 GiB cap in its first forward, H100, 2026-12-07); the eager checkpoint
+    drops whatever the compiled body saves and recomputes it layer by layer in backward."""
     for layer in layers:
-        layer.compile(dynamic=False)
+        if layer.groups is not None and layer.groups.qkv.four_bit or any(
+                isinstance(m, NF4Linear) for m in layer.layer.modules()):
+            layer.run_body = torch.compile(layer.body, dynamic=False)
+        else:
+            layer.compile(dynamic=False)
 
 
 def flatten_lora_weights(fast: FastCausalLM) -> nn.Parameter:
