@@ -27,9 +27,9 @@ from tests.serve_fixtures import MODEL, add_smol, free_port, start_server, start
 from tunesmith.config import ServeConfig
 from tunesmith.errors import ConfigError
 from tunesmith.serve.address import read_api_key_file
-from tunesmith.serve.app import ROUTES as ROUTE_TABLE
-from tunesmith.serve.app import create_app
 from tunesmith.serve.guard import allowed_host, allowed_origins, machine_addresses, origin_allowed
+from tunesmith.serve.routes import ROUTES as ROUTE_TABLE
+from tunesmith.serve.routes import create_api
 from tunesmith.serve.store import Store
 
 BLOB = b"not a model, but bytes a page could store"
@@ -222,15 +222,15 @@ def test_blobs_over_the_size_limit_are_refused_and_leave_nothing(live):
 @pytest.mark.parametrize("key", ["a", "short-key", "x" * 15, "sixteen chars ok", " 0123456789abcde\t"])
 def test_a_public_bind_refuses_a_weak_key(tmp_path, key):
     with pytest.raises(ConfigError, match="at least 16 characters without whitespace"):
-        create_app(ServeConfig(host="0.0.0.0", api_key=key), Store(tmp_path))
+        create_api(ServeConfig(host="0.0.0.0", api_key=key), Store(tmp_path))
 
 
 def test_a_public_bind_accepts_a_strong_key_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("TUNESMITH_API_KEY", KEY)
-    create_app(ServeConfig(host="0.0.0.0"), Store(tmp_path))
+    create_api(ServeConfig(host="0.0.0.0"), Store(tmp_path))
     monkeypatch.setenv("TUNESMITH_API_KEY", "weak")
     with pytest.raises(ConfigError):
-        create_app(ServeConfig(host="0.0.0.0"), Store(tmp_path))
+        create_api(ServeConfig(host="0.0.0.0"), Store(tmp_path))
 
 
 def test_serve_cli_key_rules_are_one_line_and_exit_2(tmp_path, capsys):
