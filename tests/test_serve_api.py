@@ -16,7 +16,7 @@ import ollama
 import openai
 import pytest
 
-from tests.serve_fixtures import MODEL, add_smol, start_server
+from tests.serve_fixtures import MODEL, add_smol, start_server, wait_until
 from tunesmith import interactive
 from tunesmith.config import ServeConfig
 from tunesmith.errors import ConfigError
@@ -309,14 +309,6 @@ def small_server(tmp_path, smollm2_gguf):
     server.stop()
 
 
-def _wait(predicate, timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
 
 def test_full_queue_answers_503_at_once_and_disconnect_stops_generation(small_server):
     url = small_server.url
@@ -330,7 +322,7 @@ def test_full_queue_answers_503_at_once_and_disconnect_stops_generation(small_se
         busy = httpx.post(url + "/api/generate", json={"model": "smol", "prompt": "hi", "stream": False})
         assert busy.status_code == 503 and "maximum pending requests" in busy.json()["error"], busy.text
     # The client has gone: its generation stops long before 2000 tokens (about 20 s here) and frees the slot.
-    assert _wait(lambda: engine.pending == 0, timeout=10)
+    assert wait_until(lambda: engine.pending == 0, timeout=10)
     r = httpx.post(url + "/api/generate", json={"model": "smol", "prompt": QUESTION, "stream": False,
                                                 "options": SHORT}, timeout=60)
     assert r.status_code == 200 and "Paris" in r.json()["response"]
@@ -487,7 +479,7 @@ def test_parallel_contexts_serve_two_streams_at_once(tmp_path, smollm2_gguf):
                 lines_b = b.iter_lines()
                 assert not json.loads(next(lines_b))["done"]
                 assert server.engine.pending == 2
-        assert _wait(lambda: server.engine.pending == 0, timeout=10)
+        assert wait_until(lambda: server.engine.pending == 0, timeout=10)
     finally:
         server.stop()
 
@@ -495,7 +487,7 @@ def test_parallel_contexts_serve_two_streams_at_once(tmp_path, smollm2_gguf):
 def test_keep_alive_expiry_unloads(oc):
     oc.generate(model="smol", prompt="Hi", keep_alive="1s", options={"num_predict": 2})
     assert MODEL in [m.model for m in oc.ps().models]
-    assert _wait(lambda: MODEL not in [m.model for m in oc.ps().models], timeout=10)
+    assert wait_until(lambda: MODEL not in [m.model for m in oc.ps().models], timeout=10)
 
 
 def test_chunked_body_over_the_limit_is_refused(live):
@@ -599,8 +591,8 @@ def test_client_that_leaves_while_queued_is_skipped(tmp_path, smollm2_gguf):
             with socket.create_connection(("127.0.0.1", server.port)) as queued:
                 queued.sendall(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-                assert _wait(lambda: server.engine.pending == 2, timeout=10)
+                assert wait_until(lambda: server.engine.pending == 2, timeout=10)
             # The queued client hung up; now the running one does too. Neither generates its 2000 tokens.
-        assert _wait(lambda: server.engine.pending == 0, timeout=15)
+        assert wait_until(lambda: server.engine.pending == 0, timeout=15)
     finally:
         server.stop()

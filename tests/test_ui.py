@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -18,8 +17,7 @@ import httpcore
 import httpx
 import pytest
 
-from tests.conftest import ROOT
-from tests.serve_fixtures import MODEL, add_smol, free_port, start_server
+from tests.serve_fixtures import MODEL, add_smol, start_server, start_server_process
 from tests.test_serve_api import QUESTION, THINKING_TEMPLATE
 from tunesmith.atomic import write_json, write_text
 from tunesmith.config import Config, load_config
@@ -400,23 +398,12 @@ def test_runs_folder_comes_from_runs_dir_or_serve_runs(site, tmp_path):
     assert load_config().serve.runs_dir == "runs"
     assert load_config(None, ["runs_dir=elsewhere"]).serve.runs_dir == "elsewhere"
     assert load_config(None, ["runs_dir=elsewhere", "serve.runs_dir=mine"]).serve.runs_dir == "mine"
-    port = free_port()
-    env = {**os.environ, "TUNESMITH_HOST": f"127.0.0.1:{port}", "TUNESMITH_MODELS": str(tmp_path / "models")}
-    process = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", "--runs", str(site.runs)], cwd=ROOT,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = start_server_process(tmp_path, "--runs", str(site.runs))
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                page = httpx.get(f"http://127.0.0.1:{port}/ui", timeout=2)
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline and process.poll() is None, "tunesmith serve did not start"
-                time.sleep(0.2)
+        page = httpx.get(server.url + "/ui", timeout=10)
         assert page.status_code == 200 and 'data-run="demo"' in page.text
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        server.stop()
 
 
 # ------------------------------------------------------------------- the cookie, seen from another origin
