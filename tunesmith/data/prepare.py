@@ -207,13 +207,16 @@ def _split_digests(run: Run) -> dict[str, str | None]:
 
 
 def read_split(path: Path) -> list[Example]:
-    """The examples of a split file as `_write_jsonl` wrote them."""
+    """The examples of a split file (data/train.jsonl, data/validation.jsonl) as `_write_jsonl` wrote them, each
+    with the place in the data file it came from (a row without one is placed in the split file itself)."""
     examples = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             row = json.loads(line)
-            source = row["source"]
-            examples.append(Example(row["messages"], Source(source["file"], source["index"], source.get("line"))))
+            source = row.get("source") or {}
+            examples.append(Example(row["messages"], Source(source.get("file", str(path)),
+                                                            source.get("index", number - 1),
+                                                            source.get("line", number))))
     return examples
 
 

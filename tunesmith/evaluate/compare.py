@@ -24,7 +24,7 @@ from rich.table import Table
 from tunesmith.atomic import atomic_path
 from tunesmith.config import Config
 from tunesmith.data import near_duplicates
-from tunesmith.data.source import Source
+from tunesmith.data.prepare import read_split
 from tunesmith.errors import ConfigError
 from tunesmith.inference.answer import answers as model_answers
 from tunesmith.inference.cases import Case, cases_digest, load_cases
@@ -126,26 +126,16 @@ def repeated_training(config: Config, run: Run, cases: list[Case]) -> list[near_
 
 def training_examples(config: Config, run: Run) -> list[tuple[str, str, str]]:
     """(input, answer, where) of each training example."""
-    found = []
     if run.train_split.is_file():
-        for number, line in enumerate(run.train_split.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                row = json.loads(line)
-                source = row.get("source") or {}
-                pair = near_duplicates.split_example(row["messages"])
-                if pair:
-                    where = Source(source.get("file", str(run.train_split)), source.get("index", number - 1),
-                                   source.get("line", number))
-                    found.append((*pair, str(where)))
-        return found
-    if config.data.train_file and Path(config.data.train_file).exists():
+        examples = read_split(run.train_split)
+    elif config.data.train_file and Path(config.data.train_file).exists():
         from tunesmith.data import load_examples
 
-        for example in load_examples(config.data.train_file, config.data):
-            pair = near_duplicates.split_example(list(example.messages))
-            if pair:
-                found.append((*pair, str(example.source)))
-    return found
+        examples = load_examples(config.data.train_file, config.data)
+    else:
+        return []
+    return [(*pair, str(example.source)) for example in examples
+            if (pair := near_duplicates.split_example(list(example.messages)))]
 
 
 def _exported_answers(run: Run, name: str, cases: list[Case]) -> list[str] | None:
