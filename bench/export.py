@@ -57,6 +57,7 @@ def main() -> None:
     from rich.console import Console
 
     from tunesmith.export import export_run
+    from tunesmith.run import Run
 
     quants = args.quant.split(",")
     rows = []
@@ -65,7 +66,7 @@ def main() -> None:
         for repeat in range(1, args.repeats + 1):
             load = os.getloadavg()[0]
             started = time.perf_counter()
-            result = export_run(run, quants, Console(quiet=True))
+            result = export_run(Run(run), quants, Console(quiet=True))
             total = time.perf_counter() - started
             s = result.seconds
             core = s["merge"] + s["convert"] + sum(v for k, v in s.items() if k.startswith("quantize"))

@@ -1,5 +1,5 @@
 """Shared helpers of the serve tests: a real uvicorn server on a free loopback port, in a thread, or
-`tunesmith serve` in a process of its own.
+`tunesmith serve` in a process of its own; a free port; waiting until something holds.
 
 Test modules import `start_server` and build their own fixtures on it (the lead owns conftest.py; the
 `smollm2_gguf` fixture comes from there).
@@ -37,6 +37,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until(predicate, timeout: float = 60, interval: float = 0.05) -> bool:
+    """True as soon as `predicate()` is, False once `timeout` seconds have passed without it (a limit for a
+    failing test, never a timing the test checks)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
 @dataclass
 class LiveServer:
     url: str
@@ -64,11 +75,8 @@ def start_server(store: Store, **config: object) -> LiveServer:
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("test server did not start")
-        time.sleep(0.05)
+    if not wait_until(lambda: server.started or not thread.is_alive(), 30) or not server.started:
+        raise RuntimeError("test server did not start")
     return LiveServer(f"http://127.0.0.1:{port}", port, store, app, server, thread)
 
 
@@ -99,26 +107,28 @@ class ServerProcess:
 
 
 def start_server_process(home: Path, *args: str, env: dict[str, str] | None = None) -> ServerProcess:
-    """`tunesmith serve ARGS` on a free loopback port, the store in `home`/models (TUNESMITH_MODELS)."""
+    """`tunesmith serve ARGS` on a free loopback port, the store in `home`/models (TUNESMITH_MODELS); `env` adds to
+    the environment (an empty value unsets a variable for the server)."""
     port = free_port()
     log = home / "server.log"
     environment = {**os.environ, "TUNESMITH_HOST": f"127.0.0.1:{port}", "TUNESMITH_MODELS": str(home / "models"),
                    "PYTHONPATH": str(ROOT), **(env or {})}
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", *args], cwd=ROOT,
-                                   env=environment, stdout=out, stderr=subprocess.STDOUT)
+                                   env={key: value for key, value in environment.items() if value}, stdout=out,
+                                   stderr=subprocess.STDOUT)
     server = ServerProcess(process, f"http://127.0.0.1:{port}", port, log)
-    deadline = time.monotonic() + 60
-    while True:
+
+    def answers() -> bool:
         try:
-            if httpx.get(server.url, timeout=1).status_code in (200, 401):
-                return server
+            return httpx.get(server.url, timeout=1).status_code in (200, 401)
         except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline or process.poll() is not None:
-            process.kill()
-            raise RuntimeError("tunesmith serve did not start: " + server.log_text()[-2000:])
-        time.sleep(0.2)
+            return False
+
+    if not wait_until(lambda: answers() or process.poll() is not None, 60, 0.2) or process.poll() is not None:
+        process.kill()
+        raise RuntimeError("tunesmith serve did not start: " + server.log_text()[-2000:])
+    return server
 
 
 def add_smol(store: Store, gguf: Path, name: str = MODEL) -> None:

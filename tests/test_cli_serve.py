@@ -2,43 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-
-import httpx
 import pytest
 
-from tests.conftest import ROOT, run_cli
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import run_cli
+from tests.serve_fixtures import free_port, start_server_process
 
 
 @pytest.fixture
 def server(tmp_path):
-    port = _free_port()
-    env = {"TUNESMITH_HOST": f"127.0.0.1:{port}", "TUNESMITH_MODELS": str(tmp_path / "models")}
-    process = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve"], cwd=ROOT,
-                               env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail("tunesmith serve did not start: " + process.stdout.read().decode()[-2000:])
-    yield env, port
-    process.terminate()
-    process.wait(timeout=30)
+    server = start_server_process(tmp_path)
+    yield {"TUNESMITH_HOST": f"127.0.0.1:{server.port}", "TUNESMITH_MODELS": str(tmp_path / "models")}, server.port
+    server.stop()
 
 
 def test_create_list_show_run_cp_rm(server, tmp_path, smollm2_gguf):
@@ -70,7 +44,7 @@ def test_create_list_show_run_cp_rm(server, tmp_path, smollm2_gguf):
 
 
 def test_client_commands_say_in_one_line_when_no_server_answers():
-    host = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    host = f"127.0.0.1:{free_port()}"  # nothing listens there
     for args in (["list"], ["show", "smol"], ["rm", "smol"]):
         done = run_cli(*args, env={"TUNESMITH_HOST": host})
         assert done.returncode == 2, (args, done.stderr)

@@ -159,15 +159,53 @@ def test_many_duplicates_are_a_count_and_three_examples_once_and_a_file_with_all
     cfg = config(tmp_path, train_file=str(train), eval_fraction=0.1)
     with caplog.at_level(logging.INFO, logger="tunesmith.data"):
         prepare(cfg, tokenizer)
-        prepare(cfg, tokenizer)  # the train stage prepares the data again
+        prepare(cfg, tokenizer)  # the train stage reads the split back
     said = [r.getMessage() for r in caplog.records if r.name == "tunesmith.data" and r.levelno >= logging.INFO]
     listing = cfg.run_dir / "data" / "duplicates.txt"
-    assert said == [f"65 duplicates removed (data.dedupe) (the first 3; all of them in {listing}, and with --debug):",
-                    f"  {train}, line 21 (record 20) duplicates {train}, line 1 (record 0)",
-                    f"  {train}, line 22 (record 21) duplicates {train}, line 2 (record 1)",
-                    f"  {train}, line 23 (record 22) duplicates {train}, line 3 (record 2)"]
+    assert said[:4] == [f"65 duplicates removed (data.dedupe) (the first 3; all of them in {listing}, and with --debug):",
+                        f"  {train}, line 21 (record 20) duplicates {train}, line 1 (record 0)",
+                        f"  {train}, line 22 (record 21) duplicates {train}, line 2 (record 1)",
+                        f"  {train}, line 23 (record 22) duplicates {train}, line 3 (record 2)"]
+    assert len(said) == 5 and "read back, not split again" in said[4]
     assert len(listing.read_text(encoding="utf-8").splitlines()) == 65
     caplog.clear()
+    cfg.name = "again"  # a run of its own: prepared from the file
     with caplog.at_level(logging.DEBUG, logger="tunesmith.data"):  # --debug
         prepare(cfg, tokenizer)
     assert sum("duplicates" in record.getMessage() for record in caplog.records if record.levelno == logging.DEBUG) == 65
+
+
+def test_a_current_split_is_read_back_and_a_changed_file_or_setting_makes_a_new_one(tmp_path, tokenizer, caplog):
+    """The pipeline prepared the data in its data stage and again in the train stage (a resumed training too):
+    training now reads the split the data stage wrote while it was made from the same files and settings."""
+    import logging
+
+    train = write(tmp_path / "train.jsonl", pairs(40))
+    cfg = config(tmp_path, train_file=str(train), eval_fraction=0.1)
+    first = prepare(cfg, tokenizer)
+    split = cfg.run_dir / "data" / "train.jsonl"
+    written = split.stat().st_ino
+    with caplog.at_level(logging.INFO, logger="tunesmith.data"):
+        again = prepare(cfg, tokenizer)
+    assert split.stat().st_ino == written  # read, not written again
+    said = f"data: {split} and {split.parent / 'validation.jsonl'} are current (same data files and settings): read "
+    assert [r.getMessage() for r in caplog.records] == [said + "back, not split again"]
+    assert (again.train, again.eval) == (first.train, first.eval)
+    assert [e.messages for e in again.train_examples] == [e.messages for e in first.train_examples]
+    assert [e.source for e in again.eval_examples] == [e.source for e in first.eval_examples]
+    assert again.stats == json.loads(json.dumps(first.stats))
+
+    def made_again() -> bool:
+        nonlocal written
+        before, written = written, (prepare(cfg, tokenizer), split.stat().st_ino)[1]
+        return written != before
+
+    write(train, pairs(41))  # the data file changed
+    assert made_again() and json.loads((split.parent / "stats.json").read_text())["load"]["records"] == 41
+    assert not made_again()
+    cfg.train.seed = 2  # a setting the split depends on
+    assert made_again()
+    cfg.data.test_file = str(train)  # one it does not
+    assert not made_again()
+    split.write_text("".join(split.read_text(encoding="utf-8").splitlines(keepends=True)[1:]), encoding="utf-8")
+    assert made_again() and len(split.read_text(encoding="utf-8").splitlines()) == 37  # edited by hand: made again

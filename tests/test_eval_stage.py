@@ -13,15 +13,16 @@ from tests.test_export_support import QUESTIONS, make_run
 
 
 def test_the_base_model_answers_only_eval_base_examples(tiny_qwen3, tmp_path):
-    from tunesmith.evaluate.run import evaluate
+    from tunesmith.evaluate.compare import evaluate
     from tunesmith.run import Run
 
     test = tmp_path / "test.jsonl"
     test.write_text("".join(json.dumps({"input": q, "output": a}) + "\n" for q, a in QUESTIONS[:5]), encoding="utf-8")
-    run = make_run(tmp_path, tiny_qwen3, "sample", eval={"file": str(test), "max_new_tokens": 3, "base_examples": 2})
-    results = evaluate(Run(run).recorded_config(), run, None, ["base", "finetuned"], Console(file=io.StringIO()))
+    run = Run(make_run(tmp_path, tiny_qwen3, "sample", eval={"file": str(test), "max_new_tokens": 3,
+                                                            "base_examples": 2}))
+    results = evaluate(run.recorded_config(), run, None, ["base", "finetuned"], Console(file=io.StringIO()))
     assert [(r.model, r.n) for r in results] == [("base", 2), ("finetuned", 5)]
-    rows = Run(run).eval_rows()
+    rows = run.eval_rows()
     assert [row["index"] for row in rows if row["model"] == "base"] == [0, 1]  # the first ones: a fixed sample
 
 

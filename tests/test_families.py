@@ -208,6 +208,7 @@ def test_train_export_create_serve_with_token_identical_prompts(family_base, tmp
     from tests.serve_fixtures import start_server
     from tunesmith.export import export_run
     from tunesmith.models import load_tokenizer
+    from tunesmith.run import Run
     from tunesmith.serve import client
     from tunesmith.serve.store import Store
     from tunesmith.train.loop import train
@@ -224,7 +225,7 @@ def test_train_export_create_serve_with_token_identical_prompts(family_base, tmp
                      export={"quantizations": ["q8_0"], "fidelity_prompts": 2, "min_agreement": 0.0})
     console = Console(quiet=True)
     train(config, console)
-    result = export_run(config.run_dir, None, console)
+    result = export_run(Run.of(config), None, console)
     assert result.lora is not None and result.lora.is_file() and result.ggufs["q8_0"].is_file()
 
     tokenizer = load_tokenizer(checkpoint)

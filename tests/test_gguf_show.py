@@ -11,6 +11,7 @@ from tests.serve_fixtures import start_server
 from tunesmith.config import QUANTIZATIONS
 from tunesmith.serve import client, gguf_meta
 from tunesmith.serve.store import Store
+from tunesmith.tables import show_text
 
 CONVERTER_TYPES = ["f32", "f16", "bf16", "q8_0"]  # what convert_hf_to_gguf.py writes itself (--outtype)
 
@@ -92,7 +93,7 @@ def test_show_describes_each_type_the_export_writes(every_type, tmp_path):
         for name, path in every_type.items():
             (tmp_path / "Modelfile").write_text(f"FROM {path}\n")
             client.create_from_modelfile(server.url, name, tmp_path / "Modelfile")
-            shown = client.show_text(server.url, name)  # what `tunesmith show NAME` prints
+            shown = show_text(server.url, name)  # what `tunesmith show NAME` prints
             expected = [f"architecture        {arch}",
                         f"parameters          {gguf_meta.parameter_size(reference['params'])}",
                         f"context length      {reference['fields'][f'{arch}.context_length']}",

@@ -18,8 +18,8 @@ from tests.test_serve_api import QUESTION
 from tunesmith.config import ServeConfig
 from tunesmith.serve import api_types as t
 from tunesmith.serve import handlers, openai_compat
-from tunesmith.serve.app import ROUTES
 from tunesmith.serve.http import ApiError
+from tunesmith.serve.routes import ROUTES
 from tunesmith.serve.server import Server
 from tunesmith.serve.store import Store
 

@@ -80,7 +80,7 @@ def test_eval_scores_repeats_apart_from_the_rest(tmp_path):
     """A model's answers (here the ones export recorded for a GGUF, so no model runs): right on two of the three
     repeats (the third recalls the training answer the test contradicts), on one of the three others."""
     from tunesmith.config import load_config
-    from tunesmith.evaluate.run import evaluate, print_summary
+    from tunesmith.evaluate.compare import evaluate, print_summary
     from tunesmith.inference.cases import cases_digest, load_cases
     from tunesmith.run import Run
 
@@ -93,7 +93,7 @@ def test_eval_scores_repeats_apart_from_the_rest(tmp_path):
     run.fidelity.write_text(json.dumps({"cases": cases_digest(cases), "quantizations": [
         {"quant": "q8_0", "path": str(gguf), "answers": answers}]}))
     console = Console(file=io.StringIO(), width=200)
-    (result,) = evaluate(config, run.dir, None, [str(gguf)], console)
+    (result,) = evaluate(config, run, None, [str(gguf)], console)
     assert result.means["exact_match"] == pytest.approx(3 / 6)
     seen_n, seen = result.apart["repeats training"]
     new_n, new = result.apart["new"]

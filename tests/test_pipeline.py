@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,12 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, run_cli
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.serve_fixtures import free_port
 
 
 def _config(tmp: Path, model: Path, **train) -> Path:
@@ -39,7 +33,7 @@ def _config(tmp: Path, model: Path, **train) -> Path:
         "train": {"max_steps": 4, "batch_size": 4, "save_steps": 2, "log_steps": 1, "eval_steps": 4, **train},
         "eval": {"file": str(test), "max_new_tokens": 4},
         "export": {"quantizations": ["q8_0"], "fidelity_prompts": 2, "min_agreement": 0.0},
-        "serve": {"port": _free_port()},
+        "serve": {"port": free_port()},
     }
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -15,6 +15,7 @@ from tests.conftest import run_cli
 from tests.serve_fixtures import add_smol, free_port
 from tests.test_export_support import QUESTIONS, make_run
 from tunesmith.config import ServeConfig
+from tunesmith.local_server import server_at
 from tunesmith.run import Run
 from tunesmith.serve import client
 from tunesmith.serve.store import Store
@@ -67,7 +68,7 @@ def test_the_server_started_for_the_pipeline_gets_its_serve_section(tmp_path, sm
     monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path))
     monkeypatch.delenv("TUNESMITH_API_KEY", raising=False)
     host = f"127.0.0.1:{free_port()}"
-    with client.server_at(host, ServeConfig(num_ctx=1024, api_key=SECRET)) as server:
+    with server_at(host, ServeConfig(num_ctx=1024, api_key=SECRET)) as server:
         assert server is not None
         assert not client.heartbeat(host) and client.heartbeat(host, SECRET)  # it wants the key
         ollama.Client(host=host, headers={"Authorization": f"Bearer {SECRET}"}).generate(model="smol", prompt="")

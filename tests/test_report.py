@@ -11,6 +11,7 @@ import pytest
 from tunesmith.evaluate.report import build_report, difference
 from tunesmith.export import fidelity
 from tunesmith.export.choice import Choice
+from tunesmith.run import Run
 from tunesmith.scorers import score_answers
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -60,7 +61,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
     run = tmp_path / "runs" / "demo"
     _fake_run(run)
-    page_path = build_report(run)
+    page_path = build_report(Run(run))
     assert page_path == run / "report.html"
     assert "http://" not in page_path.read_text() and "https://" not in page_path.read_text()  # nothing fetched
 
@@ -96,7 +97,7 @@ def test_report_of_a_run_without_eval_or_export_says_so(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
     (run / "run.json").write_text(json.dumps({"config": {"name": "r"}}))
-    text = build_report(run).read_text()
+    text = build_report(Run(run)).read_text()
     assert "not evaluated yet" in text and "not exported yet" in text and "no metrics.jsonl yet" in text
 
 
@@ -112,7 +113,7 @@ def test_a_wrong_answer_shows_what_differs_from_the_expected_one():
 def test_the_report_lists_wrong_answers_and_per_field_scores_without_a_browser(tmp_path):
     run = tmp_path / "runs" / "demo"
     _fake_run(run)
-    text = build_report(run).read_text()
+    text = build_report(Run(run)).read_text()
     assert 'id="field-table"' in text and 'id="repeats-table"' in text and 'id="wrong-served"' in text
     assert "Wrong answers of demo.q8_0.gguf (2 of 3; first 2)" in text
     assert "Wrong answers of finetuned" not in text  # every fine-tuned answer was right

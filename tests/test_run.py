@@ -16,7 +16,7 @@ from tunesmith.run import Run
 
 PACKAGE = Path(runs.__file__).parent
 # Calls whose arguments are path parts: a run-folder name there is a path spelled outside run.py.
-PATH_CALLS = {"Path", "PurePath", "joinpath", "inside", "read_json", "with_name"}
+PATH_CALLS = {"Path", "PurePath", "joinpath", "inside", "read_json", "_read_json", "with_name"}
 
 
 def _call_name(node: ast.Call) -> str | None:

@@ -20,7 +20,7 @@ MAX_NEW = 12
 
 
 def test_served_evaluated_and_exported_answers_are_the_same(builtin_checkpoint, tmp_path):
-    from tunesmith.evaluate.run import evaluate
+    from tunesmith.evaluate.compare import evaluate
     from tunesmith.export import export_run
     from tunesmith.inference.answer import answers
     from tunesmith.inference.cases import load_cases
@@ -31,15 +31,15 @@ def test_served_evaluated_and_exported_answers_are_the_same(builtin_checkpoint, 
     base = tiny_checkpoint(tmp_path / "varied", "qwen3", init_std=0.16)  # answers that differ between prompts
     test = tmp_path / "test.jsonl"
     test.write_text("".join(json.dumps({"input": q, "output": a}) + "\n" for q, a in QUESTIONS), encoding="utf-8")
-    run = make_run(tmp_path, base, "same", system_prompt="Answer briefly.", lora_b=0.05,
+    run = Run(make_run(tmp_path, base, "same", system_prompt="Answer briefly.", lora_b=0.05,
                    eval={"file": str(test), "max_new_tokens": MAX_NEW},
-                   export={"quantizations": ["q8_0"], "fidelity_prompts": 4, "min_agreement": 0.0})
+                   export={"quantizations": ["q8_0"], "fidelity_prompts": 4, "min_agreement": 0.0}))
     console = Console(file=io.StringIO(), width=200)
     result = export_run(run, None, console)
     gguf = result.ggufs["q8_0"]
-    exported = json.loads(Run(run).fidelity.read_text())["quantizations"][0]["answers"]
+    exported = json.loads(run.fidelity.read_text())["quantizations"][0]["answers"]
 
-    config = Run(run).recorded_config()
+    config = run.recorded_config()
     cases = load_cases(test, config, None)
     evaluated = answers(str(gguf), config, run, [case.messages for case in cases])
     (scored,) = evaluate(config, run, None, [str(gguf)], console)
@@ -48,7 +48,7 @@ def test_served_evaluated_and_exported_answers_are_the_same(builtin_checkpoint, 
     store = Store(tmp_path / "models")
     server = start_server(store)
     try:
-        client.create_from_modelfile(server.url, "same", Run(run).modelfile)
+        client.create_from_modelfile(server.url, "same", run.modelfile)
         oc = ollama.Client(host=server.url)
         # The Modelfile sets temperature 0; repeat_penalty 1 turns off Ollama's default penalty (1.1), which
         # evaluation's greedy decoding does not apply.

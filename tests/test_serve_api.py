@@ -16,12 +16,15 @@ import ollama
 import openai
 import pytest
 
-from tests.serve_fixtures import MODEL, add_smol, start_server
+from tests.serve_fixtures import MODEL, add_smol, start_server, wait_until
+from tunesmith import interactive
 from tunesmith.config import ServeConfig
 from tunesmith.errors import ConfigError
+from tunesmith.local_server import ensure_server
 from tunesmith.serve import client as ts_client
-from tunesmith.serve.app import create_app
+from tunesmith.serve.routes import create_api
 from tunesmith.serve.store import Store, file_digest
+from tunesmith.tables import list_table, ps_table, show_text
 
 QUESTION = "What is the capital of France?"
 SHORT = {"num_predict": 12}
@@ -175,17 +178,17 @@ def test_tunesmith_client_create_run_list(live, tmp_path, smollm2_gguf):
     seen: list[str] = []
     ts_client.create_from_modelfile(live.url, "brief", tmp_path / "Modelfile", progress=seen.append)
     assert seen[-1] == "success"
-    assert "brief:latest" in ts_client.list_table(live.url)
-    shown = ts_client.show_text(live.url, "brief")
+    assert "brief:latest" in list_table(live.url)
+    shown = show_text(live.url, "brief")
     assert "num_predict" in shown and "Apache 2.0" in shown
     out = io.StringIO()
-    ts_client.run(live.url, "brief", QUESTION, stdout=out)
+    interactive.run(live.url, "brief", QUESTION, stdout=out)
     assert "Paris" in out.getvalue()
     ts_client.copy(live.url, "brief", "brief2")
     ts_client.delete(live.url, "brief")
     ts_client.delete(live.url, "brief2")
-    assert "brief" not in ts_client.list_table(live.url)
-    table = ts_client.ps_table(live.url)
+    assert "brief" not in list_table(live.url)
+    table = ps_table(live.url)
     assert table.splitlines()[0].split() == ["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]
     assert "brief" not in table  # deleting a model unloads it
 
@@ -281,7 +284,7 @@ def test_oversized_body_is_refused(live):
 
 def test_non_loopback_needs_api_key_and_bearer(tmp_path, smollm2_gguf):
     with pytest.raises(ConfigError):
-        create_app(ServeConfig(host="0.0.0.0"), Store(tmp_path))
+        create_api(ServeConfig(host="0.0.0.0"), Store(tmp_path))
     store = Store(tmp_path)
     add_smol(store, smollm2_gguf)
     server = start_server(store, host="0.0.0.0", api_key="s3cret-0123456789abcdef")
@@ -306,14 +309,6 @@ def small_server(tmp_path, smollm2_gguf):
     server.stop()
 
 
-def _wait(predicate, timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
 
 def test_full_queue_answers_503_at_once_and_disconnect_stops_generation(small_server):
     url = small_server.url
@@ -327,7 +322,7 @@ def test_full_queue_answers_503_at_once_and_disconnect_stops_generation(small_se
         busy = httpx.post(url + "/api/generate", json={"model": "smol", "prompt": "hi", "stream": False})
         assert busy.status_code == 503 and "maximum pending requests" in busy.json()["error"], busy.text
     # The client has gone: its generation stops long before 2000 tokens (about 20 s here) and frees the slot.
-    assert _wait(lambda: engine.pending == 0, timeout=10)
+    assert wait_until(lambda: engine.pending == 0, timeout=10)
     r = httpx.post(url + "/api/generate", json={"model": "smol", "prompt": QUESTION, "stream": False,
                                                 "options": SHORT}, timeout=60)
     assert r.status_code == 200 and "Paris" in r.json()["response"]
@@ -402,7 +397,7 @@ class _Tty(io.StringIO):
 def test_interactive_run_keeps_the_conversation_and_reads_multiline(live):
     out = _Tty()
     stdin = _Tty(f'{QUESTION}\n"""What is\nthe capital of France?"""\n/bye\nnever read\n')
-    ts_client.run(live.url, "smol", stdin=stdin, stdout=out, options=SHORT)
+    interactive.run(live.url, "smol", stdin=stdin, stdout=out, options=SHORT)
     text = out.getvalue()
     assert text.count(">>> ") == 3 and "... " in text
     assert text.count("Paris") >= 1
@@ -484,7 +479,7 @@ def test_parallel_contexts_serve_two_streams_at_once(tmp_path, smollm2_gguf):
                 lines_b = b.iter_lines()
                 assert not json.loads(next(lines_b))["done"]
                 assert server.engine.pending == 2
-        assert _wait(lambda: server.engine.pending == 0, timeout=10)
+        assert wait_until(lambda: server.engine.pending == 0, timeout=10)
     finally:
         server.stop()
 
@@ -492,7 +487,7 @@ def test_parallel_contexts_serve_two_streams_at_once(tmp_path, smollm2_gguf):
 def test_keep_alive_expiry_unloads(oc):
     oc.generate(model="smol", prompt="Hi", keep_alive="1s", options={"num_predict": 2})
     assert MODEL in [m.model for m in oc.ps().models]
-    assert _wait(lambda: MODEL not in [m.model for m in oc.ps().models], timeout=10)
+    assert wait_until(lambda: MODEL not in [m.model for m in oc.ps().models], timeout=10)
 
 
 def test_chunked_body_over_the_limit_is_refused(live):
@@ -513,12 +508,12 @@ def test_ensure_server_starts_a_local_one(tmp_path, smollm2_gguf, monkeypatch):
     add_smol(Store(tmp_path / "models"), smollm2_gguf)
     monkeypatch.setenv("TUNESMITH_HOME", str(tmp_path))
     host = f"127.0.0.1:{free_port()}"
-    proc = ts_client.ensure_server(host, overrides=["serve.num_ctx=1024"])
+    proc = ensure_server(host, overrides=["serve.num_ctx=1024"])
     try:
         assert proc is not None and ts_client.heartbeat(host)
         ollama.Client(host=host).generate(model="smol", prompt="")  # loads it with the server's num_ctx
         assert ts_client.ps(host)[0]["context_length"] == 1024
-        assert ts_client.ensure_server(host) is None  # one answers now: nothing more is started
+        assert ensure_server(host) is None  # one answers now: nothing more is started
         assert [m["name"] for m in ts_client.list_models(host)] == [MODEL]
     finally:
         proc.terminate()
@@ -536,8 +531,8 @@ def test_a_started_server_dies_with_the_process_that_started_it(tmp_path):
 
     host = f"127.0.0.1:{free_port()}"
     starter = subprocess.Popen(
-        [sys.executable, "-c", ("import sys, time; from tunesmith.serve import client; "
-                                "client.start_local_server(sys.argv[1]); print('up', flush=True); time.sleep(600)"),
+        [sys.executable, "-c", ("import sys, time; from tunesmith.local_server import start_local_server; "
+                                "start_local_server(sys.argv[1]); print('up', flush=True); time.sleep(600)"),
          host],
         env={**os.environ, "TUNESMITH_HOME": str(tmp_path)}, stdout=subprocess.PIPE, text=True)
     try:
@@ -596,8 +591,8 @@ def test_client_that_leaves_while_queued_is_skipped(tmp_path, smollm2_gguf):
             with socket.create_connection(("127.0.0.1", server.port)) as queued:
                 queued.sendall(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-                assert _wait(lambda: server.engine.pending == 2, timeout=10)
+                assert wait_until(lambda: server.engine.pending == 2, timeout=10)
             # The queued client hung up; now the running one does too. Neither generates its 2000 tokens.
-        assert _wait(lambda: server.engine.pending == 0, timeout=15)
+        assert wait_until(lambda: server.engine.pending == 0, timeout=15)
     finally:
         server.stop()

@@ -7,14 +7,13 @@ import datetime
 import json
 import logging
 import threading
-import time
 
 import httpx
 import ollama
 import openai
 import pytest
 
-from tests.serve_fixtures import MODEL, add_smol, start_server
+from tests.serve_fixtures import MODEL, add_smol, start_server, wait_until
 from tunesmith.serve.store import Store
 
 QUESTION = "What is the capital of France?"
@@ -42,14 +41,6 @@ def live(tmp_path_factory, smollm2_gguf):
 def oc(live) -> ollama.Client:
     return ollama.Client(host=live.url)
 
-
-def _wait(predicate, timeout: float = 20) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def _batcher(server):
@@ -98,15 +89,15 @@ def test_a_client_leaving_mid_batch_frees_its_slot(tmp_path, smollm2_gguf):
                 batcher = _batcher(server)
                 assert all(slot.seq is not None for slot in batcher.slots)
             # The second client hung up: its slot empties within a step, while the first goes on.
-            assert _wait(lambda: sum(slot.seq is not None for slot in batcher.slots) == 1)
-            assert _wait(lambda: server.engine.pending == 1)
+            assert wait_until(lambda: sum(slot.seq is not None for slot in batcher.slots) == 1)
+            assert wait_until(lambda: server.engine.pending == 1)
             # A new request takes the freed slot and finishes while the first stream is still generating.
             r = httpx.post(server.url + "/api/generate", json={
                 "model": "smol", "prompt": QUESTION, "stream": False, "options": {"num_predict": 12, **GREEDY}},
                 timeout=120)
             assert r.status_code == 200 and "Paris" in r.json()["response"]
             assert not json.loads(next(staying_lines))["done"]
-        assert _wait(lambda: server.engine.pending == 0)
+        assert wait_until(lambda: server.engine.pending == 0)
     finally:
         server.stop()
 
@@ -271,7 +262,7 @@ def test_unload_while_busy_happens_when_the_request_ends(live, oc):
         assert oc.generate(model="smol", prompt="", keep_alive=0).done_reason == "unload"
         assert MODEL in [m.model for m in oc.ps().models]  # still generating for the first client
         assert not json.loads(next(lines))["done"]
-    assert _wait(lambda: MODEL not in [m.model for m in oc.ps().models])
+    assert wait_until(lambda: MODEL not in [m.model for m in oc.ps().models])
 
 
 # ---------------------------------------------------------------------- create with GPU parameters

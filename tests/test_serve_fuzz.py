@@ -8,17 +8,12 @@ the server must still answer afterwards.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT
-from tests.serve_fixtures import add_smol, free_port
+from tests.serve_fixtures import add_smol, start_server_process
 from tunesmith.serve.store import Store
 
 # Small numbers keep each generation to a few tokens of a short context.
@@ -50,30 +45,10 @@ def server(tmp_path_factory, smollm2_gguf):
     home = tmp_path_factory.mktemp("fuzz")
     store = Store(home / "models")
     add_smol(store, smollm2_gguf)
-    port = free_port()
-    log = open(home / "server.log", "wb")  # noqa: SIM115 - closed below, after the process
-    env = {**os.environ, "TUNESMITH_HOST": f"127.0.0.1:{port}", "TUNESMITH_MODELS": str(home / "models"),
-           "PYTHONPATH": str(ROOT)}
     # serve.num_ctx 128: requests that leave the length open (OpenAI's max_tokens unset) end within 128 tokens.
-    process = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", "--set", "serve.parallel=2",
-                                "--set", "serve.num_ctx=128"],
-                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline or process.poll() is not None:
-            process.kill()
-            pytest.fail("tunesmith serve did not start: " + (home / "server.log").read_text()[-2000:])
-        time.sleep(0.2)
-    yield process, url, home / "server.log"
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
+    server = start_server_process(home, "--set", "serve.parallel=2", "--set", "serve.num_ctx=128")
+    yield server.process, server.url, server.log
+    server.stop()
 
 
 def _probe(server, path: str, body: dict[str, Any], label: str) -> None:

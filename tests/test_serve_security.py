@@ -9,10 +9,7 @@ import hashlib
 import ipaddress
 import json
 import logging
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -22,14 +19,13 @@ from typing import Self
 import httpx
 import pytest
 
-from tests.conftest import ROOT
-from tests.serve_fixtures import MODEL, add_smol, free_port, start_server, start_server_process
+from tests.serve_fixtures import MODEL, add_smol, free_port, start_server, start_server_process, wait_until
 from tunesmith.config import ServeConfig
 from tunesmith.errors import ConfigError
 from tunesmith.serve.address import read_api_key_file
-from tunesmith.serve.app import ROUTES as ROUTE_TABLE
-from tunesmith.serve.app import create_app
 from tunesmith.serve.guard import allowed_host, allowed_origins, machine_addresses, origin_allowed
+from tunesmith.serve.routes import ROUTES as ROUTE_TABLE
+from tunesmith.serve.routes import create_api
 from tunesmith.serve.store import Store
 
 BLOB = b"not a model, but bytes a page could store"
@@ -46,14 +42,6 @@ def live(tmp_path_factory, smollm2_gguf):
     yield server
     server.stop()
 
-
-def _wait(predicate, timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 # Every route that writes to the store or runs the model, with a body that would do so if let through; /api/show
@@ -222,15 +210,15 @@ def test_blobs_over_the_size_limit_are_refused_and_leave_nothing(live):
 @pytest.mark.parametrize("key", ["a", "short-key", "x" * 15, "sixteen chars ok", " 0123456789abcde\t"])
 def test_a_public_bind_refuses_a_weak_key(tmp_path, key):
     with pytest.raises(ConfigError, match="at least 16 characters without whitespace"):
-        create_app(ServeConfig(host="0.0.0.0", api_key=key), Store(tmp_path))
+        create_api(ServeConfig(host="0.0.0.0", api_key=key), Store(tmp_path))
 
 
 def test_a_public_bind_accepts_a_strong_key_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("TUNESMITH_API_KEY", KEY)
-    create_app(ServeConfig(host="0.0.0.0"), Store(tmp_path))
+    create_api(ServeConfig(host="0.0.0.0"), Store(tmp_path))
     monkeypatch.setenv("TUNESMITH_API_KEY", "weak")
     with pytest.raises(ConfigError):
-        create_app(ServeConfig(host="0.0.0.0"), Store(tmp_path))
+        create_api(ServeConfig(host="0.0.0.0"), Store(tmp_path))
 
 
 def test_serve_cli_key_rules_are_one_line_and_exit_2(tmp_path, capsys):
@@ -260,22 +248,14 @@ def test_a_key_file_is_read_without_its_line_break(tmp_path):
 def test_serve_with_a_key_file_requires_that_key(tmp_path, smollm2_gguf):
     key_file = tmp_path / "key"
     key_file.write_text(KEY + "\n")
-    port = free_port()
-    env = {**os.environ, "TUNESMITH_HOST": f"127.0.0.1:{port}", "TUNESMITH_MODELS": str(tmp_path / "models"),
-           "PYTHONPATH": str(ROOT)}
-    env.pop("TUNESMITH_API_KEY", None)
-    process = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", "--api-key-file", str(key_file)],
-                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    server = start_server_process(tmp_path, "--api-key-file", str(key_file), env={"TUNESMITH_API_KEY": ""})
     try:
-        assert _wait(lambda: _answers(url), timeout=60), process.stdout.read1().decode()
-        assert httpx.get(url + "/api/tags").status_code == 401
-        assert httpx.get(url + "/api/tags", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
-        cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes().decode()  # what `ps` shows
+        assert httpx.get(server.url + "/api/tags").status_code == 401
+        assert httpx.get(server.url + "/api/tags", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
+        cmdline = Path(f"/proc/{server.process.pid}/cmdline").read_bytes().decode()  # what `ps` shows
         assert KEY not in cmdline
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        server.stop()
 
 
 @pytest.mark.parametrize(("mode", "warned"), [(0o600, False), (0o400, False), (0o644, True), (0o640, True),
@@ -333,13 +313,6 @@ def test_whitespace_around_a_key_is_no_part_of_it_for_server_ui_or_cli(tmp_path,
         assert main(["list"]) == 2 and "TUNESMITH_API_KEY: the API key is empty" in capsys.readouterr().err
     finally:
         server.stop()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url + "/", timeout=1).status_code in (200, 401)
-    except httpx.HTTPError:
-        return False
 
 
 # ------------------------------------------------------------------------------ odd JSON, odd options
@@ -426,7 +399,7 @@ def test_clients_that_leave_while_queued_are_never_generated(live):
     """One slot (parallel 1), taken by a long stream; three non-streaming and one streaming request queue behind
     it and hang up. None of them may reach the model, and the one that held the slot ends as cancelled."""
     engine = live.engine
-    _wait(lambda: engine.pending == 0)
+    wait_until(lambda: engine.pending == 0)
     served = engine.served.copy()
     endless = {**LONG, "options": {"num_predict": -1, "num_ctx": 4096, "temperature": 0}}
     with httpx.stream("POST", live.url + "/api/generate", json=endless, timeout=120) as running:
@@ -435,23 +408,23 @@ def test_clients_that_leave_while_queued_are_never_generated(live):
         queued = [_raw_post(live.port, {**endless, "stream": stream, "options": {**endless["options"],
                                                                                   "num_predict": 5}})
                   for stream in (False, False, False, True)]
-        assert _wait(lambda: engine.pending == 5)
+        assert wait_until(lambda: engine.pending == 5)
         for s in queued:
             s.close()
-        assert _wait(lambda: engine.pending == 1), engine.pending  # noticed while the stream still runs
-    assert _wait(lambda: engine.pending == 0)
+        assert wait_until(lambda: engine.pending == 1), engine.pending  # noticed while the stream still runs
+    assert wait_until(lambda: engine.pending == 0)
     assert engine.served - served == Counter(cancel=1)
 
 
 def test_a_non_streaming_client_that_leaves_stops_its_generation(live):
     engine = live.engine
-    _wait(lambda: engine.pending == 0)
+    wait_until(lambda: engine.pending == 0)
     served = engine.served.copy()
     s = _raw_post(live.port, {**LONG, "stream": False, "options": {"num_predict": 1000, "num_ctx": 4096,
                                                                      "temperature": 0}})
-    assert _wait(lambda: MODEL in engine.runners and any(slot.seq for slot in engine.runners[MODEL].batcher.slots))
+    assert wait_until(lambda: MODEL in engine.runners and any(slot.seq for slot in engine.runners[MODEL].batcher.slots))
     s.close()
-    assert _wait(lambda: engine.pending == 0)
+    assert wait_until(lambda: engine.pending == 0)
     assert engine.served - served == Counter(cancel=1)  # not "length": it did not run its 1000 tokens
 
 
@@ -472,7 +445,7 @@ def test_a_prompt_that_renders_empty_is_400_and_frees_its_slot(live):
     holding its slot (and its client) forever. Found by tests/test_serve_fuzz.py."""
     body = {"model": "smol", "prompt": "hi", "template": "{{ .Missing.Deep }}", "stream": False, "options": TINY}
     _one_line_400(httpx.post(live.url + "/api/generate", json=body, timeout=60), "prompt is empty")
-    assert _wait(lambda: live.engine.pending == 0)
+    assert wait_until(lambda: live.engine.pending == 0)
     ok = httpx.post(live.url + "/api/generate", json={**body, "template": None}, timeout=60)
     assert ok.status_code == 200
 
@@ -743,7 +716,7 @@ def test_a_client_that_leaves_mid_body_leaves_one_log_line(process, path):
         s.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n".encode()
                   + b'{"model": "smol", "prompt": "' + b"x" * 1000)
         time.sleep(0.3)  # the server is reading the body now
-    assert _wait(lambda: any("went away" in line for line in process.log_text().splitlines()[lines:]), timeout=10)
+    assert wait_until(lambda: any("went away" in line for line in process.log_text().splitlines()[lines:]), timeout=10)
     new = process.log_text().splitlines()[lines:]
     assert "Traceback" not in "\n".join(new) and len([line for line in new if "went away" in line]) == 1, new
     assert not list((Path(process.log).parent / "models" / "blobs").glob(".tmp-*"))

@@ -7,47 +7,20 @@ import fcntl
 import hashlib
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 
-from tests.conftest import ROOT
 from tests.disk import small_disk
-from tests.serve_fixtures import start_server
+from tests.serve_fixtures import free_port, start_server, start_server_process, wait_until
 from tunesmith.serve.store import Store
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(env: dict[str, str], port: int) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve"], cwd=ROOT,
-                               env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "tunesmith serve exited"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/", timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise AssertionError("tunesmith serve did not start")
 
 
 def test_a_killed_uploads_temporary_is_pruned_at_the_next_start_but_a_live_one_is_kept(tmp_path):
     models = tmp_path / "models"
-    port = _free_port()
-    server = _serve({"TUNESMITH_HOST": f"127.0.0.1:{port}", "TUNESMITH_MODELS": str(models)}, port)
+    server = start_server_process(tmp_path)
     stalled = threading.Event()
 
     def body() -> Iterator[bytes]:  # 1 MiB, then a client that waits (a slow network, a large GGUF)
@@ -55,17 +28,16 @@ def test_a_killed_uploads_temporary_is_pruned_at_the_next_start_but_a_live_one_i
         stalled.wait(60)
 
     upload = threading.Thread(target=lambda: httpx.post(
-        f"http://127.0.0.1:{port}/api/blobs/sha256:{'0' * 64}", content=body(), timeout=60), daemon=True)
+        f"{server.url}/api/blobs/sha256:{'0' * 64}", content=body(), timeout=60), daemon=True)
     upload.start()
     try:
-        deadline = time.monotonic() + 60
-        while not any(path.stat().st_size for path in (models / "blobs").glob(".tmp-sha256-*")):
-            assert time.monotonic() < deadline, "the upload never reached the store"
-            time.sleep(0.05)
-        server.send_signal(signal.SIGKILL)  # the server dies mid-upload: nothing of its own cleans up
-        server.wait()
+        assert wait_until(lambda: any(path.stat().st_size for path in (models / "blobs").glob(".tmp-sha256-*"))), (
+            "the upload never reached the store")
+        server.process.send_signal(signal.SIGKILL)  # the server dies mid-upload: nothing of its own cleans up
     finally:
         stalled.set()
+        server.process.kill()
+        server.process.wait()
     (left,) = (models / "blobs").glob(".tmp-sha256-*")  # part of the upload, under a temporary name
 
     # Another server on this store is receiving a blob right now: its temporary is locked and must survive.
@@ -88,7 +60,7 @@ def test_a_full_disk_during_create_is_one_line_naming_the_blob(tmp_path, monkeyp
         gguf.write_bytes(b"GGUF" + os.urandom(4 << 20))  # 4 MiB onto a 1 MiB store
         (tmp_path / "Modelfile").write_text(f"FROM {gguf}\n")
         # `tunesmith create` starts a local server on this store (and stops it when done), as a user's would.
-        monkeypatch.setenv("TUNESMITH_HOST", f"127.0.0.1:{_free_port()}")
+        monkeypatch.setenv("TUNESMITH_HOST", f"127.0.0.1:{free_port()}")
         monkeypatch.setenv("TUNESMITH_MODELS", str(disk))
         assert main(["create", "big", "-f", str(tmp_path / "Modelfile")]) == 2
         err = capsys.readouterr().err

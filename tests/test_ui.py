@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -17,8 +17,7 @@ import httpcore
 import httpx
 import pytest
 
-from tests.conftest import ROOT
-from tests.serve_fixtures import MODEL, add_smol, free_port, start_server
+from tests.serve_fixtures import MODEL, add_smol, start_server, start_server_process
 from tests.test_serve_api import QUESTION, THINKING_TEMPLATE
 from tunesmith.atomic import write_json, write_text
 from tunesmith.config import Config, load_config
@@ -43,14 +42,23 @@ def train_record(step: int) -> dict:
             "trained_tokens": 512 * step}
 
 
-def make_run(runs: Path, name: str, steps: int, *, ended: bool, started: datetime | None = None) -> Path:
-    """run.json and metrics.jsonl as training writes them (Run's record writers and MetricsLog)."""
+def make_run(runs: Path, name: str, steps: int, *, ended: bool, started: datetime | None = None,
+             trained: bool | None = None) -> Path:
+    """run.json, metrics.jsonl and, when training `ended` (unless `trained` says otherwise), the adapter, as
+    training writes them (Run's record writers, MetricsLog, a PEFT adapter's weights file)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
     run = runs / name
     started_at = (started or datetime.now(UTC)).isoformat(timespec="seconds")
     final = {"steps": steps, "train_loss": train_record(steps)["loss"], "eval_loss": 0.61, "train_seconds": 60.0,
              "trained_tokens": 512 * steps, "trained_tokens_per_second": 430.0} if ended else None
     Run(run).start_record(Config(name=name, runs_dir=str(runs)), "cpu", {"train": 96, "eval": 8})
     Run(run).write_record(Run(run).read_record() | {"started_at": started_at})
+    if ended if trained is None else trained:  # training saves the adapter, then writes ended_at
+        Run(run).adapter.mkdir()
+        save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((4, 8), np.float32)},
+                  str(Run(run).adapter / "adapter_model.safetensors"))
     if final is not None:
         Run(run).finish_record(final)
     log = MetricsLog(Run(run).metrics, Run(run).tensorboard, 0)
@@ -82,7 +90,7 @@ def evaluate_and_export(run: Path) -> None:
     write_json(run / "fidelity.json", fidelity.report(checks, 4.0, 3, 0.8))
     write_modelfile(run / "Modelfile", f"./gguf/{ggufs['q8_0'].name}", CHATML, None, ["<|im_end|>"],
                     {"temperature": 0.0})
-    build_report(run)
+    build_report(Run(run))
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +170,43 @@ def test_runs_list_shows_each_run_and_its_state(site, page, tmp_path):
     assert "report" not in page.inner_text('#runs tr[data-run="sneaky"]')  # its report.html points outside
     assert SECRET not in page.content()
     screenshot(page, tmp_path / "runs.png")
+
+
+def test_the_runs_page_and_run_complete_agree_on_every_stage(tmp_path):
+    """Each stage the runs page shows as done (state `done`, `evaluated`, `exported`) is `Run.complete`'s answer,
+    the one the pipeline skips the stage on: the page once called a run with a Modelfile but no fidelity.json
+    exported, and one whose run.json said it ended done, adapter or not."""
+    runs = tmp_path / "runs"
+    hours_ago = datetime.now(UTC) - timedelta(hours=3)
+    evaluate_and_export(make_run(runs, "complete", 8, ended=True))
+    make_run(runs, "trained", 8, ended=True)
+    make_run(runs, "no-adapter", 8, ended=True, trained=False)  # ended_at written, adapter gone
+    make_run(runs, "no-end", 8, ended=False, started=hours_ago, trained=True)  # killed after saving the adapter
+    make_run(runs, "killed", 8, ended=False, started=hours_ago)
+    half = make_run(runs, "half-exported", 8, ended=True)
+    evaluate_and_export(half)
+    Run(half).fidelity.unlink()  # an export killed between its two markers
+    evaluated = make_run(runs, "evaluated", 8, ended=True)
+    evaluate_and_export(evaluated)
+    for path in (Run(evaluated).modelfile, Run(evaluated).fidelity):
+        path.unlink()
+    for name in ("no-end", "killed"):
+        for path in (runs / name).iterdir():
+            os.utime(path, (hours_ago.timestamp(), hours_ago.timestamp()))
+
+    server = start_server(Store(tmp_path / "store"), runs_dir=str(runs))
+    try:
+        page = httpx.get(server.url + "/ui").text
+    finally:
+        server.stop()
+    shown = {}
+    for name, state, stages in re.findall(r'<tr data-run="([^"]+)">.*?class="state state-(\w+)".*?<td[^>]*>([^<]*)</td></tr>',
+                                          page):
+        shown[name] = {"train": state == "done", "eval": "evaluated" in stages, "export": "exported" in stages}
+    complete = {name: {stage: Run(runs / name).complete(stage) for stage in ("train", "eval", "export")}
+                for name in shown}
+    assert len(shown) == 7 and shown == complete
+    assert complete["half-exported"]["export"] is False and complete["no-end"]["train"] is True
 
 
 @needs_chromium
@@ -353,23 +398,12 @@ def test_runs_folder_comes_from_runs_dir_or_serve_runs(site, tmp_path):
     assert load_config().serve.runs_dir == "runs"
     assert load_config(None, ["runs_dir=elsewhere"]).serve.runs_dir == "elsewhere"
     assert load_config(None, ["runs_dir=elsewhere", "serve.runs_dir=mine"]).serve.runs_dir == "mine"
-    port = free_port()
-    env = {**os.environ, "TUNESMITH_HOST": f"127.0.0.1:{port}", "TUNESMITH_MODELS": str(tmp_path / "models")}
-    process = subprocess.Popen([sys.executable, "-m", "tunesmith.cli", "serve", "--runs", str(site.runs)], cwd=ROOT,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = start_server_process(tmp_path, "--runs", str(site.runs))
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                page = httpx.get(f"http://127.0.0.1:{port}/ui", timeout=2)
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline and process.poll() is None, "tunesmith serve did not start"
-                time.sleep(0.2)
+        page = httpx.get(server.url + "/ui", timeout=10)
         assert page.status_code == 200 and 'data-run="demo"' in page.text
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        server.stop()
 
 
 # ------------------------------------------------------------------- the cookie, seen from another origin

@@ -1,8 +1,8 @@
 """The whole server tunesmith runs: the API app (serve/) with the web UI (ui/) mounted on it, and its start.
 
 It lives above both packages so that the server package never imports the web UI: `tunesmith serve`,
-`python -m tunesmith.app` (what `tunesmith run` and the pipeline start in the background) and the tests build
-the app here.
+`python -m tunesmith.app` (what `tunesmith run` and the pipeline start in the background: local_server.py, beside
+this module) and the tests build the app here.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from tunesmith.config import ServeConfig, load_config
 from tunesmith.errors import TunesmithError
 from tunesmith.serve.address import server_settings
-from tunesmith.serve.app import create_app as create_api
+from tunesmith.serve.routes import create_api
 from tunesmith.serve.store import Store
 from tunesmith.ui import install_ui
 

@@ -20,7 +20,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer v
 
 from tunesmith.config import Config, load_config
 from tunesmith.errors import ConfigError, TunesmithError
-from tunesmith.run import MODELFILE  # `ollama create`'s default file name, which runs write too
+from tunesmith.run import MODELFILE, Run
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -46,14 +46,17 @@ def _config(config: Path | None, sets: list[str] | None) -> Config:
     return load_config(config, sets or [])
 
 
-def _live(run_dir: Path, config: Path | None, sets: list[str] | None) -> Config | None:
+def _run(run_dir: Path | None, config: Path | None, sets: list[str] | None) -> Run:
+    """The run a command works on: --run, else the config's run folder."""
+    return Run(run_dir or _config(config, sets).run_dir)
+
+
+def _live(run: Run, config: Path | None, sets: list[str] | None) -> Config | None:
     """The live config a command on a trained run takes its own section from (tunesmith/run.py): the --config
     file (with --set), or run.json's config edited by --set; None when the command line gives neither."""
-    from tunesmith.run import Run
-
     if config is not None:
         return _config(config, sets)
-    return load_config(None, sets, base=Run(run_dir).read_record()["config"]) if sets else None
+    return load_config(None, sets, base=run.read_record()["config"]) if sets else None
 
 
 def _host(config: Path | None, sets: list[str] | None) -> str | None:
@@ -144,11 +147,10 @@ def _check_gpus(processes: int, device: str) -> None:
 def generate(prompt: str, run: RunOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Answer one prompt with the fine-tuned model (base + adapter, or the fully fine-tuned model), streaming."""
     from tunesmith.inference import hf
-    from tunesmith.run import Run
 
-    run_dir = run or _config(config, set_).run_dir
-    settings = Run(run_dir).recorded_config()
-    model, tokenizer = hf.load_finetuned(run_dir, settings)
+    folder = _run(run, config, set_)
+    settings = folder.recorded_config()
+    model, tokenizer = hf.load_finetuned(folder, settings)
     for piece in hf.stream(model, tokenizer, hf.messages_for(prompt, settings), settings):
         console.out(piece, end="", highlight=False)
     console.out("")
@@ -165,18 +167,17 @@ def eval_(
     set_: SetOpt = None,
 ) -> None:
     """Score base vs fine-tuned vs each GGUF on held-out examples; writes runs/<name>/eval.jsonl."""
-    from tunesmith.evaluate.run import evaluate, gguf_models, print_summary
-    from tunesmith.run import Run
+    from tunesmith.evaluate.compare import evaluate, gguf_models, print_summary
 
-    run_dir = run or _config(config, set_).run_dir
-    settings = Run(run_dir).config_for("eval", _live(run_dir, config, set_))
+    folder = _run(run, config, set_)
+    settings = folder.config_for("eval", _live(folder, config, set_))
     names: list[str] = []
     for name in models.split(","):
         if name == "gguf":
-            names += gguf_models(run_dir)
+            names += gguf_models(folder)
         elif name.strip():
             names.append(name.strip())
-    print_summary(evaluate(settings, run_dir, file, names, console, limit=limit), console)
+    print_summary(evaluate(settings, folder, file, names, console, limit=limit), console)
 
 
 @app.command()
@@ -191,9 +192,9 @@ def export(
     """Merge, convert to GGUF, quantize, write the Modelfile and check fidelity."""
     from tunesmith.export import export_run
 
-    run_dir = run or _config(config, set_).run_dir
-    export_run(run_dir, quant.split(",") if quant is not None else None, console, strict=strict,
-               live=_live(run_dir, config, set_))
+    folder = _run(run, config, set_)
+    export_run(folder, quant.split(",") if quant is not None else None, console, strict=strict,
+               live=_live(folder, config, set_))
 
 
 @app.command()
@@ -227,15 +228,16 @@ def serve(
 @app.command()
 def create(
     name: str,
-    file: Annotated[Path, typer.Option("--file", "-f", help="The Modelfile.")] = Path(MODELFILE),
+    file: Annotated[Path, typer.Option("--file", "-f", help="The Modelfile.")] = Path(MODELFILE),  # ollama's default
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Create a model in the store from a Modelfile (like `ollama create`)."""
+    from tunesmith.local_server import server_at
     from tunesmith.serve import client
 
     host = _host(config, set_)
-    with client.server_at(host):
+    with server_at(host):
         client.create_from_modelfile(host, name, file, progress=console.print)
 
 
@@ -247,19 +249,20 @@ def run_(
     set_: SetOpt = None,
 ) -> None:
     """Chat with a model, or answer one prompt (like `ollama run`); starts a local server if none answers."""
-    from tunesmith.serve import client
+    from tunesmith import interactive
+    from tunesmith.local_server import server_at
 
     host = _host(config, set_)
-    with client.server_at(host):
-        client.run(host, name, prompt)
+    with server_at(host):
+        interactive.run(host, name, prompt)
 
 
 @app.command("list")
 def list_(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """List the models in the store (like `ollama list`)."""
-    from tunesmith.serve import client
+    from tunesmith.tables import list_table
 
-    console.out(client.list_table(_host(config, set_)))
+    console.out(list_table(_host(config, set_)))
 
 
 @app.command()
@@ -270,17 +273,17 @@ def show(
     set_: SetOpt = None,
 ) -> None:
     """Show a model's Modelfile, template and parameters (like `ollama show`)."""
-    from tunesmith.serve import client
+    from tunesmith.tables import show_text
 
-    console.out(client.show_text(_host(config, set_), name, modelfile_only=modelfile))
+    console.out(show_text(_host(config, set_), name, modelfile_only=modelfile))
 
 
 @app.command()
 def ps(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """List the loaded models (like `ollama ps`)."""
-    from tunesmith.serve import client
+    from tunesmith.tables import ps_table
 
-    console.out(client.ps_table(_host(config, set_)))
+    console.out(ps_table(_host(config, set_)))
 
 
 @app.command()
@@ -310,10 +313,9 @@ def deploy(
     set_: SetOpt = None,
 ) -> None:
     """Upload the exported GGUF and create the model on an Ollama (or tunesmith) server."""
-    from tunesmith.run import Run
     from tunesmith.serve import client
 
-    folder = Run(run or _config(config, set_).run_dir)
+    folder = _run(run, config, set_)
     modelfile = folder.modelfile
     if not modelfile.is_file():
         raise ConfigError(f"{folder.dir}: no Modelfile", "run `tunesmith export` first")
@@ -341,11 +343,10 @@ def pipeline(
 def report(run: RunOpt = None, config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Rebuild runs/<name>/report.html."""
     from tunesmith.evaluate.report import build_report
-    from tunesmith.run import Run
 
-    folder = Run(run or _config(config, set_).run_dir)
+    folder = _run(run, config, set_)
     folder.read_record()  # not a run: one line that says so
-    console.print(f"report: {build_report(folder.dir)}")
+    console.print(f"report: {build_report(folder)}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,39 +68,40 @@ def _train(ctx: Context) -> None:
 
 
 def _eval(ctx: Context) -> None:
-    from tunesmith.evaluate.run import evaluate, print_summary
+    from tunesmith.evaluate.compare import evaluate, print_summary
 
-    results = evaluate(ctx.stage_config("eval"), ctx.run.dir, None, ["base", "finetuned"], ctx.console)
+    results = evaluate(ctx.stage_config("eval"), ctx.run, None, ["base", "finetuned"], ctx.console)
     print_summary(results, ctx.console)
 
 
 def _export(ctx: Context) -> None:
     from tunesmith.export import export_run
 
-    export_run(ctx.run.dir, None, ctx.console, live=ctx.config)
+    export_run(ctx.run, None, ctx.console, live=ctx.config)
 
 
 def _eval_gguf(ctx: Context) -> None:
-    from tunesmith.evaluate.run import evaluate, gguf_models, print_summary
+    from tunesmith.evaluate.compare import evaluate, gguf_models, print_summary
 
-    results = evaluate(ctx.stage_config("eval"), ctx.run.dir, None, gguf_models(ctx.run.dir), ctx.console,
+    results = evaluate(ctx.stage_config("eval"), ctx.run, None, gguf_models(ctx.run), ctx.console,
                        keep_existing=True)
     print_summary(results, ctx.console)
 
 
 def _gguf_evaluated(ctx: Context) -> bool:
-    from tunesmith.evaluate.run import evaluated_models, gguf_models
+    from tunesmith.evaluate.compare import evaluated_models, gguf_models
 
-    ggufs = gguf_models(ctx.run.dir)
-    return bool(ggufs) and set(ggufs) <= evaluated_models(ctx.run.dir)
+    ggufs = gguf_models(ctx.run)
+    return bool(ggufs) and set(ggufs) <= evaluated_models(ctx.run)
 
 
 def _create(ctx: Context) -> None:
+    from tunesmith.local_server import server_at
     from tunesmith.serve import client
 
     host = ctx.deploy or _host(ctx.config)
     serve = ctx.stage_config("serve").serve
-    with contextlib.nullcontext() if ctx.deploy else client.server_at(host, serve):
+    with contextlib.nullcontext() if ctx.deploy else server_at(host, serve):
         client.create_from_modelfile(host, ctx.config.name, ctx.run.modelfile, api_key=_key(ctx, serve))
     ctx.console.print(f"  created {ctx.config.name} on {host}")
 
@@ -111,11 +112,11 @@ them exactly right (goDrive after 14 minutes on CPU); five show what to expect."
 
 
 def _serve(ctx: Context) -> None:
-    from tunesmith.serve import client
+    from tunesmith.local_server import server_at
 
     host = ctx.deploy or _host(ctx.config)
     serve, evaluation = ctx.stage_config("serve").serve, ctx.stage_config("eval")
-    with contextlib.nullcontext() if ctx.deploy else client.server_at(host, serve) as server:
+    with contextlib.nullcontext() if ctx.deploy else server_at(host, serve) as server:
         asked, samples = [], _sample_prompts(evaluation)
         for prompt, reference in samples:
             reply = _ask(host, ctx.config.name, prompt, evaluation.eval.max_new_tokens, _key(ctx, serve))
@@ -190,7 +191,7 @@ def _never(ctx: Context) -> bool:
 
 # name, function, "is it complete?" (outputs are written atomically, so existing means complete)
 STAGES: list[tuple[str, Callable[[Context], None], Callable[[Context], bool]]] = [
-    ("data", _data, _never),  # seconds, and it re-validates the data file, which may have changed
+    ("data", _data, _never),  # seconds; a split whose files and settings are unchanged is read back
     ("train", _train, _done("train")),  # adapter/ (LoRA, QLoRA) or model/ (full fine-tuning)
     ("eval", _eval, _done("eval")),
     ("export", _export, _done("export")),
@@ -227,7 +228,7 @@ def run_pipeline(config: Config, console: Console, force: set[str] | None = None
         if name in ("eval", "eval-gguf", "export"):
             from tunesmith.evaluate.report import build_report
 
-            console.print(f"  report: {build_report(ctx.run.dir)}")
+            console.print(f"  report: {build_report(ctx.run)}")
     return ctx.timings
 
 

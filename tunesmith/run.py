@@ -25,7 +25,6 @@ from the recorded one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -37,6 +36,7 @@ from typing import Any
 
 from tunesmith.atomic import write_json
 from tunesmith.config import Config
+from tunesmith.digest import files_sha256
 from tunesmith.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -191,9 +191,11 @@ class Run:
 
     def eval_rows(self) -> list[dict[str, Any]]:
         """eval.jsonl: one row per held-out example and model (`tunesmith eval` writes it); [] before it has run."""
-        if not self.eval_answers.is_file():
-            return []
-        return [json.loads(line) for line in self.eval_answers.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return read_jsonl(self.eval_answers)
+
+    def metrics_records(self) -> list[dict[str, Any]]:
+        """metrics.jsonl: one record per logged step and eval pass, as far as training has written it."""
+        return read_jsonl(self.metrics)
 
     def ggufs(self) -> list[Path]:
         """The exported model files (not the LoRA-only GGUF, which needs its base), by name."""
@@ -262,10 +264,11 @@ class Run:
         weights = "model.safetensors" if config.train.method == "full" else "adapter_model.safetensors"
         return (directory / weights).is_file() or (directory / f"{weights}.index.json").is_file()
 
-    def complete(self, stage: str, config: Config) -> bool:
-        """Whether `stage` (train, eval, export) has its outputs."""
+    def complete(self, stage: str, config: Config | None = None) -> bool:
+        """Whether `stage` (train, eval, export) has its outputs: what the pipeline skips a stage on and what the
+        web UI shows. `config` says where training leaves its result (`trained_dir`); without one, run.json's."""
         if stage == "train":
-            return self.trained(config)
+            return self.trained(config if config is not None else self.recorded_config())
         if stage == "eval":
             return self.eval_answers.is_file()
         if stage == "export":
@@ -287,15 +290,30 @@ class Run:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def files_sha256(paths: list[str | Path | None]) -> str:
-    """One SHA-256 over the bytes of the files named (missing ones and None skipped), in order."""
-    digest = hashlib.sha256()
-    for name in paths:
-        if name and Path(name).is_file():
-            with open(name, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file that tunesmith appends to while others read it (metrics.jsonl, eval.jsonl):
+    the one reader of both, so the loop, the report and the web UI agree on them. An empty or missing file is no
+    records, and a line that is not a JSON object (the last one, torn by a kill or still being written) is
+    skipped with a warning."""
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s: line %d is not JSON (cut short when the run stopped?); skipped", path, number)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of the run (run.json, fidelity.json, timings.json), or None when it is not there."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def _versions() -> dict[str, str]:

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.atomic import write_text
-from tunesmith.evaluate.run import SEEN, UNSEEN, model_label, scores_of
-from tunesmith.run import Run
+from tunesmith.evaluate.compare import SEEN, UNSEEN, model_label, scores_of
+from tunesmith.run import Run, read_json
 from tunesmith.scorers import json_object
 
 _STYLE = """
@@ -31,16 +31,6 @@ th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: ta
 del { background: #fdd; text-decoration: line-through; } ins { background: #dfd; text-decoration: none; }
 img.plot { max-width: 100%; border: 1px solid #eee; }
 """
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
 def loss_plot_png(metrics: list[dict[str, Any]]) -> bytes | None:
@@ -102,20 +92,19 @@ def _table(headers: list[str], rows: list[list[Any]], table_id: str) -> str:
     return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
-def build_report(run_dir: Path) -> Path:
-    folder = Run(run_dir)
-    run = _read_json(folder.record) or {}
-    metrics = _read_jsonl(folder.metrics)
-    rows = _read_jsonl(folder.eval_answers)
-    fidelity = _read_json(folder.fidelity)
-    timings = _read_json(folder.timings) or {}
-    name = (run.get("config") or {}).get("name", run_dir.name)
+def build_report(run: Run) -> Path:
+    record = read_json(run.record) or {}
+    metrics = run.metrics_records()
+    rows = run.eval_rows()
+    fidelity = read_json(run.fidelity)
+    timings = read_json(run.timings) or {}
+    name = (record.get("config") or {}).get("name", run.dir.name)
     parts = [f"<h1>tunesmith run: {html.escape(name)}</h1>"]
-    config = run.get("config") or {}
-    final = run.get("final") or {}
+    config = record.get("config") or {}
+    final = record.get("final") or {}
     parts.append(f'<p class="muted">base {html.escape(str(config.get("model", {}).get("base", "?")))} · '
-                 f'device {html.escape(str(run.get("device", "?")))} · started {run.get("started_at", "?")} · '
-                 f'ended {run.get("ended_at", "?")}</p>')
+                 f'device {html.escape(str(record.get("device", "?")))} · started {record.get("started_at", "?")} · '
+                 f'ended {record.get("ended_at", "?")}</p>')
 
     parts.append("<h2>Loss</h2>")
     png = loss_plot_png(metrics)
@@ -130,7 +119,7 @@ def build_report(run_dir: Path) -> Path:
                ["eval loss", final.get("eval_loss")], ["train seconds", final.get("train_seconds")],
                ["trained tokens", final.get("trained_tokens")],
                ["trained tokens/s", final.get("trained_tokens_per_second")],
-               ["examples (train / eval)", f'{run.get("examples", {}).get("train")} / {run.get("examples", {}).get("eval")}'],
+               ["examples (train / eval)", f'{record.get("examples", {}).get("train")} / {record.get("examples", {}).get("eval")}'],
                ["LoRA", f'r={config.get("lora", {}).get("r")} alpha={config.get("lora", {}).get("alpha")}'],
                ["learning rate", config.get("train", {}).get("learning_rate")]]
     parts.append(_table(["metric", "value"], [[k, "–" if v is None else v] for k, v in summary], "metrics-table"))
@@ -139,7 +128,7 @@ def build_report(run_dir: Path) -> Path:
     parts.append(_eval_section(rows, fidelity))
 
     parts.append("<h2>Export</h2>")
-    parts.append(_export_section(folder, fidelity))
+    parts.append(_export_section(run, fidelity))
 
     parts.append("<h2>Timings</h2>")
     if timings:
@@ -149,7 +138,7 @@ def build_report(run_dir: Path) -> Path:
 
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>tunesmith: {html.escape(name)}</title>"
             f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>")
-    target = folder.report
+    target = run.report
     write_text(target, page)
     return target
 

@@ -72,13 +72,12 @@ class ExportResult:
         return [result.quant for result in self.fidelity if not result.passed]
 
 
-def export_run(run_dir: Path, quants: list[str] | None, console: Console, strict: bool = False,
+def export_run(run: Run, quants: list[str] | None, console: Console, strict: bool = False,
                live: Config | None = None) -> ExportResult:
     """Export a trained run. `quants` overrides export.quantizations; `live`: the config whose export section
     this export uses (the pipeline's, or the command's --config), else the one run.json recorded (run.py)."""
     from tunesmith.models import load_tokenizer, resolve_base
 
-    run = Run(run_dir)
     run_dir = run.dir
     config = run.config_for("export", live)
     settings = config.export

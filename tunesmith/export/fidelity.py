@@ -9,7 +9,7 @@ against the merged model's. A GGUF fails when its agreement is under `export.min
 is more than `export.max_exact_match_loss` below the merged model's (2 points by default).
 
 The answers are not generated twice: the merged model's come from the eval stage when it has answered the same
-prompts, and each GGUF's are kept in fidelity.json, where `tunesmith eval` takes them (evaluate/run.py). Small
+prompts, and each GGUF's are kept in fidelity.json, where `tunesmith eval` takes them (evaluate/compare.py). Small
 models suffer most: SmolLM2-135M answers garbage at q4_k_m, whose 576-wide rows fall back to q5_0.
 """
 

@@ -8,13 +8,14 @@ from pathlib import Path
 from tunesmith.config import Config
 from tunesmith.inference import hf
 from tunesmith.inference.gguf import gguf_answers
+from tunesmith.run import Run
 
 
-def answers(name: str, config: Config, run_dir: Path, conversations: list[list[dict[str, str]]]) -> list[str]:
+def answers(name: str, config: Config, run: Run, conversations: list[list[dict[str, str]]]) -> list[str]:
     max_new = config.eval.max_new_tokens
     if name not in ("base", "finetuned"):
         return gguf_answers(Path(name), config, conversations, max_new)
-    model, tokenizer = hf.load_finetuned(run_dir, config) if name == "finetuned" else hf.load(config, None)
+    model, tokenizer = hf.load_finetuned(run, config) if name == "finetuned" else hf.load(config, None)
     if name == "finetuned" and config.train.method == "lora":
         model = model.merge_and_unload()  # same answers, no per-layer adapter overhead while generating
     return hf.generate_batch(model, tokenizer, conversations, config, max_new)

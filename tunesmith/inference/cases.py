@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.config import Config
+from tunesmith.data.prepare import read_split
 from tunesmith.run import Run
 
 
@@ -48,12 +49,8 @@ def load_cases(path: str | Path, config: Config, limit: int | None) -> list[Case
 def held_out_cases(run: Run, limit: int | None) -> list[Case]:
     """Prompts with reference answers for a run that has no test file: its held-out split (data/validation.jsonl),
     the first `limit`."""
-    rows: list[list[dict[str, str]]] = []
     split = run.eval_split_to_read()
-    if split.is_file():
-        for line in split.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                rows.append(json.loads(line)["messages"])
+    rows = [example.messages for example in read_split(split)] if split.is_file() else []
     cases = [Case(messages[:-1], messages[-1]["content"], str(split)) for messages in rows
              if len(messages) > 1 and messages[-1]["role"] == "assistant"]
     return cases[:limit]

@@ -21,9 +21,9 @@ STOP_TOKENS = tuple(dict.fromkeys(token for family in FAMILIES.values() for toke
 """The stop tokens of every chat family tunesmith knows: what a Modelfile's PARAMETER stop ends answers on."""
 
 
-def load_finetuned(run_dir: Path, config: Config) -> tuple[Any, Any]:
+def load_finetuned(run: Run, config: Config) -> tuple[Any, Any]:
     """(model, tokenizer) as fine-tuned: base + the run's adapter, or the fully fine-tuned checkpoint."""
-    directory = Run(run_dir).trained_dir(config)
+    directory = run.trained_dir(config)
     if config.train.method != "full":
         return load(config, directory)
     from tunesmith.models import load_model, load_tokenizer

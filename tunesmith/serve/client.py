@@ -1,34 +1,25 @@
-"""Client side of `tunesmith create/run/list/show/ps/cp/rm/deploy`: the official `ollama` Python client.
+"""The client of an Ollama-compatible server (tunesmith's or Ollama's): the official `ollama` Python client.
 
-Every command goes through `ollama.Client`, so each one a user runs also proves the server speaks Ollama's API,
+Every call goes through `ollama.Client`, so each command a user runs also proves the server speaks Ollama's API,
 and `deploy --to` talks to a real Ollama exactly as Ollama's own client does. `create` works as Ollama's CLI
 does: upload the local files to `/api/blobs/<digest>`, then `/api/create` with `files={name: digest}`.
-Starting a local server when none answers (`server_at`) is tunesmith's own.
+Only the client lives here, as in Ollama's api/client.go: what the commands print is tunesmith/tables.py, the
+chat of `tunesmith run` tunesmith/interactive.py, and starting a local server tunesmith/local_server.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
-from urllib.parse import urlsplit
+from typing import Any
 
 import httpx
 import ollama
-from gguf import Keys
 
-from tunesmith.children import die_with_parent
-from tunesmith.config import ServeConfig
 from tunesmith.errors import TunesmithError
 from tunesmith.serve import modelfile
-from tunesmith.serve.address import API_KEY_ENV, DEFAULT_PORT, client_api_key, host_url
+from tunesmith.serve.address import client_api_key, host_url
 
 
 class ClientError(TunesmithError):
@@ -165,201 +156,10 @@ def delete(host: str | None, name: str, api_key: str | None = None) -> None:
         client.delete(name)
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
-def _human(when: datetime.datetime) -> str:
-    """`4 minutes ago`, `4 minutes from now`: Ollama's format.HumanTime, as `ollama list` and `ps` print."""
-    seconds = (datetime.datetime.now(datetime.UTC) - when).total_seconds()
-    suffix = "ago" if seconds >= 0 else "from now"
-    for unit, span in (("days", 86400), ("hours", 3600), ("minutes", 60)):
-        if abs(seconds) >= span:
-            return f"{int(abs(seconds) // span)} {unit} {suffix}"
-    return "just now" if seconds >= 0 else "less than a minute from now"
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("    ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
-
-
-def list_table(host: str | None = None, api_key: str | None = None) -> str:
-    """`tunesmith list` output, as `ollama list` prints it."""
-    rows = [["NAME", "ID", "SIZE", "MODIFIED"]]
-    for m in list_models(host, api_key):
-        rows.append([m["name"], m["digest"][:12], _size(m["size"]), _human(m["modified_at"])])
-    return _table(rows)
-
-
-def ps_table(host: str | None = None, api_key: str | None = None) -> str:
-    """`tunesmith ps` output, as `ollama ps` prints it."""
-    rows = [["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]]
-    for m in ps(host, api_key):
-        rows.append([m.name or m.model, (m.digest or "")[:12], _size(m.size or 0), "100% CPU",
-                     str(m.context_length or ""), _human(m.expires_at) if m.expires_at else "Never"])
-    return _table(rows)
-
-
-def show_text(host: str | None, name: str, *, modelfile_only: bool = False, api_key: str | None = None) -> str:
-    """`tunesmith show NAME` (or `--modelfile`)."""
-    info = show(host, name, api_key)
-    if modelfile_only:
-        return info.modelfile or ""
-    d = info.details.model_dump(exclude_none=True) if info.details else {}
-    meta = info.modelinfo or {}
-    arch = d.get("family", "")
-    lines = ["  Model",
-             f"    architecture        {arch}",
-             f"    parameters          {d.get('parameter_size', '')}",
-             f"    context length      {meta.get(Keys.LLM.CONTEXT_LENGTH.format(arch=arch), '')}",
-             f"    embedding length    {meta.get(Keys.LLM.EMBEDDING_LENGTH.format(arch=arch), '')}",
-             f"    quantization        {d.get('quantization_level', '')}",
-             "", "  Capabilities", *[f"    {c}" for c in info.capabilities or []]]
-    if info.parameters:
-        lines += ["", "  Parameters", *[f"    {p}" for p in info.parameters.splitlines()]]
-    # The client's ShowResponse drops the wire's `system`; the Modelfile the server sends carries it.
-    system = modelfile.parse(info.modelfile).system if info.modelfile else None
-    if system:
-        lines += ["", "  System", f"    {system}"]
-    if info.license:
-        lines += ["", "  License", f"    {info.license.splitlines()[0]}"]
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------- run
+# ---------------------------------------------------------------------------------------- chat
 
 def chat_stream(host: str | None, name: str, messages: list[dict[str, Any]], *,
                 options: dict[str, Any] | None = None, api_key: str | None = None) -> Iterator[ollama.ChatResponse]:
     """Streamed /api/chat chunks."""
     with _client(host, api_key, what=f"chat with {name}", timeout=None) as client:
         yield from client.chat(name, messages, stream=True, options=options or None)
-
-
-def start_local_server(host: str | None = None, *, config: str | Path | None = None, overrides: list[str] | None = None,
-                       settings: ServeConfig | None = None, wait: float = 60) -> subprocess.Popen[bytes]:
-    """Start `python -m tunesmith.app` (the server with its web UI) in the background at `host` and wait until it answers.
-
-    `config`/`overrides` are the CLI's --config/--set, so the server gets the same `serve` section; `settings`
-    is a serve section itself (the pipeline's), passed setting by setting.
-    """
-    parts = urlsplit(host_url(host))
-    if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
-        raise ClientError(f"no server answers at {host_url(host)}", "start it there with `tunesmith serve`")
-    command = [sys.executable, "-m", "tunesmith.app", "--host", parts.hostname or "127.0.0.1",
-               "--port", str(parts.port or DEFAULT_PORT)]
-    if config is not None:
-        command += ["--config", str(config)]
-    env = None
-    if settings is not None:
-        for key, value in settings.model_dump(mode="json", exclude={"host", "port", "api_key"}).items():
-            command += ["--set", f"serve.{key}={json.dumps(value)}"]  # JSON is YAML, which --set reads
-        if settings.api_key:  # through the environment: every user of the machine can read a command line
-            env = {**os.environ, API_KEY_ENV: settings.api_key}
-    for override in overrides or []:
-        command += ["--set", override]
-    # A session of its own, so Ctrl-C in the terminal reaches the caller, which stops the server in order; and
-    # dies with the caller, so a killed caller leaves no server holding the port. (preexec_fn is unsafe only
-    # when other threads hold locks at fork time: every caller starts the server from its main thread.)
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                            env=env, preexec_fn=die_with_parent)  # noqa: PLW1509
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if heartbeat(host, settings.api_key if settings else None):
-            return proc
-        if proc.poll() is not None:
-            raise ClientError(f"the local server exited with code {proc.returncode}", "run `tunesmith serve` to see why")
-        time.sleep(0.2)
-    proc.terminate()
-    raise ClientError("the local server did not start in time")
-
-
-def ensure_server(host: str | None = None, *, config: str | Path | None = None, overrides: list[str] | None = None,
-                  settings: ServeConfig | None = None) -> subprocess.Popen[bytes] | None:
-    """A server at `host`: None if one answers already, else the local one just started (`tunesmith run`).
-
-    The caller stops a server it started (`proc.terminate()`) when it is done with it.
-    """
-    if heartbeat(host, settings.api_key if settings else None):
-        return None
-    return start_local_server(host, config=config, overrides=overrides, settings=settings)
-
-
-def run(host: str | None, name: str, prompt: str | None = None, *, stdin: IO[str] | None = None,
-        stdout: IO[str] | None = None, options: dict[str, Any] | None = None, api_key: str | None = None) -> None:
-    """`tunesmith run NAME [PROMPT]`: one answer for PROMPT, else an interactive chat until /bye or EOF.
-
-    Multi-line input goes between triple quotes, as in `ollama run`.
-    """
-    stdin = stdin or sys.stdin
-    stdout = stdout or sys.stdout
-    interactive = stdin.isatty() and prompt is None
-    messages: list[dict[str, Any]] = []
-
-    def answer(text: str) -> None:
-        messages.append({"role": "user", "content": text})
-        reply = []
-        for chunk in chat_stream(host, name, messages, options=options, api_key=api_key):
-            piece = chunk.message.content or ""
-            reply.append(piece)
-            stdout.write(piece)
-            stdout.flush()
-        stdout.write("\n\n" if interactive else "\n")
-        stdout.flush()
-        messages.append({"role": "assistant", "content": "".join(reply)})
-
-    if prompt is not None:
-        answer(prompt)
-        return
-    if not interactive:
-        # Piped input is one prompt, as `echo hi | ollama run NAME` does.
-        text = stdin.read().strip()
-        if text:
-            answer(text)
-        return
-    while True:
-        stdout.write(">>> ")
-        stdout.flush()
-        line = stdin.readline()
-        if not line:
-            return
-        text = line.rstrip("\n")
-        if text.strip() in ("/bye", "/exit"):
-            return
-        if text.startswith('"""'):
-            parts = [text[3:]]
-            while not parts[-1].endswith('"""'):
-                stdout.write("... ")
-                stdout.flush()
-                more = stdin.readline()
-                if not more:
-                    break
-                parts.append(more.rstrip("\n"))
-            text = "\n".join(parts).removesuffix('"""')
-        if text.strip() == "/clear":
-            messages.clear()
-            continue
-        if text.strip():
-            answer(text)
-
-
-@contextlib.contextmanager
-def server_at(host: str | None, settings: ServeConfig | None = None) -> Iterator[subprocess.Popen[bytes] | None]:
-    """A server to talk to: the one at `host`, or a local one started now (with the serve section `settings`)
-    and stopped (and waited for) afterwards, so the next caller's heartbeat never reaches a server that is still
-    shutting down."""
-    server = ensure_server(host, settings=settings)
-    try:
-        yield server
-    finally:
-        if server is not None:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()

@@ -1,6 +1,6 @@
 """Ollama's API handlers, one named function per route (as `GenerateHandler`, `ChatHandler` in Ollama's
 server/routes.go): each takes its typed request and the `Server`, validates, calls the store or the engine and
-shapes the reply. `app.py` holds the route table; the OpenAI routes (`openai_compat.py`) translate onto
+shapes the reply. `routes.py` holds the route table; the OpenAI routes (`openai_compat.py`) translate onto
 `start_generate`, `start_chat` and `embed` here, so both wire formats share one generation path.
 
 Routes, status codes and wire shapes follow Ollama's `server/routes.go` (see shared/reference/ollama-api.md).
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import hashlib
 import json
 import logging
 import time
@@ -24,6 +23,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from gguf import Keys
 
+from tunesmith.digest import file_sha256
 from tunesmith.errors import TunesmithError, clip
 from tunesmith.serve import api_types as t
 from tunesmith.serve import gguf_meta, gotemplate, known_templates, modelfile, options
@@ -118,7 +118,7 @@ async def tags(server: Server) -> t.ListResponse:
     for name, manifest in store.list():
         models.append(t.ListModel(
             name=name, model=name, modified_at=store.modified_at(name).isoformat(), size=manifest.size,
-            digest=hashlib.sha256(store.manifest_path(name).read_bytes()).hexdigest(),
+            digest=file_sha256(store.manifest_path(name)),
             details=server.details(manifest)))
     return t.ListResponse(models=models)
 

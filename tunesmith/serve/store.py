@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from tunesmith import paths
 from tunesmith.atomic import TMP_PREFIX, atomic_path, write_text
+from tunesmith.digest import file_sha256
 from tunesmith.errors import TunesmithError, clip
 
 DEFAULT_TAG = "latest"
@@ -125,11 +126,8 @@ def parse_digest(digest: str) -> str:
 
 
 def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
+    """A file's digest as Ollama names blobs: `sha256:<hex>`."""
+    return "sha256:" + file_sha256(path)
 
 
 class Store:

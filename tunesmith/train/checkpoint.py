@@ -9,7 +9,6 @@ full disk, a copy cut short) is passed over for the one before it. Nothing in a 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tunesmith.atomic import atomic_path
+from tunesmith.digest import file_sha256
 from tunesmith.errors import ConfigError, DiskFull, TunesmithError
 
 KEEP = 2
@@ -126,7 +126,7 @@ def _write(target: Path, trainable: dict[str, Any], optimizer_state: dict[str, A
                 handle,
             )
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state)) + "\n")
-        files = {path.name: {"size": path.stat().st_size, "sha256": _sha256(path)} for path in sorted(tmp.iterdir())}
+        files = {path.name: {"size": path.stat().st_size, "sha256": file_sha256(path)} for path in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"files": files, "settings": settings}, indent=1) + "\n")
 
 
@@ -168,7 +168,7 @@ def verify(checkpoint: Path) -> str | None:
             return f"{name} is missing"
         if path.stat().st_size != expected["size"]:
             return f"{name} has {path.stat().st_size} bytes, {expected['size']} were written"
-        if _sha256(path) != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             return f"{name} does not match its SHA-256"
     return None
 
@@ -250,10 +250,3 @@ def load(checkpoint: Path, scheduler: Any) -> tuple[dict[str, Any], dict[str, An
     torch.set_rng_state(rng["torch"])
     return trainable, saved["optimizer"], TrainState.from_json((checkpoint / "trainer_state.json").read_text())
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

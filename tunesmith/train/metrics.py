@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 from typing import Any, Self
@@ -13,8 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tunesmith.atomic import is_disk_full, write_text
 from tunesmith.errors import DiskFull
-
-log = logging.getLogger(__name__)
+from tunesmith.run import read_jsonl
 
 
 class MetricsLog:
@@ -128,22 +126,3 @@ class TrainProgress:
     def print(self, text: str) -> None:
         self.progress.console.print(text, highlight=False, soft_wrap=True)
 
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file that tunesmith appends to while others read it (metrics.jsonl, eval.jsonl):
-    an empty or missing file is no records, and a line that is not a JSON object (the last one, torn by a kill
-    or still being written) is skipped with a warning."""
-    if not path.is_file():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            log.warning("%s: line %d is not JSON (cut short when the run stopped?); skipped", path, number)
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records

@@ -1,22 +1,26 @@
 """What the web UI knows about runs, read from the files each run writes; nothing here writes.
 
-A run is a folder `<runs_dir>/<name>/` with a run.json. Its state comes from those files alone, because
-training records no process id the server could ask about:
+A run is a folder `<runs_dir>/<name>/` with a run.json. Which stages are complete is `Run.complete`'s answer,
+the one the pipeline skips a stage on, so the page and the pipeline never disagree: trained (adapter/ or
+model/), evaluated (eval.jsonl), exported (the Modelfile and fidelity.json). Training's state comes from the
+files alone, because training records no process id the server could ask about:
 
-- `done`: run.json has `ended_at`. Training writes it as its very last act, after the adapter is saved.
-- `training`: no `ended_at` yet, and the run wrote something (run.json, metrics.jsonl, a checkpoint) recently.
-- `failed`: no `ended_at`, and the run has been silent for longer than `QUIET_LIMIT` seconds and
+- `training`: run.json has no `ended_at` yet (training writes it as its very last act), and the run wrote
+  something (run.json, metrics.jsonl, a checkpoint) recently. A resumed run trains on beside the adapter an
+  earlier end saved, so this comes first.
+- `done`: otherwise, when training's result is there (`Run.complete("train")`).
+- `failed`: otherwise: no result, and the run has been silent for longer than `QUIET_LIMIT` seconds and
   `QUIET_GAPS` times its usual gap between two metrics lines. A killed or crashed run looks like that;
   `tunesmith train --resume` continues it. A run between two very slow log lines can be shown as failed
   for a while: the limits are set so that takes 15 minutes of silence.
 
 Every path is resolved and checked to lie inside the runs folder before it is read, so a name taken from a
-URL, or a symlink planted in a run folder, can never make the UI read another file.
+URL, or a symlink planted in a run folder, can never make the UI read another file. (`Run.complete` reads
+nothing but run.json, which `locate` checked; of the other files it asks only whether they exist.)
 """
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -24,11 +28,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-# Reuse the report's readers, so the page and report.html read the run's files the same way.
-from tunesmith.errors import clip
-from tunesmith.evaluate.report import _read_json
-from tunesmith.evaluate.run import model_label, summarize
-from tunesmith.run import CHECKPOINTS, EVAL_ANSWERS, FIDELITY, GGUF, METRICS, MODELFILE, REPORT, RUN_JSON
+from tunesmith.errors import TunesmithError, clip
+from tunesmith.evaluate.compare import model_label, scores_of
+from tunesmith.run import (
+    CHECKPOINTS,
+    EVAL_ANSWERS,
+    FIDELITY,
+    GGUF,
+    METRICS,
+    OUTPUTS,
+    REPORT,
+    RUN_JSON,
+    Run,
+    read_json,
+    read_jsonl,
+)
 
 # A run's name is its config's `name`, which also names its model: the store's rule for a name part.
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,79}$")
@@ -63,11 +77,11 @@ def locate(runs_dir: Path, name: str) -> Path:
     return path
 
 
-def read_json(run_dir: Path, name: str) -> Any:
+def _read_json(run_dir: Path, name: str) -> Any:
     """A JSON file of the run, or None when it is missing, outside the run or not JSON."""
     path = inside(run_dir, name)
     try:
-        return _read_json(path) if path else None
+        return read_json(path) if path else None
     except (OSError, ValueError):  # one unreadable file must not take the whole page down
         return None
 
@@ -87,21 +101,22 @@ def run_names(runs_dir: Path) -> list[str]:
 
 
 def metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl as records, without a last line that is still being written (training appends live)."""
+    """metrics.jsonl as records (read as the loop and the report read it: `read_jsonl`, which skips a last line
+    still being written)."""
     path = inside(run_dir, METRICS)
-    if path is None:
-        return []
-    text = path.read_text(encoding="utf-8", errors="replace")
-    lines = text.split("\n")[:-1]  # what follows the last newline is incomplete
-    records = []
-    for line in lines:
+    return read_jsonl(path) if path is not None else []
+
+
+def complete(run_dir: Path) -> dict[str, bool]:
+    """`Run.complete` for each stage that writes outputs (train, eval, export)."""
+    run = Run(run_dir)
+    found = {}
+    for stage in OUTPUTS:
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a resume that rewrote the file under us; the next poll reads it whole
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+            found[stage] = run.complete(stage)
+        except (TunesmithError, ValueError):  # run.json unreadable, or its config no longer valid: not done
+            found[stage] = False
+    return found
 
 
 @dataclass
@@ -121,37 +136,42 @@ class RunSummary:
 
 
 def summary(run_dir: Path, records: list[dict[str, Any]] | None = None, now: float | None = None) -> RunSummary:
-    record = read_json(run_dir, RUN_JSON)
+    record = _read_json(run_dir, RUN_JSON)
     record = record if isinstance(record, dict) else {}
     records = metrics(run_dir) if records is None else records
     last = {key: next((r[key] for r in reversed(records) if r.get(key) is not None), None)
             for key in ("step", "loss", "eval_loss")}
+    stages = complete(run_dir)
     return RunSummary(
-        name=run_dir.name, state=state(run_dir, record, len(records), now), record=record,
+        name=run_dir.name, state=state(run_dir, record, len(records), stages["train"], now), record=record,
         base=(record.get("config") or {}).get("model", {}).get("base"),
         started_at=record.get("started_at"), ended_at=record.get("ended_at"),
         step=last["step"], loss=last["loss"], eval_loss=last["eval_loss"],
-        evaluated=inside(run_dir, EVAL_ANSWERS) is not None,
-        exported=inside(run_dir, MODELFILE) is not None,
+        evaluated=stages["eval"], exported=stages["export"],
         has_report=inside(run_dir, REPORT) is not None,
     )
 
 
-def state(run_dir: Path, record: dict[str, Any], lines: int, now: float | None = None) -> str:
-    """`done`, `training` or `failed` (see the module docstring for why these rules)."""
-    if record.get("ended_at"):
-        return "done"
+def state(run_dir: Path, record: dict[str, Any], lines: int, trained: bool, now: float | None = None) -> str:
+    """`training`, `done` or `failed` (see the module docstring for why these rules); `trained`: whether
+    `Run.complete("train")`."""
+    if not record.get("ended_at") and _written_recently(run_dir, record, lines, now):
+        return "training"
+    return "done" if trained else "failed"
+
+
+def _written_recently(run_dir: Path, record: dict[str, Any], lines: int, now: float | None) -> bool:
     now = time.time() if now is None else now
     written = [path.stat().st_mtime for name in (RUN_JSON, METRICS, CHECKPOINTS)
                if (path := inside(run_dir, name)) is not None]
     if not written:
-        return "failed"
+        return False
     last_write = max(written)
     limit = QUIET_LIMIT
     started = _timestamp(record.get("started_at"))
     if started is not None and lines:
         limit = max(limit, QUIET_GAPS * (last_write - started) / lines)
-    return "training" if now - last_write <= limit else "failed"
+    return now - last_write <= limit
 
 
 def _timestamp(value: Any) -> float | None:
@@ -163,9 +183,10 @@ def _timestamp(value: Any) -> float | None:
 
 def eval_table(run_dir: Path) -> tuple[list[str], list[list[Any]]]:
     """(score names, rows of [model, n, mean score...]) for base, fine-tuned and each GGUF, as report.html."""
-    if inside(run_dir, EVAL_ANSWERS) is None:
+    path = inside(run_dir, EVAL_ANSWERS)
+    results = scores_of(read_jsonl(path)) if path is not None else []
+    if not results:
         return [], []
-    results = summarize(run_dir)
     # The headline scores; the task scorer's per-rule ones (`rule:...`) stay in report.html.
     keys = [key for key in dict.fromkeys(k for result in results for k in result.means) if ":" not in key]
     return keys, [[model_label(r.model), r.n, *[r.means.get(key) for key in keys]] for r in results]
@@ -182,7 +203,7 @@ class ExportedFile:
 def exports(run_dir: Path) -> tuple[list[ExportedFile], dict[str, Any] | None]:
     """The GGUF files of the run with their fidelity entries, and fidelity.json itself."""
     gguf_dir = inside(run_dir, GGUF)
-    fidelity = read_json(run_dir, FIDELITY)
+    fidelity = _read_json(run_dir, FIDELITY)
     entries = fidelity.get("quantizations", []) if isinstance(fidelity, dict) else []
     checked = {Path(str(entry.get("path", ""))).name: entry for entry in entries if isinstance(entry, dict)}
     files = []

@@ -1,4 +1,4 @@
-"""`tunesmith eval`: score every model of a run on held-out examples.
+"""`tunesmith eval`: every model of a run answers the same held-out examples, scored side by side.
 
 Models: `base` (the base checkpoint, no adapter: only the first `eval.base_examples`, since it shows the "before"),
 `finetuned` (base + the run's adapter), and each GGUF in `runs/<name>/gguf/`. Their greedy answers come from
@@ -24,7 +24,7 @@ from rich.table import Table
 from tunesmith.atomic import atomic_path
 from tunesmith.config import Config
 from tunesmith.data import near_duplicates
-from tunesmith.data.source import Source
+from tunesmith.data.prepare import read_split
 from tunesmith.errors import ConfigError
 from tunesmith.inference.answer import answers as model_answers
 from tunesmith.inference.cases import Case, cases_digest, load_cases
@@ -46,13 +46,13 @@ class ModelScores:
     """SEEN and UNSEEN: (how many examples, their mean scores), when some held-out examples repeat training."""
 
 
-def evaluated_models(run_dir: Path) -> set[str]:
-    return {row["model"] for row in Run(run_dir).eval_rows()}
+def evaluated_models(run: Run) -> set[str]:
+    return {row["model"] for row in run.eval_rows()}
 
 
-def summarize(run_dir: Path) -> list[ModelScores]:
-    """Per-model means of everything in eval.jsonl (for the report and the web UI)."""
-    return scores_of(Run(run_dir).eval_rows())
+def summarize(run: Run) -> list[ModelScores]:
+    """Per-model means of everything in eval.jsonl (for the report)."""
+    return scores_of(run.eval_rows())
 
 
 def scores_of(rows: list[dict[str, Any]]) -> list[ModelScores]:
@@ -74,12 +74,11 @@ def _scores(model: str, rows: list[dict[str, Any]], seconds: float) -> ModelScor
     return result
 
 
-def evaluate(config: Config, run_dir: Path, file: str | Path | None, models: list[str], console: Console,
+def evaluate(config: Config, run: Run, file: str | Path | None, models: list[str], console: Console,
              limit: int | None = None, keep_existing: bool = False) -> list[ModelScores]:
     file = file or held_out_file(config)
     if not file:
         raise ConfigError("nothing to evaluate on: set eval.file (or data.test_file) or pass --file")
-    run = Run(run_dir)
     cases = load_cases(file, config, limit or config.eval.limit)
     task = load_scorer(config.eval.scorer) if config.eval.scorer else None
     labels = label_set([case.reference for case in cases])
@@ -95,7 +94,7 @@ def evaluate(config: Config, run_dir: Path, file: str | Path | None, models: lis
         answers = _exported_answers(run, name, chosen)
         if answers is None:
             console.print(f"eval: {model_label(name)} on {len(chosen)} examples from {file}")
-            answers = model_answers(name, config, run.dir, [case.messages for case in chosen])
+            answers = model_answers(name, config, run, [case.messages for case in chosen])
         else:
             console.print(f"eval: {model_label(name)}: the answers export gave to these {len(chosen)} examples")
         seconds = time.perf_counter() - started
@@ -127,26 +126,16 @@ def repeated_training(config: Config, run: Run, cases: list[Case]) -> list[near_
 
 def training_examples(config: Config, run: Run) -> list[tuple[str, str, str]]:
     """(input, answer, where) of each training example."""
-    found = []
     if run.train_split.is_file():
-        for number, line in enumerate(run.train_split.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                row = json.loads(line)
-                source = row.get("source") or {}
-                pair = near_duplicates.split_example(row["messages"])
-                if pair:
-                    where = Source(source.get("file", str(run.train_split)), source.get("index", number - 1),
-                                   source.get("line", number))
-                    found.append((*pair, str(where)))
-        return found
-    if config.data.train_file and Path(config.data.train_file).exists():
+        examples = read_split(run.train_split)
+    elif config.data.train_file and Path(config.data.train_file).exists():
         from tunesmith.data import load_examples
 
-        for example in load_examples(config.data.train_file, config.data):
-            pair = near_duplicates.split_example(list(example.messages))
-            if pair:
-                found.append((*pair, str(example.source)))
-    return found
+        examples = load_examples(config.data.train_file, config.data)
+    else:
+        return []
+    return [(*pair, str(example.source)) for example in examples
+            if (pair := near_duplicates.split_example(list(example.messages)))]
 
 
 def _exported_answers(run: Run, name: str, cases: list[Case]) -> list[str] | None:
@@ -162,9 +151,9 @@ def _exported_answers(run: Run, name: str, cases: list[Case]) -> list[str] | Non
     return None
 
 
-def gguf_models(run_dir: Path) -> list[str]:
+def gguf_models(run: Run) -> list[str]:
     """The exported model files of a run, as eval names them (not the LoRA-only GGUF, which needs its base)."""
-    return [str(path) for path in Run(run_dir).ggufs()]
+    return [str(path) for path in run.ggufs()]
 
 
 def print_summary(results: list[ModelScores], console: Console) -> None:

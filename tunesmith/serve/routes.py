@@ -1,7 +1,8 @@
-"""The API app: the route table (path, methods, handler, request type) over the handlers, behind the guard.
+"""The API: the route table (path, methods, handler, request type) over the handlers, behind the guard, and
+`create_api`, the FastAPI app that serves it (Ollama's server/routes.go).
 
 Ollama's handlers are in `handlers.py`, OpenAI's in `openai_compat.py`, the state they share in `server.py`.
-The web UI is not mounted here: `tunesmith/app.py`, above both, adds it to this app.
+The web UI is not mounted here: `tunesmith/app.py`, above both, adds it to this app (`create_app`).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def _endpoint(route: Route, server: Server) -> Callable[[Request], Awaitable[Res
     return endpoint
 
 
-def create_app(config: ServeConfig, store: Store | None = None) -> FastAPI:
+def create_api(config: ServeConfig, store: Store | None = None) -> FastAPI:
     """The API app for `config` (its `Server` in `app.state.server`). Refuses a non-loopback host without a
     strong API key."""
     check_api_key(config.host, server_api_key(config))
