@@ -38,7 +38,7 @@ from tunesmith.train.budget import Budget, StepPlan
 from tunesmith.train.checkpoint import TrainState
 from tunesmith.train.engines import FastEngine, HFEngine, fast_path_wanted
 from tunesmith.train.loss import autocast, completion_loss, model_dtype, use_bf16
-from tunesmith.train.metrics import MetricsLog, TrainProgress, article_line, read_jsonl
+from tunesmith.train.metrics import MetricsLog, TrainProgress, article_line
 from tunesmith.train.schedule import LearningRate
 from tunesmith.train.threads import ThreadGovernor
 
@@ -381,7 +381,7 @@ class Recipe:
                            final["train_seconds"], final["trained_tokens_per_second"])
 
     def _final_numbers(self) -> dict[str, Any]:
-        records = read_jsonl(self.run.metrics)
+        records = self.run.metrics_records()
         last = {key: next((r[key] for r in reversed(records) if key in r), None) for key in ("loss", "eval_loss")}
         budget, state = self.budget, self.state
         final = {
