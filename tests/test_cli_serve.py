@@ -49,3 +49,23 @@ def test_client_commands_say_in_one_line_when_no_server_answers():
         done = run_cli(*args, env={"TUNESMITH_HOST": host})
         assert done.returncode == 2, (args, done.stderr)
         assert f"could not reach the server at http://{host}" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_pipelines_server_listens_where_serve_host_says(tmp_path):
+    """serve.host: 0.0.0.0 makes the pipeline's background server listen on every interface (it used to bind
+    loopback whatever the config said), reached by the pipeline itself on loopback."""
+    import psutil
+
+    from tunesmith.config import Config
+    from tunesmith.local_server import server_at
+    from tunesmith.pipeline import _host
+
+    port = free_port()
+    config = Config.model_validate({"serve": {"host": "0.0.0.0", "port": port, "api_key": "k" * 16}})
+    host = _host(config)
+    assert host == f"http://127.0.0.1:{port}"
+    with server_at(host, config.serve) as server:
+        assert server is not None
+        listening = {(c.laddr.ip, c.laddr.port) for c in psutil.Process(server.pid).net_connections()
+                     if c.status == psutil.CONN_LISTEN}
+        assert ("0.0.0.0", port) in listening

@@ -30,8 +30,9 @@ def start_local_server(host: str | None = None, *, config: str | Path | None = N
     parts = urlsplit(host_url(host))
     if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
         raise ClientError(f"no server answers at {host_url(host)}", "start it there with `tunesmith serve`")
-    command = [sys.executable, "-m", "tunesmith.app", "--host", parts.hostname or "127.0.0.1",
-               "--port", str(parts.port or DEFAULT_PORT)]
+    # It listens where the serve section says (0.0.0.0: every interface), and is reached here on loopback.
+    bind = settings.host if settings is not None else parts.hostname or "127.0.0.1"
+    command = [sys.executable, "-m", "tunesmith.app", "--host", bind, "--port", str(parts.port or DEFAULT_PORT)]
     if config is not None:
         command += ["--config", str(config)]
     env = None

@@ -100,7 +100,7 @@ def _create(ctx: Context) -> None:
     from tunesmith.serve import client
 
     host = ctx.deploy or _host(ctx.config)
-    serve = ctx.stage_config("serve").serve
+    serve = _server_settings(ctx)
     with contextlib.nullcontext() if ctx.deploy else server_at(host, serve):
         client.create_from_modelfile(host, ctx.config.name, ctx.run.modelfile, api_key=_key(ctx, serve))
     ctx.console.print(f"  created {ctx.config.name} on {host}")
@@ -115,7 +115,7 @@ def _serve(ctx: Context) -> None:
     from tunesmith.local_server import server_at
 
     host = ctx.deploy or _host(ctx.config)
-    serve, evaluation = ctx.stage_config("serve").serve, ctx.stage_config("eval")
+    serve, evaluation = _server_settings(ctx), ctx.stage_config("eval")
     with contextlib.nullcontext() if ctx.deploy else server_at(host, serve) as server:
         asked, samples = [], _sample_prompts(evaluation)
         for prompt, reference in samples:
@@ -162,7 +162,19 @@ def _ask(host: str, model: str, prompt: str, num_predict: int, api_key: str | No
 
 
 def _host(config: Config) -> str:
-    return f"http://{config.serve.host}:{config.serve.port}"
+    """Where the pipeline reaches the server it starts: serve.host:serve.port as a client reaches it (a server
+    bound to 0.0.0.0 answers on loopback), resolved as every command resolves it (serve/address.py)."""
+    from tunesmith.serve.address import host_url, server_settings
+
+    settings = server_settings(config.serve)
+    return host_url(f"{settings.host}:{settings.port}")
+
+
+def _server_settings(ctx: Context) -> ServeConfig:
+    """The serve section the pipeline's server starts with, resolved as `tunesmith serve` resolves it."""
+    from tunesmith.serve.address import server_settings
+
+    return server_settings(ctx.stage_config("serve").serve)
 
 
 def _key(ctx: Context, serve: ServeConfig) -> str | None:
