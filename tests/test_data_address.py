@@ -179,3 +179,15 @@ def test_the_example_trains_and_is_scored_per_field_on_a_tiny_model(tmp_path, ti
         assert "json_valid" in row["scores"] and set(task) <= set(row["scores"])
         assert {key: row["scores"][key] for key in task if key != "exact_match"} == \
             {key: value for key, value in task.items() if key != "exact_match"}
+
+
+def test_data_inspect_shows_tokens_per_example_under_each_builtin(builtin_checkpoint, gemma_checkpoint):
+    """Chinese text: Gemma 3's tokenizer writes it in far fewer tokens than SmolLM2's (README: which built-in for
+    which language)."""
+    import re
+
+    done = run_cli("data", "inspect", str(HERE / "train.jsonl"), "--config", str(HERE / "config.yaml"))
+    assert done.returncode == 0, done.stderr
+    rows = dict(re.findall(r"builtin:(\S+)[^│┃]*[│┃]\s+(\d+)\s+[│┃]", done.stdout))
+    assert set(rows) == {"smollm2-135m", "gemma3-270m"}, done.stdout
+    assert int(rows["gemma3-270m"]) < 0.7 * int(rows["smollm2-135m"])

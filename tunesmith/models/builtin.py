@@ -153,6 +153,11 @@ def _complete(target: Path, spec: Builtin) -> bool:
     return (target / COMPLETE_MARKER).exists() and (not spec.sentencepiece or (target / "tokenizer.model").exists())
 
 
+def is_built(name: str) -> bool:
+    """Whether built-in `name`'s checkpoint is already on this machine (no build needed)."""
+    return _complete(builtin_dir(name), BUILTINS[name])
+
+
 def materialize_smollm2() -> Path:
     return materialize(SMOLLM2)
 
