@@ -117,3 +117,21 @@ def test_the_report_lists_wrong_answers_and_per_field_scores_without_a_browser(t
     assert 'id="field-table"' in text and 'id="repeats-table"' in text and 'id="wrong-served"' in text
     assert "Wrong answers of demo.q8_0.gguf (2 of 3; first 2)" in text
     assert "Wrong answers of finetuned" not in text  # every fine-tuned answer was right
+
+
+def test_report_shows_validation_per_rule_at_each_eval_step(tmp_path):
+    """The during-training table: each rule's recall and precision at each eval step, as the loop logs them."""
+    import re
+
+    run = tmp_path / "run"
+    _fake_run(run)
+    with (run / "metrics.jsonl").open("a") as metrics:
+        for step, recall in ((10, 0.25), (20, 0.875)):
+            metrics.write(json.dumps({"step": step, "eval_loss": 0.5, "eval_exact_match": recall / 2,
+                                      "eval_recall:gear_start": recall, "eval_precision:gear_start": 1.0}) + "\n")
+    page = build_report(Run(run)).read_text(encoding="utf-8")
+    table = page[page.index('id="training-detail-table"'):]
+    table = table[:table.index("</table>")]
+    assert "<th>step 10</th>" in table and "<th>step 20</th>" in table
+    row = re.search(r"<td>recall:gear_start</td>(.*?)</tr>", table).group(1)
+    assert re.findall(r'class="num">([^<]+)<', row)[-2:] == ["0.250", "0.875"]

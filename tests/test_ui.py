@@ -226,9 +226,13 @@ def test_loss_curve_has_a_point_per_step_and_grows_while_training(site, page, tm
     log = MetricsLog(Run(run).metrics, Run(run).tensorboard, steps[-1])
     for step in (steps[-1] + 1, steps[-1] + 2):
         log.write(train_record(step))
-    log.write({"step": steps[-1] + 2, "eval_loss": 0.5, "eval_exact_match": 0.875})
+    log.write({"step": steps[-1] + 2, "eval_loss": 0.5, "eval_exact_match": 0.875,
+               "eval_recall:gear_start": 0.25, "eval_precision:gear_start": 1.0})
     log.close()
     page.wait_for_function(points, arg=len(steps) + 2, timeout=10_000)
+    # Validation by rule: the new eval step's column, the rule not learned yet visible at a glance.
+    detail = page.inner_text("#detail-table")
+    assert f"step {steps[-1] + 2}" in detail and "recall:gear_start" in detail and "0.25" in detail
     assert page.eval_on_selector_all("#loss-plot circle.eval-point", "c => c.length") == len(evals) + 1
     # Answers right during training: a point per eval step on the accuracy axis, the latest in the status line.
     assert page.eval_on_selector_all("#loss-plot circle.accuracy-point", "c => c.length") == len(evals) + 1

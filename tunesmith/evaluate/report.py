@@ -124,6 +124,8 @@ def build_report(run: Run) -> Path:
                ["learning rate", config.get("train", {}).get("learning_rate")]]
     parts.append(_table(["metric", "value"], [[k, "–" if v is None else v] for k, v in summary], "metrics-table"))
 
+    parts.append(_during_training(metrics))
+
     parts.append("<h2>Evaluation</h2>")
     parts.append(_eval_section(rows, fidelity))
 
@@ -141,6 +143,25 @@ def build_report(run: Run) -> Path:
     target = run.report
     write_text(target, page)
     return target
+
+
+SHOWN_EVAL_STEPS = 8
+"""Eval steps shown in the during-training table: the last ones, where the run ended up."""
+
+
+def _during_training(metrics: list[dict[str, Any]]) -> str:
+    """The validation scores at each eval step, per rule, field or label (`eval_recall:gear_start`, ...): which
+    behaviour the model had not learned yet, and when it did. Empty without the accuracy probe's detail."""
+    evals = [record for record in metrics if "eval_loss" in record][-SHOWN_EVAL_STEPS:]
+    keys = list(dict.fromkeys(key for record in evals for key in record if key.startswith("eval_") and ":" in key))
+    if not keys:
+        return ""
+    headline = [key for key in ("eval_exact_match",) if any(key in record for record in evals)]
+    rows = [[key.removeprefix("eval_"), *[record.get(key) for record in evals]] for key in headline + keys]
+    return ("<h3>Validation during training, per rule, field or label</h3>"
+            "<p>Greedy answers to the first train.eval_accuracy validation examples at each eval step; a rule's "
+            "recall counts the answers whose reference gives it, its precision the answers that give it.</p>"
+            + _table(["score", *[f"step {record['step']}" for record in evals]], rows, "training-detail-table"))
 
 
 def _eval_section(rows: list[dict[str, Any]], fidelity: Any) -> str:

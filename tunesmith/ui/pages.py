@@ -102,6 +102,8 @@ def run_page(run: RunSummary, eval_keys: list[str], eval_rows: list[list[Any]], 
         "<h2>Loss</h2>",
         (f'<div id="loss" data-metrics="/ui/api/runs/{name}/metrics"><div id="loss-plot"></div>'
          '<p id="loss-latest" class="muted"></p></div>'),
+        "<h2>Validation by rule, field or label</h2>",
+        '<div id="detail"></div>',
         "<h2>Evaluation</h2>",
         _eval_section(eval_keys, eval_rows),
         "<h2>Export</h2>",

@@ -106,6 +106,43 @@
     latest.textContent = parts.join(" · ");
   }
 
+  // Validation by rule, field or label (eval_recall:<rule>, eval_field:<name>, ...) at the last eval steps:
+  // which behaviour the model has not learned yet, updated as the run logs eval passes.
+  const SHOWN_STEPS = 6;
+  function drawDetail() {
+    const box = document.getElementById("detail");
+    if (!box) return;
+    const evals = records.filter((r) => typeof r.eval_loss === "number").slice(-SHOWN_STEPS);
+    const keys = [...new Set(evals.flatMap((r) => Object.keys(r).filter((k) => k.startsWith("eval_") && k.includes(":"))))];
+    box.textContent = "";
+    if (!keys.length) {
+      const empty = document.createElement("p");
+      empty.className = "muted";
+      empty.textContent = "no per-rule, per-field or per-label scores logged (train.eval_accuracy, eval.scorer)";
+      box.appendChild(empty);
+      return;
+    }
+    const table = document.createElement("table");
+    table.id = "detail-table";
+    const head = table.createTHead().insertRow();
+    for (const label of ["score", ...evals.map((r) => `step ${r.step}`)]) {
+      const th = document.createElement("th");
+      th.textContent = label;
+      head.appendChild(th);
+    }
+    const body = table.createTBody();
+    for (const key of keys) {
+      const row = body.insertRow();
+      row.insertCell().textContent = key.slice("eval_".length);
+      for (const r of evals) {
+        const cell = row.insertCell();
+        cell.className = "num";
+        cell.textContent = typeof r[key] === "number" ? r[key].toFixed(2) : "–";
+      }
+    }
+    box.appendChild(table);
+  }
+
   function showState(state) {
     if (!badge || !state || badge.textContent === state) return;
     badge.textContent = state;
@@ -121,6 +158,7 @@
         if (data.reset || data.records.length) {
           records = data.reset ? data.records : records.concat(data.records);
           draw();
+          drawDetail();
         }
         showState(data.state);
         // A finished or stopped run is looked at less often: it only changes if it is resumed.
@@ -133,5 +171,6 @@
   }
 
   draw();
+  drawDetail();
   poll();
 })();
