@@ -23,6 +23,10 @@ to smooth batches of different widths."""
 TIMED_EVAL_STEP = 10
 """With a time budget and an eval set, one eval pass runs after this step to time it, so the budget counts the
 passes to come from the start (the accuracy probe generates answers: far more than a training step)."""
+EVAL_SHARE = 0.1
+"""Under a time budget, the eval passes between the timed one and the last are spaced so that all of them take
+at most this share of the budget (never closer than train.eval_steps): on a 2-core CPU one pass of SmolLM2 over
+the address example's validation split took 80 s of a 15-minute budget (bench/RESULTS.md)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,10 @@ class Budget:
     """What the last eval pass took; None until one ran."""
     progress: float = 0.0
     recent: list[float] = field(default_factory=list)
+    eval_interval: int | None = None
+    """Steps between eval passes: eval_steps, or under a time budget what EVAL_SHARE allows (decided once the
+    timed pass is measured; 0: none between the timed one and the last)."""
+    eval_share: float = EVAL_SHARE
 
     def step_done(self, seconds: float) -> None:
         self.train_seconds += seconds
@@ -59,9 +67,32 @@ class Budget:
         """Training time outside a step (writing a checkpoint): counted, but not a step time to plan with."""
         self.train_seconds += seconds
 
-    def eval_done(self, seconds: float) -> None:
+    def eval_done(self, seconds: float, done: int) -> None:
+        """An eval pass after step `done` took `seconds`; the first one under a time budget sets the spacing."""
         self.eval_seconds += seconds
         self.eval_pass = seconds
+        if self.seconds is not None and self.eval_interval is None:
+            self.eval_interval = self._spacing(done)
+
+    def _spacing(self, done: int) -> int:
+        """Steps between the eval passes still to come, so that they take at most `eval_share` of the budget (the
+        last one included); 0 when the budget allows only the last."""
+        passes = math.floor(max(0.0, self.eval_share * self.seconds - self.eval_seconds) / max(self.eval_pass, 1e-9))
+        if passes <= 1:
+            return 0
+        self.eval_interval = 0  # plan the steps as if only the last pass were left, then spread the others
+        steps = self._steps_that_fit(done) or 0
+        return max(self.eval_steps, math.ceil(steps / passes))
+
+    def eval_due(self, step: int, last: bool) -> bool:
+        """Whether an eval pass runs after `step`: at the last step, every eval_interval steps, and under a time
+        budget once after TIMED_EVAL_STEP to time it."""
+        if not self.eval_steps:
+            return False
+        if last or self.wants_timing_eval(step):
+            return True
+        interval = self.eval_steps if self.seconds is None else self.eval_interval
+        return bool(interval) and step % interval == 0
 
     @property
     def spent(self) -> float:
@@ -108,9 +139,11 @@ class Budget:
         left = self.seconds - self.spent
         eval_pass = self.eval_pass or 0.0
         steps = max(0, min(self.total_steps - done, math.floor(left / seconds)))
+        interval = self.eval_interval if self.eval_interval is not None else self.eval_steps
         while steps > 0:
-            # the passes at multiples of eval_steps before the last step, and the one after it
-            evals = (done + steps - 1) // self.eval_steps - done // self.eval_steps + 1 if self.eval_steps else 0
+            evals = 0
+            if self.eval_steps:  # the passes at multiples of the interval before the last step, and the one after it
+                evals = 1 + ((done + steps - 1) // interval - done // interval if interval else 0)
             if steps * seconds + evals * eval_pass <= left:
                 break
             steps -= 1

@@ -55,6 +55,7 @@ class TrainState:
     """The last step times the budget estimates from, so a resumed run plans its next step as the run it
     continues would have."""
     eval_pass: float | None = None
+    eval_interval: int | None = None
     stopped_early: str | None = None
     """Why `train.stop_when` ended the run at this step: a resumed run does not train past it."""
     window_loss: float = 0.0
@@ -66,12 +67,12 @@ class TrainState:
     def keep(self, budget: Any) -> None:
         """Copy the budget's position into the state, before a checkpoint saves it."""
         self.train_seconds, self.eval_seconds, self.progress = budget.train_seconds, budget.eval_seconds, budget.progress
-        self.recent_steps, self.eval_pass = list(budget.recent), budget.eval_pass
+        self.recent_steps, self.eval_pass, self.eval_interval = list(budget.recent), budget.eval_pass, budget.eval_interval
 
     def restore(self, budget: Any) -> None:
         """Put a checkpoint's position back into the budget of the resumed run."""
         budget.train_seconds, budget.eval_seconds, budget.progress = self.train_seconds, self.eval_seconds, self.progress
-        budget.recent, budget.eval_pass = list(self.recent_steps), self.eval_pass
+        budget.recent, budget.eval_pass, budget.eval_interval = list(self.recent_steps), self.eval_pass, self.eval_interval
 
     @classmethod
     def from_json(cls, text: str) -> TrainState:

@@ -20,7 +20,7 @@ from tunesmith.config import Config
 from tunesmith.errors import ConfigError
 from tunesmith.train import batches
 from tunesmith.train.distributed import ALONE, World
-from tunesmith.train.loss import autocast, evaluate_loss
+from tunesmith.train.loss import EVAL_LOSS_EXAMPLES, autocast, evaluate_loss
 
 
 class HFEngine:
@@ -96,9 +96,8 @@ class HFEngine:
         return world.sum(loss_value), grad_norm, inputs, targets
 
     def eval_loss(self) -> float:
-
-        return evaluate_loss(self.forward, self.data.eval, self.config.train.batch_size, self.pad_id, self.device,
-                             self.config)
+        return evaluate_loss(self.forward, self.data.eval[:EVAL_LOSS_EXAMPLES], self.config.train.batch_size,
+                             self.pad_id, self.device, self.config)
 
     def generation_model(self) -> Any:
         """The model with its adapter, as `generate()` takes it (the accuracy probe)."""
@@ -158,7 +157,8 @@ class FastEngine:
         self.buffers = fast.pack(examples, self.seq_len, pad_id)
         if device == "cuda":
             self.buffers = [buffer.pin_memory() for buffer in self.buffers]
-        self.eval_buffers = fast.pack([(e["input_ids"], e["labels"]) for e in data.eval], self.seq_len, pad_id)
+        self.eval_buffers = fast.pack([(e["input_ids"], e["labels"]) for e in data.eval[:EVAL_LOSS_EXAMPLES]],
+                                      self.seq_len, pad_id)
         self.optimizer = fast.make_optimizer(self.fast, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self._step = None  # built on first use, after a resume has loaded its state (CUDA graphs hold it)
         # Every rank packs the same buffers; a global micro-batch is world-size buffers, one per rank.

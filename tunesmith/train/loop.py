@@ -299,16 +299,16 @@ class Recipe:
         state.window_loss, state.window_steps = 0.0, 0
 
     def _evaluate_if_due(self, progress: TrainProgress, plan: StepPlan) -> float:
-        """An eval pass when one is due (every eval_steps, at the end, and once early to time it under a time
-        budget); returns the seconds it took, which the budget counts apart from training."""
+        """An eval pass when the budget says one is due (every eval_steps, at the end; under a time budget once
+        early to time it, then as often as a tenth of the budget allows); returns the seconds it took, which the
+        budget counts apart from training."""
         step = self.state.step
-        if not self.data.eval or not (step % self.cfg.eval_steps == 0 or plan.last
-                                      or self.budget.wants_timing_eval(step)):
+        if not self.data.eval or not self.budget.eval_due(step, plan.last):
             return 0.0
         began = self.clock()
         record = self._evaluation()
         seconds = self.clock() - began
-        self.budget.eval_done(seconds)
+        self.budget.eval_done(seconds, step)
         record["seconds"] = round(self.budget.spent, 1)
         self.metrics.write(record)
         progress.print("{" + ", ".join(f"'{key}': {value}" for key, value in record.items()

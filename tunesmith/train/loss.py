@@ -54,6 +54,12 @@ def _after_prefix(causal: Any, decoder: Any, batch: dict[str, Any]) -> Any:
     return decoder(input_ids=rest, attention_mask=mask, cache=cache, use_cache=True).last_hidden_state
 
 
+EVAL_LOSS_EXAMPLES = 64
+"""The eval loss is the loss over the first this many examples of the eval split: a signal, not a score (the eval
+stage scores the held-out file), and on a CPU the pass over a 100-example split cost 33 s of a 15-minute budget
+(SmolLM2, the address example, bench/RESULTS.md)."""
+
+
 def evaluate_loss(forward: Any, examples: list[dict[str, list[int]]], batch_size: int, pad_id: int, device: str,
                   config: Config) -> float:
     """`forward`: the loss module (`distributed.wrap`), which computes `completion_loss` of its model. Every rank
