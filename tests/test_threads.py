@@ -7,7 +7,8 @@ import json
 
 from tests.test_train import _config
 from tests.train_support import train_in_process
-from tunesmith.train.threads import CpuReading, ThreadGovernor, read_cpu
+from tunesmith.cpu import CpuReading, free_cores, read_cpu
+from tunesmith.train.threads import ThreadGovernor
 
 
 class FakeMachine:
@@ -96,3 +97,9 @@ def test_the_loop_follows_the_governor(tmp_path, tiny_qwen3, work_clock):
     assert "compute threads: 1 (other processes are using the rest of the 2 cores)" in out
     run = tmp_path / "runs" / "governed"
     assert json.loads((run / "run.json").read_text())["final"]["steps"] == 8
+
+
+def test_free_cores_are_between_one_and_all():
+    import os
+
+    assert 1 <= free_cores(0.2) <= len(os.sched_getaffinity(0))

@@ -131,7 +131,7 @@ class TrainConfig(Section):
     share_prefix: bool = True
     """transformers + peft engine: compute the tokens every example of a batch starts with (the chat template's
     start and the system prompt) once per batch, each example attending to their keys and values, instead of once
-    per example; same loss and gradients (tests/test_batches.py). Off under gradient checkpointing."""
+    per example; same loss and gradients (tests/test_batches.py). Off under gradient checkpointing and FSDP."""
     gradient_checkpointing: Literal["auto", True, False] = "auto"
     """Recompute activations in the backward pass to save memory, at the cost of a second forward. `auto`: on
     only when the largest batch's activations would not fit in half the free memory (train/memory.py); the

@@ -94,7 +94,8 @@ def evaluate(config: Config, run: Run, file: str | Path | None, models: list[str
         answers = _exported_answers(run, name, chosen)
         if answers is None:
             console.print(f"eval: {model_label(name)} on {len(chosen)} examples from {file}")
-            answers = model_answers(name, config, run, [case.messages for case in chosen])
+            answers = model_answers(name, config, run, [case.messages for case in chosen],
+                                    [case.reference for case in chosen])
         else:
             console.print(f"eval: {model_label(name)}: the answers export gave to these {len(chosen)} examples")
         seconds = time.perf_counter() - started

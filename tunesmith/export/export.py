@@ -204,7 +204,7 @@ def _fidelity(run: Run, config: Any, merged: Path, tokenizer: Any, ggufs: dict[s
         console.print("[yellow]export: fidelity check skipped (no held-out examples)[/]")
         return [], {"prompts": 0, "skipped": "no held-out examples", "quantizations": []}, unchecked
     conversations = [case.messages for case in cases]
-    max_new = config.eval.max_new_tokens
+    max_new = hf.answer_limit(tokenizer, [case.reference for case in cases], config.eval.max_new_tokens)
     console.print(f"export: each GGUF answers {len(cases)} held-out prompts (greedy, up to {max_new} tokens, "
                   "batched as the server decodes)")
     answers: dict[str, list[str]] = {}

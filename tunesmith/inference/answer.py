@@ -11,11 +11,17 @@ from tunesmith.inference.gguf import gguf_answers
 from tunesmith.run import Run
 
 
-def answers(name: str, config: Config, run: Run, conversations: list[list[dict[str, str]]]) -> list[str]:
-    max_new = config.eval.max_new_tokens
+def answers(name: str, config: Config, run: Run, conversations: list[list[dict[str, str]]],
+            references: list[str] | None = None) -> list[str]:
+    """Greedy answers, each at most `eval.max_new_tokens` long, or `hf.answer_limit` given the references."""
     if name not in ("base", "finetuned"):
+        from tunesmith.models import load_tokenizer, resolve_base
+
+        tokenizer = load_tokenizer(resolve_base(config.model.base, config.model.revision))
+        max_new = hf.answer_limit(tokenizer, references, config.eval.max_new_tokens)
         return gguf_answers(Path(name), config, conversations, max_new)
     model, tokenizer = hf.load_finetuned(run, config) if name == "finetuned" else hf.load(config, None)
     if name == "finetuned" and config.train.method == "lora":
         model = model.merge_and_unload()  # same answers, no per-layer adapter overhead while generating
+    max_new = hf.answer_limit(tokenizer, references, config.eval.max_new_tokens)
     return hf.generate_batch(model, tokenizer, conversations, config, max_new)

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 from tunesmith.config import Config
 from tunesmith.inference import hf
 from tunesmith.llama.batching import Batcher, Sequence, Stats
-from tunesmith.llama.load import EngineError
+from tunesmith.llama.load import EngineError, idle_cores
 
 PARALLEL = 16
 """Sequences decoded together. On CPU one llama_decode of 2 to 8 tokens costs about what 2 tokens cost, so many
@@ -43,7 +43,8 @@ def gguf_answers(gguf: Path, config: Config, conversations: list[list[dict[str, 
     # Each sequence's cache holds its prompt and answer; a longer one would only take memory. A multiple of 256,
     # which llama.cpp would otherwise pad the context to (and say so on the terminal).
     num_ctx = -(-(max(len(prompt) for prompt in prompts) + max_new + 1) // 256) * 256
-    batcher = Batcher(gguf, num_ctx=num_ctx, parallel=min(parallel, len(prompts)))
+    # Answering alone, so with every core no other process is using (the server keeps half: it shares them).
+    batcher = Batcher(gguf, num_ctx=num_ctx, parallel=min(parallel, len(prompts)), n_threads=idle_cores())
     try:
         decoded = decode_all(batcher, prompts, max_new, stops)
     finally:

@@ -41,15 +41,17 @@ def default_threads() -> int:
 
 
 def idle_cores() -> int:
-    """The cores other processes leave free, at least one (export's log-likelihood pass).
+    """The cores other processes leave free, at least one, measured over half a second (tunesmith/cpu.py): the
+    threads for llama.cpp work that runs alone (export's answers and log-likelihoods, evaluation).
 
     llama.cpp's threads spin at a barrier after every operation; with more threads than idle cores each
     barrier waits for a descheduled thread. Measured on 2 cores with load ~5: 4 prompts x 8 tokens of the
-    135M model took 104 s with 2 threads and 8 s with 1.
+    135M model took 104 s with 2 threads and 8 s with 1. (The 1-minute load average this used to read still
+    counted the training that had just ended: export then ran on one core of two idle ones.)
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    others = max(0.0, os.getloadavg()[0] - 1.0)  # the caller itself has kept one core busy until now
-    return max(1, min(cores, cores - round(others)))
+    from tunesmith.cpu import free_cores
+
+    return free_cores()
 
 
 def model_params() -> Any:

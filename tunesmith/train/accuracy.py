@@ -19,10 +19,6 @@ from tunesmith.scorers import label_set, load_scorer, mean_scores, score_answers
 _COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
 
-ANSWER_MARGIN = 8
-"""Tokens the probe generates beyond the longest reference: room to end the turn, and for tokenizing differently."""
-
-
 class AccuracyProbe:
     def __init__(self, config: Config, tokenizer: Any, examples: list[Any]):
         """`examples`: the eval split (validated `Example`s, the last turn the reference answer); the first
@@ -34,11 +30,11 @@ class AccuracyProbe:
         self.references = [e.messages[-1]["content"] for e in chosen]
         self.task = load_scorer(config.eval.scorer) if config.eval.scorer else None
         self.labels = label_set(self.references)
-        # An answer longer than every reference cannot be right: early in training, when the model does not stop
-        # yet, generating to eval.max_new_tokens took most of an eval pass (32 answers x 128 tokens: 47 s on CPU).
-        longest = max((len(tokenizer(reference, add_special_tokens=False).input_ids) for reference in self.references),
-                      default=0)
-        self.max_new = min(config.eval.max_new_tokens, longest + ANSWER_MARGIN)
+        # Early in training, when the model does not stop yet, generating to eval.max_new_tokens took most of an
+        # eval pass (32 answers x 128 tokens: 47 s on CPU): at most the longest reference and a margin.
+        from tunesmith.inference.hf import answer_limit
+
+        self.max_new = answer_limit(tokenizer, self.references, config.eval.max_new_tokens)
 
     def __len__(self) -> int:
         return len(self.conversations)

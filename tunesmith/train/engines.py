@@ -34,7 +34,11 @@ class HFEngine:
         self.params = [p for p in model.parameters() if p.requires_grad]
         # The shared prefix goes through a KV cache, which gradient checkpointing turns off (transformers).
         checkpointing = any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
-        self.share_prefix = config.train.share_prefix and not checkpointing and config.train.loss_on == "completion"
+        # FSDP2 frees each layer's gathered weights after its forward and gathers them again for its backward,
+        # once per forward; the prefix and the rest are two forwards of the same layers in one step, and the
+        # prefix's backward then finds the weights freed (tests/test_distributed.py). Off under FSDP.
+        self.share_prefix = (config.train.share_prefix and not checkpointing and not config.train.fsdp
+                             and config.train.loss_on == "completion")
         model.train()  # from_pretrained returns eval mode, where gradient checkpointing is off
         cfg = config.train
         self.lengths = [len(example["input_ids"]) for example in data.train]

@@ -11,10 +11,9 @@ the cores left over: fewer threads while something else runs, all of them back w
 
 from __future__ import annotations
 
-import os
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+
+from tunesmith.cpu import CpuReading, read_cpu
 
 CHECK_EVERY = 5.0
 """Seconds between two readings: long enough to average over a few steps, short enough to follow a job that
@@ -25,32 +24,6 @@ free: 2 threads get ~1.3 cores between them, their partner spinning)."""
 UP_AT = 0.75
 """Take a thread back once the free cores exceed the threads in use by this much (hysteresis: no flapping when
 another process comes and goes within a reading)."""
-
-
-@dataclass(frozen=True)
-class CpuReading:
-    wall: float
-    """Seconds, monotonic."""
-    busy: float
-    """CPU seconds the whole machine was busy since boot (all cores, steal included)."""
-    own: float
-    """CPU seconds of this process (all its threads, spinning included)."""
-
-
-def read_cpu() -> CpuReading | None:
-    """The machine's and this process's CPU time; None where /proc/stat is missing (not Linux)."""
-    try:
-        with open("/proc/stat", encoding="ascii") as handle:
-            fields = handle.readline().split()
-    except OSError:
-        return None
-    if not fields or fields[0] != "cpu":
-        return None
-    ticks = [int(value) for value in fields[1:]]
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-    times = os.times()
-    return CpuReading(time.monotonic(), (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK"),
-                      times.user + times.system)
 
 
 class ThreadGovernor:
