@@ -115,3 +115,15 @@ def test_gguf_log_likelihoods_equal_llama_cpp_pythons_every_position_logits(smol
         llm.close()
     assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert got[0] > -1.0 and got[1] > -1.0 and got[-1] == 0.0  # likely answers, so positions line up
+
+
+def test_answers_are_cut_at_the_longest_reference_plus_a_margin(tiny):
+    """An answer longer than every reference by ANSWER_MARGIN tokens cannot match one: generation stops there."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    references = ["short", "a somewhat longer reference answer of several words"]
+    longest = max(len(tokenizer(text, add_special_tokens=False).input_ids) for text in references)
+    assert hf.answer_limit(tokenizer, references, 256) == longest + hf.ANSWER_MARGIN
+    assert hf.answer_limit(tokenizer, references, 4) == 4  # never more than asked
+    assert hf.answer_limit(tokenizer, None, 256) == 256  # nothing to compare with: as asked
