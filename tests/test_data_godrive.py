@@ -135,3 +135,26 @@ def test_score_exact_match_and_per_rule_recall_and_precision():
     assert score("请开启近光灯。", ISSUE_LINE)["exact_match"] == 1.0  # a feature line as the reference
     assert score("请开启近光灯。\n", {"input": ISSUE_LINE, "output": "请开启近光灯。"})["exact_match"] == 1.0
     assert score("胡说八道", reference)["rule_f1"] == 0.0
+
+
+def test_exact_match_is_given_apart_where_four_or_more_rules_fire():
+    """With the question, goDrive's scorer splits exact match by how many rules fire; eval passes the prompt to a
+    scorer that takes one (and still calls a two-argument scorer the plain way)."""
+    from tunesmith.scorers import mean_scores, score_answers
+
+    many = godrive.format_features(CALM | {"安全带": "未系", "车门": "未关", "发动机": "熄火", "时间特征": "夜晚"})
+    few = ISSUE_LINE
+    assert len(godrive.fired_rules(many)) >= 4 and len(godrive.fired_rules(few)) == 1
+    right, wrong = godrive.expected(many), "请开启近光灯。"
+    assert godrive.score(right, right)["exact_match"] == 1.0 and "exact_match:4+ rules" not in godrive.score(right, right)
+    on_many = godrive.score(right, right, prompt=many)
+    assert (on_many["exact_match:4+ rules"], on_many["exact_match:1-3 rules"]) == (1.0, None)
+    on_few = godrive.score(wrong, godrive.expected(few), prompt=few)
+    assert (on_few["exact_match:4+ rules"], on_few["exact_match:1-3 rules"]) == (None, 1.0)
+
+    answers, references = [right, wrong, "请开启近光灯。"], [right, right, godrive.expected(few)]
+    means = mean_scores(score_answers(answers, references, "text", godrive.score, prompts=[many, many, few]))
+    assert (means["exact_match:4+ rules"], means["exact_match:1-3 rules"]) == (0.5, 1.0)
+    plain = score_answers(answers, references, "text", lambda answer, reference: {"length": len(answer)},
+                          prompts=[many, many, few])
+    assert [scores["length"] for scores in plain] == [len(answer) for answer in answers]

@@ -90,3 +90,10 @@ def test_eval_records_carry_the_task_scorers_per_rule_recall_and_precision(tmp_p
     assert {key.removeprefix("eval_recall:") for key in last if key.startswith("eval_recall:")} == wanted
     assert all(0.0 <= last[f"eval_recall:{rule}"] <= 1.0 for rule in wanted)
     assert "eval_rule_recall" in last and "eval_exact_match" in last
+    # the prompt reaches the scorer: exact match apart where 4+ rules fire and where 1-3 do
+    from examples.godrive.generate import fired_rules
+
+    inputs = [json.loads(line)["input"] for line in (godrive / "valid.jsonl").read_text().splitlines()[:8]]
+    counts = [len(fired_rules(line)) for line in inputs]
+    assert any(count >= 4 for count in counts) and any(1 <= count <= 3 for count in counts)
+    assert {"eval_exact_match:4+ rules", "eval_exact_match:1-3 rules"} <= last.keys()

@@ -9,8 +9,10 @@ validity, a task scorer's), detail scores named `kind:name` say what is wrong:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import inspect
 import json
 import sys
 from collections.abc import Callable
@@ -21,7 +23,9 @@ from rapidfuzz.distance import Levenshtein
 
 from tunesmith.errors import ConfigError
 
-Scorer = Callable[[str, str], dict[str, float]]
+Scorer = Callable[..., dict[str, float | None]]
+"""function(prediction, reference) -> scores; one that also takes `prompt` gets the question too (goDrive's
+scorer counts the rules an input fires, so that exact match is also shown where four or more fire)."""
 
 
 def normalize(text: str) -> str:
@@ -95,7 +99,8 @@ def label_scores(prediction: str, reference: str, labels: list[str]) -> dict[str
 
 
 def load_scorer(spec: str, search: list[Path] | None = None) -> Scorer:
-    """`module:function` or `path/to/file.py:function`, called as function(prediction, reference) -> dict.
+    """`module:function` or `path/to/file.py:function`, called as function(prediction, reference) -> dict, or
+    function(prediction, reference, prompt=...) where it has a `prompt` parameter.
 
     Modules are looked up from the working directory and the `search` folders too (the config file's
     folder and its parents), since a task's scorer usually sits beside its data, not in an installed package.
@@ -143,9 +148,18 @@ def mean_scores(per_case: list[dict[str, Any]]) -> dict[str, float | None]:
     return means
 
 
+@functools.lru_cache(maxsize=32)
+def _takes_prompt(task: Scorer) -> bool:
+    try:
+        return "prompt" in inspect.signature(task).parameters
+    except (TypeError, ValueError):  # a builtin or C function: called the plain way
+        return False
+
+
 def score_all(prediction: str, reference: str, expect: str, task: Scorer | None,
-              labels: list[str] | None = None) -> dict[str, Any]:
-    """Every score of one answer: the headline ones, then the task scorer's, the per-field and per-label ones."""
+              labels: list[str] | None = None, prompt: str | None = None) -> dict[str, Any]:
+    """Every score of one answer: the headline ones, then the task scorer's, the per-field and per-label ones.
+    `prompt` (the question's last user message) goes to a task scorer that takes it."""
     scores: dict[str, Any] = {
         "exact_match": exact_match(prediction, reference),
         "edit_similarity": round(edit_similarity(prediction, reference), 4),
@@ -153,7 +167,9 @@ def score_all(prediction: str, reference: str, expect: str, task: Scorer | None,
     if expect == "json":
         scores["json_valid"] = json_valid(prediction, reference)
     if task is not None:
-        for name, value in task(prediction, reference).items():
+        found = task(prediction, reference, prompt=prompt) if prompt is not None and _takes_prompt(task) else \
+            task(prediction, reference)
+        for name, value in found.items():
             scores.setdefault(name, value)
     for name, value in field_scores(prediction, reference).items():
         scores.setdefault(name, value)
@@ -163,8 +179,10 @@ def score_all(prediction: str, reference: str, expect: str, task: Scorer | None,
 
 
 def score_answers(answers: list[str], references: list[str], expect: str, task: Scorer | None,
-                  labels: list[str] | None = None) -> list[dict[str, Any]]:
+                  labels: list[str] | None = None, prompts: list[str] | None = None) -> list[dict[str, Any]]:
     """`score_all` for each answer; the label set is the references' (`label_set`) unless given (evaluation
     gives the whole test set's, so a model scored on a sample of it is scored on the same labels)."""
     labels = labels if labels is not None else label_set(references)
-    return [score_all(answer, reference, expect, task, labels) for answer, reference in zip(answers, references)]
+    prompts = prompts if prompts is not None else [None] * len(answers)
+    return [score_all(answer, reference, expect, task, labels, prompt)
+            for answer, reference, prompt in zip(answers, references, prompts)]

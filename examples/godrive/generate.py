@@ -158,7 +158,7 @@ def split_instructions(text: str) -> list[str]:
         [text.rsplit("。", 1)[-1]] if text and not text.endswith("。") else [])
 
 
-def score(prediction: str, reference: str | dict[str, Any]) -> dict[str, float | None]:
+def score(prediction: str, reference: str | dict[str, Any], prompt: str | None = None) -> dict[str, float | None]:
     """Exact match plus per-rule scores for one answer.
 
     `reference` is the expected answer, a feature line (its `expected` answer is used), or a record with
@@ -168,6 +168,10 @@ def score(prediction: str, reference: str | dict[str, Any]) -> dict[str, float |
     (None elsewhere), its precision 1/0 where the answer gives it (None elsewhere). Averaged over a test file
     with the Nones left out, they are the rule's recall and precision; an answer that leaves a rule out where
     the reference does too says nothing about that rule.
+
+    With `prompt` (the feature line asked about), exact match is also given apart where four or more rules fire
+    ("exact_match:4+ rules": the cut to three decides which three) and where one to three do ("exact_match:1-3
+    rules"), each None on the other states.
     """
     if isinstance(reference, dict):
         reference = reference.get("output") or expected(reference["input"])
@@ -187,6 +191,10 @@ def score(prediction: str, reference: str | dict[str, Any]) -> dict[str, float |
     for rule_id in WORDING_TO_RULE.values():
         result[f"recall:{rule_id}"] = float(rule_id in predicted) if rule_id in wanted else None
         result[f"precision:{rule_id}"] = float(rule_id in wanted) if rule_id in predicted else None
+    if prompt is not None and prompt.lstrip().startswith("<特征>"):
+        fired = len(fired_rules(prompt.strip()))
+        result["exact_match:4+ rules"] = result["exact_match"] if fired >= 4 else None
+        result["exact_match:1-3 rules"] = result["exact_match"] if 1 <= fired <= 3 else None
     return result
 
 

@@ -99,7 +99,8 @@ def evaluate(config: Config, run: Run, file: str | Path | None, models: list[str
         else:
             console.print(f"eval: {model_label(name)}: the answers export gave to these {len(chosen)} examples")
         seconds = time.perf_counter() - started
-        per_case = score_answers(answers, [case.reference for case in chosen], config.eval.expect, task, labels)
+        per_case = score_answers(answers, [case.reference for case in chosen], config.eval.expect, task, labels,
+                                 [case.prompt for case in chosen])
         model_rows = []
         for index, (case, answer, scores) in enumerate(zip(chosen, answers, per_case)):
             repeat = repeats[index]
@@ -161,13 +162,15 @@ def print_summary(results: list[ModelScores], console: Console) -> None:
     """One column per model, one row per score: a task scorer can add dozens of per-rule scores, which as
     columns would not fit a terminal (rich squeezed them to nothing in an 80-column `make demo` log)."""
     keys = list(dict.fromkeys(key for result in results for key in result.means))
-    headline = [key for key in keys if ":" not in key]  # exact_match, edit_similarity, json_valid, the task's F1...
+    # exact_match, edit_similarity, json_valid, the task's F1..., then exact match on parts of the test set that a
+    # task scorer names (goDrive's "exact_match:4+ rules"), then the detail (per rule, field, label)
+    headline = [key for key in keys if ":" not in key] + [key for key in keys if key.startswith("exact_match:")]
     table = Table(title="evaluation (mean over held-out examples)")
     table.add_column("score")
     for result in results:
         table.add_column(model_label(result.model), justify="right")
     table.add_row("examples", *[str(result.n) for result in results])
-    for key in headline + [key for key in keys if ":" in key]:
+    for key in headline + [key for key in keys if key not in headline]:
         table.add_row(key, *[f"{result.means[key]:.3f}" if result.means.get(key) is not None else "–"
                              for result in results],
                       end_section=key == headline[-1] if headline else False)

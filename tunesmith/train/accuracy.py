@@ -55,7 +55,8 @@ class AccuracyProbe:
                 answers = generate_batch(model, self.tokenizer, self.conversations, self.config, self.max_new)
         finally:
             model.train()
-        per_case = score_answers(answers, self.references, self.config.eval.expect, self.task, self.labels)
+        per_case = score_answers(answers, self.references, self.config.eval.expect, self.task, self.labels,
+                                 [conversation[-1]["content"] for conversation in self.conversations])
         means = mean_scores(per_case)
         scores = {f"eval_{key}": round(value, 4) for key, value in means.items() if value is not None}
         scores["eval_accuracy_seconds"] = round(time.perf_counter() - started, 1)
