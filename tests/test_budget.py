@@ -13,7 +13,7 @@ import pytest
 
 from tests.test_train import _config
 from tests.train_support import adapter_weights, train_in_process
-from tunesmith.train.budget import TIMED_EVAL_STEP, Budget
+from tunesmith.train.budget import TIMED_EVAL_PART, TIMED_EVAL_STEP, Budget
 from tunesmith.train.schedule import rate_factor
 
 WSD = ("warmup_stable_decay", 0.05, 0.2)
@@ -26,7 +26,10 @@ def simulate(budget: Budget, step_seconds, eval_seconds: float = 1.0):
         plans.append(plan)
         step += 1
         if budget.eval_due(step, plan.last):
-            budget.eval_done(eval_seconds, step)
+            if budget.wants_timing_eval(step) and not plan.last:  # the timing pass: a part of a pass (loop.py)
+                budget.eval_done(eval_seconds / TIMED_EVAL_PART, step, whole=eval_seconds)
+            else:
+                budget.eval_done(eval_seconds, step)
         budget.step_done(step_seconds(step))
         if plan.last:
             break
@@ -80,10 +83,11 @@ def test_steps_alone_give_step_over_total():
 def test_an_eval_pass_is_timed_early_and_counted_in_the_plan():
     budget = Budget(total_steps=100_000, seconds=100.0, eval_steps=10, eval_share=1.0)
     plans, spent = simulate(budget, lambda step: 1.0, eval_seconds=5.0)
-    # Passes at 10 (also the timing pass), 20, ... and at the end: 100 s hold n steps and ceil(n/10) passes
-    # of 5 s: n = 66 takes 66 + 7 * 5 = 101 s, n = 65 takes 65 + 7 * 5 = 100 s.
-    assert len(plans) == 65 and spent == 100.0
-    assert TIMED_EVAL_STEP == 10
+    # The timing pass at 10 answers a quarter (1.25 s) and writes no record; whole passes at 20, 30, ... and at
+    # the end: n = 68 takes 68 + 1.25 + 6 * 5 = 99.25 s (passes at 20-60 and 68), n = 69 would take 100.25 s.
+    assert len(plans) == 68 and spent == 99.25
+    assert budget.eval_seconds == 1.25 + 6 * 5.0
+    assert TIMED_EVAL_STEP == 10 and TIMED_EVAL_PART == 4
 
 
 @pytest.mark.parametrize(("name", "expected"), [
@@ -146,22 +150,21 @@ def test_without_steps_or_epochs_a_cpu_run_trains_for_the_default_budget(tmp_pat
 
 
 def test_eval_passes_take_at_most_their_share_of_a_time_budget():
-    """A pass of 20 s in a 900 s budget: a tenth (90 s) holds the timed pass, two in between and the last, spaced
-    evenly; eval_steps stays the closest spacing allowed."""
+    """A pass of 20 s in a 900 s budget: a tenth (90 s) holds the timing pass (a quarter of a pass, 5 s), three
+    whole passes in between and the last, spaced evenly; eval_steps stays the closest spacing allowed."""
     budget = Budget(total_steps=100_000, seconds=900.0, eval_steps=50)
     plans, spent = simulate(budget, lambda step: 2.5, eval_seconds=20.0)
-    passes = [plan.step for plan in plans if plan.step == TIMED_EVAL_STEP or plan.last
-              or (budget.eval_interval and plan.step % budget.eval_interval == 0)]
-    assert budget.eval_seconds == 20.0 * len(passes) <= 0.1 * 900
-    assert len(passes) == 4 and passes[0] == TIMED_EVAL_STEP and passes[-1] == plans[-1].step
-    # 855 s left after step 10 (25 s of steps, the 20 s pass), 20 s of it for the last pass: 334 steps of 2.5 s;
-    # the share leaves (90 - 20) // 20 = 3 passes (the last included): one every ceil(334 / 3) = 112 steps
-    assert budget.eval_interval == 112
+    passes = [plan.step for plan in plans if plan.last or (budget.eval_interval and plan.step % budget.eval_interval == 0)]
+    assert budget.eval_seconds == 5.0 + 20.0 * len(passes) <= 0.1 * 900
+    assert len(passes) == 4 and passes[-1] == plans[-1].step
+    # 870 s left after step 10 (25 s of steps, the 5 s timing part), 20 s of it for the last pass: 340 steps of
+    # 2.5 s; the share leaves (90 - 5) // 20 = 4 passes (the last included): one every ceil(340 / 4) = 86 steps
+    assert budget.eval_interval == 86
     assert 900 - 2.5 - 20 < spent <= 900
-    # A pass that costs more than the share: only the timed one and the last.
+    # A pass that costs more than the share: only the timing part and the last.
     budget = Budget(total_steps=100_000, seconds=900.0, eval_steps=50)
     simulate(budget, lambda step: 2.5, eval_seconds=80.0)
-    assert budget.eval_interval == 0 and budget.eval_seconds == 160.0
+    assert budget.eval_interval == 0 and budget.eval_seconds == 20.0 + 80.0
     # Without a time budget the passes come every eval_steps, as set.
     budget = Budget(total_steps=120, eval_steps=50)
     simulate(budget, lambda step: 2.5, eval_seconds=80.0)

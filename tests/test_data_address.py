@@ -140,7 +140,7 @@ def test_the_config_is_the_readme_block_with_file_names_and_system_prompt_change
     assert [mine.split(":")[0].strip() for _, mine in changed] == [
         "# examples/address/config.yaml", "name", "system_prompt"]
     cfg = load_config(CONFIG)
-    assert (cfg.name, cfg.model.base, cfg.eval.expect) == ("address", "builtin:smollm2-135m", "json")
+    assert (cfg.name, cfg.model.base, cfg.eval.expect) == ("address", "builtin:gemma3-270m", "json")
     assert cfg.data.test_file == str(HERE / "test.jsonl")
     report = LoadReport(cfg.data.train_file)
     examples = load_examples(cfg.data.train_file, cfg.data, report)

@@ -96,6 +96,32 @@ def test_export_writes_merged_ggufs_lora_modelfile_and_fidelity(tiny_run, tiny_q
     assert not list(tiny_run.glob(".tmp-*")) and not list((tiny_run / "gguf").glob(".tmp-*"))
 
 
+def test_a_larger_gguf_answers_only_the_fidelity_prompts_once_a_smaller_one_keeps_the_accuracy(tiny_qwen3, tmp_path):
+    """Answering is export's cost: the GGUFs answer the whole held-out set smallest first (not in the order asked
+    for), and once one is within export.modelfile_tolerance and passes, a larger one could not be chosen, so it
+    answers only the fidelity prompts. The gate is opened wide so the plan, not the random model, is tested."""
+    from tests.test_export_support import QUESTIONS
+
+    held_out = tmp_path / "test.jsonl"
+    held_out.write_text("".join(json.dumps({"input": q, "output": a}) + "\n" for q, a in QUESTIONS))
+    run = make_run(tmp_path, tiny_qwen3, "plan", system_prompt="Answer briefly.", lora_b=0.05,
+                   eval={"max_new_tokens": 8, "file": str(held_out)},
+                   export={"fidelity_prompts": 3, "modelfile_tolerance": 1.0, "max_exact_match_loss": 1.0,
+                           "min_agreement": 0.0})
+    done = run_cli("export", "--run", str(run), "--quant", "f16,q8_0")
+    assert done.returncode == 0, done.stderr + done.stdout
+    report = json.loads((run / "fidelity.json").read_text())
+    assert report["examples"] == len(QUESTIONS) and report["prompts"] == 3
+    quants = {q["quant"]: q for q in report["quantizations"]}
+    assert list(quants) == ["f16", "q8_0"]  # the table keeps the order asked for
+    assert len(quants["q8_0"]["answers"]) == len(QUESTIONS) and quants["q8_0"]["exact_match"] is not None
+    assert len(quants["f16"]["answers"]) == 3 and quants["f16"]["exact_match"] is None
+    assert quants["f16"]["n"] == 3 and quants["f16"]["passed"]
+    assert report["modelfile"]["quant"] == "q8_0"
+    assert (run / "Modelfile").read_text().startswith("FROM ./gguf/plan.q8_0.gguf\n")
+    assert "not needed" in done.stdout
+
+
 def test_fidelity_check_catches_a_broken_quantization(builtin_checkpoint, tmp_path):
     """The built-in 135M model answers garbage at q4_0 (seen on "What is the capital of France?")."""
     run = make_run(tmp_path, builtin_checkpoint, "small", eval={"max_new_tokens": 8},

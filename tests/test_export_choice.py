@@ -77,3 +77,13 @@ def test_modelfile_quant_must_be_a_known_quantization():
     assert ExportConfig(modelfile_quant="Q8_0").modelfile_quant == "q8_0"
     with pytest.raises(ValidationError, match="unknown quantization 'q9'"):
         ExportConfig(modelfile_quant="q9")
+
+
+def test_a_quantization_not_scored_on_the_whole_set_is_never_chosen():
+    """export answers the whole set smallest first and stops once one keeps the accuracy: the larger ones have no
+    exact match (export._fidelity), and could not be chosen over it anyway."""
+    table = [Candidate("q4_k_m", 105 * MiB, 0.97), Candidate("q8_0", 145 * MiB, None), Candidate("f16", 271 * MiB, None)]
+    assert choose(table, MERGED, 0.01).quant == "q4_k_m"
+    table = [Candidate("q4_k_m", 105 * MiB, 0.90), Candidate("q8_0", 145 * MiB, 0.93), Candidate("f16", 271 * MiB, None)]
+    assert choose(table, MERGED, 0.01).quant == "q8_0"
+    assert choose(table, MERGED, 0.01, named="f16").warning is None  # nothing to warn about without a score

@@ -187,11 +187,13 @@ def export_run(run: Run, quants: list[str] | None, console: Console, strict: boo
 
 def _fidelity(run: Run, config: Any, merged: Path, tokenizer: Any, ggufs: dict[str, Path], settings: ExportConfig,
               console: Console) -> tuple[list[fidelity.QuantFidelity], dict, choice.Choice]:
-    """Each GGUF answers the held-out set (eval.file or data.test_file; without one, the first
-    export.fidelity_prompts of the run's eval split), once, batched as the server decodes; those answers are
-    scored against the references, compared with the merged model's (export/fidelity.py), kept in fidelity.json
-    for `tunesmith eval`, and decide the Modelfile's GGUF (export/choice.py). The merged model's answers come
-    from the eval stage when it has answered the same prompts."""
+    """Each GGUF answers the first export.fidelity_prompts of the held-out set (eval.file or data.test_file;
+    without one, of the run's eval split), batched as the server decodes, and is compared with the merged model
+    there (export/fidelity.py). The whole held-out set is answered only by the GGUFs the Modelfile's choice
+    needs (export/choice.py): smallest first, until one keeps the merged model's accuracy; a larger one could not
+    be chosen over it. Answering is what export spends its time on (the address example on 2 cores: ~180 s a
+    GGUF for 200 answers, twice, of a 454-s export). The answers are kept in fidelity.json for `tunesmith eval`;
+    the merged model's come from the eval stage when it has answered the same prompts."""
     candidates = [choice.Candidate(quant, path.stat().st_size, None) for quant, path in ggufs.items()]
     unchecked = choice.choose(candidates, None, settings.modelfile_tolerance, settings.modelfile_quant)
     if not settings.fidelity_prompts:
@@ -205,14 +207,7 @@ def _fidelity(run: Run, config: Any, merged: Path, tokenizer: Any, ggufs: dict[s
         return [], {"prompts": 0, "skipped": "no held-out examples", "quantizations": []}, unchecked
     conversations = [case.messages for case in cases]
     max_new = hf.answer_limit(tokenizer, [case.reference for case in cases], config.eval.max_new_tokens)
-    console.print(f"export: each GGUF answers {len(cases)} held-out prompts (greedy, up to {max_new} tokens, "
-                  "batched as the server decodes)")
-    answers: dict[str, list[str]] = {}
-    seconds: dict[str, float] = {}
-    for quant, path in ggufs.items():
-        clock = time.perf_counter()
-        answers[quant] = gguf_answers(path, config, conversations, max_new)
-        seconds[quant] = time.perf_counter() - clock
+    n = min(settings.fidelity_prompts, len(cases))
 
     clock = time.perf_counter()
     model = None
@@ -221,8 +216,6 @@ def _fidelity(run: Run, config: Any, merged: Path, tokenizer: Any, ggufs: dict[s
         model = load_model(merged)
         model.eval()
         reference = hf.generate_batch(model, tokenizer, conversations, config, max_new)
-    n = min(settings.fidelity_prompts, len(cases))
-    console.print(f"export: fidelity check on {n} held-out prompts against the merged model")
     prompts, reference_ids = fidelity.prompt_and_reference_ids(tokenizer, cases[:n], config)
     pairs = list(zip(prompts, reference_ids, strict=True))
     if model is None:
@@ -239,22 +232,46 @@ def _fidelity(run: Run, config: Any, merged: Path, tokenizer: Any, ggufs: dict[s
         return sum(exact_match(text, case.reference) for text, case in zip(texts, cases, strict=True)) / len(cases)
 
     merged_exact_match = accuracy(reference)
-    results = []
-    for quant, path in ggufs.items():
+    console.print(f"export: each GGUF answers {n} held-out prompts to compare with the merged model, and the "
+                  f"smallest first all {len(cases)} until one keeps its exact match {choice.percent(merged_exact_match)} "
+                  f"(greedy, up to {max_new} tokens, batched as the server decodes)")
+    answers: dict[str, list[str]] = {}
+    results: dict[str, fidelity.QuantFidelity] = {}
+    settled = False  # a GGUF already keeps the accuracy (or the config names the Modelfile's): the rest need n
+    for quant in scoring_order(ggufs, settings.modelfile_quant):
+        path = ggufs[quant]
+        whole = not settled if settings.modelfile_quant is None else quant == settings.modelfile_quant
+        clock = time.perf_counter()
+        answers[quant] = gguf_answers(path, config, conversations if whole else conversations[:n], max_new)
+        seconds = time.perf_counter() - clock
         logliks = answer_logliks(path, pairs, n_threads=idle_cores())
         result = fidelity.compare(quant, path, reference[:n], answers[quant][:n],
                                   (first_ids(reference[:n]), first_ids(answers[quant][:n])),
-                                  (merged_logliks, logliks), seconds[quant])
-        fidelity.judge(result, accuracy(answers[quant]), merged_exact_match, settings)
-        results.append(result)
-    candidates = [choice.Candidate(r.quant, r.size, r.exact_match, r.passed) for r in results]
+                                  (merged_logliks, logliks), seconds)
+        if len(answers[quant]) == len(cases):
+            fidelity.judge(result, accuracy(answers[quant]), merged_exact_match, settings)
+            settled = settled or (result.passed and merged_exact_match - result.exact_match
+                                  <= settings.modelfile_tolerance + choice.EPSILON)
+        else:
+            fidelity.judge_agreement(result, settings)
+        results[quant] = result
+    ordered = [results[quant] for quant in ggufs]  # the table in the order asked for
+    candidates = [choice.Candidate(r.quant, r.size, r.exact_match, r.passed) for r in ordered]
     picked = choice.choose(candidates, merged_exact_match, settings.modelfile_tolerance, settings.modelfile_quant)
-    fidelity.print_table(results, console, settings, merged_exact_match, len(cases), picked)
-    summary = fidelity.report(results, reference_seconds, n, settings.min_agreement,
+    fidelity.print_table(ordered, console, settings, merged_exact_match, len(cases), picked)
+    summary = fidelity.report(ordered, reference_seconds, n, settings.min_agreement,
                               max_exact_match_loss=settings.max_exact_match_loss,
                               merged_exact_match=merged_exact_match, examples=len(cases), choice=picked,
                               answers=answers, digest=cases_digest(cases))
-    return results, summary, picked
+    return ordered, summary, picked
+
+
+def scoring_order(ggufs: dict[str, Path], named: str | None) -> list[str]:
+    """The order GGUFs answer the held-out set in: the one the config names first, then the smallest first (the
+    order asked for among equal sizes), so that the first one to keep the accuracy is the one the Modelfile
+    serves."""
+    by_size = sorted(ggufs, key=lambda quant: ggufs[quant].stat().st_size)  # stable: ties keep the asked order
+    return [quant for quant in by_size if quant == named] + [quant for quant in by_size if quant != named]
 
 
 def _template(tokenizer: Any, config: Any, settings: ExportConfig, gguf: Path) -> tuple[str, str | None, list[str]]:

@@ -1,11 +1,11 @@
 """Fidelity check: does each GGUF answer like the merged Hugging Face model it was made from, and as accurately?
 
-Each GGUF answers the held-out set greedily through the server's batched decoder (inference/gguf.py). Against the
+Each GGUF answers greedily through the server's batched decoder (inference/gguf.py). Against the
 merged model's greedy answers on the first `export.fidelity_prompts`: exact-output agreement, first-token
 agreement, and the mean log-likelihood per token of the reference answers under both (the gap says how much a
 quantization moved the model even where the greedy answers still agree). Both sides get the same prompt token
-ids, so only the weights differ. Against the references on the whole held-out set: exact match, and its loss
-against the merged model's. A GGUF fails when its agreement is under `export.min_agreement` or its exact match
+ids, so only the weights differ. Against the references on the whole held-out set, for the GGUFs the
+Modelfile's choice needs (export._fidelity): exact match, and its loss against the merged model's. A GGUF fails when its agreement is under `export.min_agreement` or its exact match
 is more than `export.max_exact_match_loss` below the merged model's (2 points by default).
 
 The answers are not generated twice: the merged model's come from the eval stage when it has answered the same
@@ -43,7 +43,8 @@ class QuantFidelity:
     passed: bool
     seconds: float
     exact_match: float | None = None
-    """Share of the held-out set answered exactly as the reference."""
+    """Share of the held-out set answered exactly as the reference; None when it answered only the first n (a
+    smaller GGUF already keeps the merged model's accuracy: export._fidelity)."""
     exact_match_loss: float | None = None
     """The merged model's exact match minus this one's (> 0: the GGUF answers fewer right)."""
     size: int = 0
@@ -78,6 +79,12 @@ def judge(result: QuantFidelity, exact_match: float, merged_exact_match: float, 
                      and result.exact_match_loss <= settings.max_exact_match_loss + 1e-9)
 
 
+def judge_agreement(result: QuantFidelity, settings: ExportConfig) -> None:
+    """Pass or fail a GGUF that answered only the fidelity prompts (a smaller one already keeps the accuracy, so
+    the Modelfile's choice does not need its exact match): by its agreement with the merged model alone."""
+    result.passed = result.exact >= settings.min_agreement
+
+
 def report(results: list[QuantFidelity], reference_seconds: float, n: int, min_agreement: float, *,
            max_exact_match_loss: float | None = None, merged_exact_match: float | None = None,
            examples: int | None = None, choice: Choice | None = None, answers: dict[str, list[str]] | None = None,
@@ -103,7 +110,9 @@ def print_table(results: list[QuantFidelity], console: Console, settings: Export
                    "result", MODELFILE):
         table.add_column(column, justify="left" if column in ("quant", "result", MODELFILE) else "right")
     for r in results:
-        table.add_row(r.quant, f"{r.size / 2**20:.0f}", percent(r.exact_match), f"{0.0 - 100 * r.exact_match_loss:+.1f}",
+        scored = r.exact_match is not None  # else: answered the fidelity prompts only (export._fidelity)
+        table.add_row(r.quant, f"{r.size / 2**20:.0f}", percent(r.exact_match) if scored else "not needed",
+                      f"{0.0 - 100 * r.exact_match_loss:+.1f}" if scored else "",
                       f"{r.exact:.2f}", f"{r.first_token:.2f}", f"{r.loglik_gap:+.4f}", f"{r.seconds:.0f}",
                       "[green]pass[/]" if r.passed else "[bold red]FAIL[/]", "←" if r.quant == choice.quant else "")
     console.print(table)

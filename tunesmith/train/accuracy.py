@@ -39,11 +39,12 @@ class AccuracyProbe:
     def __len__(self) -> int:
         return len(self.conversations)
 
-    def __call__(self, model: Any, autocast: Any) -> dict[str, float]:
+    def __call__(self, model: Any, autocast: Any, part: int = 1) -> dict[str, float]:
         """Headline scores (`eval_exact_match`, `eval_edit_similarity`, a task scorer's `eval_rule_f1`...) of
         `model`'s greedy answers and the detail that says what is not learned yet: per field (JSON answers), per
         label (classification), per rule (a task scorer's `recall:<rule>`, `precision:<rule>`: goDrive's), each
-        over the answers it applies to; and `eval_accuracy_seconds`. The model is put back in training mode."""
+        over the answers it applies to; and `eval_accuracy_seconds`. The model is put back in training mode.
+        `part` > 1: the first that fraction of the examples only (the budget's timing pass)."""
         import torch
 
         from tunesmith.inference.hf import generate_batch
@@ -52,11 +53,12 @@ class AccuracyProbe:
         model.eval()
         try:
             with torch.no_grad(), autocast:
-                answers = generate_batch(model, self.tokenizer, self.conversations, self.config, self.max_new)
+                conversations = self.conversations[:max(1, len(self.conversations) // part)]
+                answers = generate_batch(model, self.tokenizer, conversations, self.config, self.max_new)
         finally:
             model.train()
-        per_case = score_answers(answers, self.references, self.config.eval.expect, self.task, self.labels,
-                                 [conversation[-1]["content"] for conversation in self.conversations])
+        per_case = score_answers(answers, self.references[:len(answers)], self.config.eval.expect, self.task,
+                                 self.labels, [conversation[-1]["content"] for conversation in conversations])
         means = mean_scores(per_case)
         scores = {f"eval_{key}": round(value, 4) for key, value in means.items() if value is not None}
         scores["eval_accuracy_seconds"] = round(time.perf_counter() - started, 1)

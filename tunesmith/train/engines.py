@@ -21,15 +21,17 @@ from tunesmith.errors import ConfigError
 from tunesmith.train import batches
 from tunesmith.train.distributed import ALONE, World
 from tunesmith.train.loss import EVAL_LOSS_EXAMPLES, autocast, evaluate_loss
+from tunesmith.train.workers import StepWorkers
 
 
 class HFEngine:
     def __init__(self, model: Any, data: Any, config: Config, device: str, pad_id: int, optimizer: Any,
-                 forward: Any, world: World = ALONE):
+                 forward: Any, world: World = ALONE, workers: StepWorkers | None = None):
         """`forward`: the module the loss runs through, `distributed.wrap(model, completion_loss, ...)`:
-        the plain loss on one process, DDP or FSDP2 around it on several."""
+        the plain loss on one process, DDP or FSDP2 around it on several. `workers`: a CPU step's batch in
+        parts computed at once (train/workers.py)."""
         self.model, self.data, self.config, self.device, self.pad_id = model, data, config, device, pad_id
-        self.optimizer, self.world = optimizer, world
+        self.optimizer, self.world, self.workers = optimizer, world, workers
         self.forward = forward
         self.params = [p for p in model.parameters() if p.requires_grad]
         # The shared prefix goes through a KV cache, which gradient checkpointing turns off (transformers).
@@ -84,6 +86,9 @@ class HFEngine:
         inputs = sum(self.lengths[i] for indices in group for i in indices)
         loss_value = 0.0
         for k, indices in enumerate(group):
+            if self.workers is not None and len(indices) > 1:  # one process: no gradient sync to place
+                loss_value += self._in_parts(indices, targets)
+                continue
             batch = {key: value.to(self.device) for key, value in self._collate(indices).items()}
             with distributed.gradient_sync(self.forward, now=k == accum - 1):
                 with autocast(self.device, self.config):
@@ -99,8 +104,20 @@ class HFEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return world.sum(loss_value), grad_norm, inputs, targets
 
-    def eval_loss(self) -> float:
-        return evaluate_loss(self.forward, self.data.eval[:EVAL_LOSS_EXAMPLES], self.config.train.batch_size,
+    def _in_parts(self, indices: list[int], targets: int) -> float:
+        """The micro-batch's gradient added to .grad, its parts computed at once by the workers; its loss."""
+        def loss_of(part: list[int]) -> Any:
+            batch = {key: value.to(self.device) for key, value in self._collate(part).items()}
+            with autocast(self.device, self.config):
+                loss_sum, _ = self.forward(batch)
+            return loss_sum / max(1, targets)
+
+        return self.workers.gradients(self.params, self.workers.parts(indices), loss_of)
+
+    def eval_loss(self, part: int = 1) -> float:
+        """Over the first EVAL_LOSS_EXAMPLES of the eval split; `part` > 1: over that fraction of them."""
+        examples = self.data.eval[:EVAL_LOSS_EXAMPLES]
+        return evaluate_loss(self.forward, examples[:max(1, len(examples) // part)], self.config.train.batch_size,
                              self.pad_id, self.device, self.config)
 
     def generation_model(self) -> Any:
@@ -212,12 +229,13 @@ class FastEngine:
         # buffer with no targets, so it still takes part in the all-reduce and adds nothing to the gradient.
         return without_targets(self.buffers[indices[0]])
 
-    def eval_loss(self) -> float:
+    def eval_loss(self, part: int = 1) -> float:
+        """Over the packed eval buffers; `part` > 1: over that fraction of them."""
         import torch
 
         total, count = 0.0, 0
         with torch.no_grad():
-            for buffer in self.eval_buffers:
+            for buffer in self.eval_buffers[:max(1, len(self.eval_buffers) // part)]:
                 loss = self.fast(buffer.to(self.device))
                 total += float(loss) * buffer.num_targets
                 count += buffer.num_targets

@@ -34,13 +34,14 @@ from tunesmith.errors import ConfigError, DataError, ModelError
 from tunesmith.run import Run
 from tunesmith.train import checkpoint, distributed, memory
 from tunesmith.train.accuracy import AccuracyProbe, stop_reached
-from tunesmith.train.budget import Budget, StepPlan
+from tunesmith.train.budget import TIMED_EVAL_PART, Budget, StepPlan
 from tunesmith.train.checkpoint import TrainState
 from tunesmith.train.engines import FastEngine, HFEngine, fast_path_wanted
 from tunesmith.train.loss import autocast, completion_loss, model_dtype, use_bf16
 from tunesmith.train.metrics import MetricsLog, TrainProgress, article_line
 from tunesmith.train.schedule import LearningRate
 from tunesmith.train.threads import ThreadGovernor
+from tunesmith.train.workers import step_workers
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +138,17 @@ class Recipe:
         self.dtype = model_dtype(self.config, self.device)
         if self.device == "cpu" and self.bf16:  # said once: a user comparing losses should know
             self.console.print("computing in bf16 on this CPU (it has AMX/AVX512-BF16; train.bf16: false for fp32)")
+        self.workers = step_workers(self.device, self.cfg.batch_size, self.cfg.threads, self.world.size,
+                                    self.cfg.fsdp, torch.get_num_threads())
         if self.device == "cpu" and isinstance(self.cfg.threads, int):
             torch.set_num_threads(self.cfg.threads)
         elif self.device == "cpu" and self.world.size == 1 and self.threads is None:
-            self.threads = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads)
+            # With workers the governor sets each worker's threads: on 2 cores one each, nothing to take away.
+            self.threads = ThreadGovernor(self.workers.threads_each, self.workers.set_threads) if self.workers \
+                else ThreadGovernor(torch.get_num_threads(), torch.set_num_threads)
+        if self.workers is not None:
+            self.console.print(f"CPU step: {self.workers.count} parts of each batch at once, "
+                               f"{self.workers.threads_each} thread each (train.threads: auto)")
 
     def _setup_data(self) -> None:
         from tunesmith.data import prepare
@@ -190,7 +198,8 @@ class Recipe:
         forward = distributed.wrap(model, completion_loss, self.world, device, cfg.fsdp, self.bf16)
         optimizer = _optimizer(model, config, device, self.console)
         self.model = model
-        self.engine = HFEngine(model, self.data, config, device, pad_id, optimizer, forward, self.world)
+        self.engine = HFEngine(model, self.data, config, device, pad_id, optimizer, forward, self.world,
+                               self.workers)
 
     def _setup_schedule(self) -> None:
         cfg = self.cfg
@@ -306,6 +315,11 @@ class Recipe:
         if not self.data.eval or not self.budget.eval_due(step, plan.last):
             return 0.0
         began = self.clock()
+        if self.budget.wants_timing_eval(step) and not plan.last:
+            self._evaluation(part=TIMED_EVAL_PART)
+            seconds = self.clock() - began
+            self.budget.eval_done(seconds, step, whole=seconds * TIMED_EVAL_PART)
+            return seconds
         record = self._evaluation()
         seconds = self.clock() - began
         self.budget.eval_done(seconds, step)
@@ -316,12 +330,15 @@ class Recipe:
         self.stopped_early = self.stopped_early or stop_reached(self.cfg.stop_when, record)
         return seconds
 
-    def _evaluation(self) -> dict[str, Any]:
-        """Eval loss and, with a probe, the scores of greedy answers (per rule or field where the task has them)."""
-        self.last_eval = self.engine.eval_loss()
-        record = {"step": self.state.step, "eval_loss": round(self.last_eval, 4)}
+    def _evaluation(self, part: int = 1) -> dict[str, Any]:
+        """Eval loss and, with a probe, the scores of greedy answers (per rule or field where the task has them);
+        `part` > 1: over that fraction of the examples only (the timing pass: budget.TIMED_EVAL_PART)."""
+        loss = self.engine.eval_loss(part)
+        record = {"step": self.state.step, "eval_loss": round(loss, 4)}
         if self.probe is not None:
-            record |= self.probe(self.engine.generation_model(), autocast(self.device, self.config))
+            record |= self.probe(self.engine.generation_model(), autocast(self.device, self.config), part)
+        if part == 1:
+            self.last_eval = loss
         return record
 
     def _stop_early(self, progress: TrainProgress) -> bool:
