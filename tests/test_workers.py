@@ -43,6 +43,7 @@ def test_parts_at_once_give_the_whole_batch_loss_and_gradients(family, request):
     model.zero_grad(set_to_none=True)
 
     workers = StepWorkers(2, 1)
+    torch.set_num_threads(2)
     try:
         parts = workers.parts(list(range(4)))
         assert parts == [[0, 2], [1, 3]]
@@ -50,6 +51,7 @@ def test_parts_at_once_give_the_whole_batch_loss_and_gradients(family, request):
             model, batches.collate([examples[i] for i in part], 0))[0] / targets)
     finally:
         workers.close()
+    assert torch.get_num_threads() == 2  # the workers' one thread each stays theirs
     assert loss == pytest.approx(whole.item() / targets, rel=1e-5)
     scale = max(g.abs().max().item() for g in expected)
     assert scale > 0

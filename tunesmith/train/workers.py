@@ -43,7 +43,13 @@ class StepWorkers:
             loss = loss_of(part)
             return loss.item(), torch.autograd.grad(loss, params, allow_unused=True)
 
-        done = list(self._pool.map(work, parts))  # in the parts' order, whichever finished first
+        mine = torch.get_num_threads()
+        try:
+            done = list(self._pool.map(work, parts))  # in the parts' order, whichever finished first
+        finally:
+            # torch's count is also process-wide (at::get_num_threads, MKL's): a worker's 1 would leave this
+            # thread's eval passes and answers on one thread.
+            torch.set_num_threads(mine)
         with torch.no_grad():
             for k, param in enumerate(params):
                 total = None
