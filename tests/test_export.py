@@ -120,6 +120,12 @@ def test_a_larger_gguf_answers_only_the_fidelity_prompts_once_a_smaller_one_keep
     assert report["modelfile"]["quant"] == "q8_0"
     assert (run / "Modelfile").read_text().startswith("FROM ./gguf/plan.q8_0.gguf\n")
     assert "not needed" in done.stdout
+    # The pipeline's eval-gguf stage scores q8_0 alone, from the answers export kept: f16 is not answered again.
+    from tunesmith.evaluate.compare import gguf_models, scored_gguf_models
+    from tunesmith.run import Run
+
+    assert scored_gguf_models(Run(run)) == [str(run / "gguf" / "plan.q8_0.gguf")]
+    assert len(gguf_models(Run(run))) == 2
 
 
 def test_fidelity_check_catches_a_broken_quantization(builtin_checkpoint, tmp_path):

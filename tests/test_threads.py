@@ -94,7 +94,9 @@ def test_the_loop_follows_the_governor(tmp_path, tiny_qwen3, work_clock):
     out = train_in_process(config, clock, threads=governor)
     torch.set_num_threads(threads_before)
     assert set_to == [1]
-    assert "compute threads: 1 (other processes are using the rest of the 2 cores)" in out
+    # The batch (4 examples) goes on in two parts at once, one thread each, while the cores are busy.
+    assert "compute threads: 1 (other processes are using the rest of the 2 cores; each batch in 2 parts at " \
+           "once, 1 thread each)" in out
     run = tmp_path / "runs" / "governed"
     assert json.loads((run / "run.json").read_text())["final"]["steps"] == 8
 

@@ -139,11 +139,11 @@ class TrainConfig(Section):
     machine has memory to spare and only loses time."""
     bf16: Literal["auto", True, False] = "auto"
     threads: Literal["auto"] | int = "auto"
-    """CPU training's compute threads. `auto`: torch's (OMP_NUM_THREADS, else the cores), a batch of 2 or more
-    computed in two parts at once with half of them each (train/workers.py: beside one busy process goDrive's
-    step ran at 0.70x its quiet speed, against 0.35x with two threads splitting each product), fewer while other
-    processes keep cores busy and all of them back when they stop (train/threads.py). A number fixes torch's
-    threads and computes the batch in one piece."""
+    """CPU training's compute threads. `auto`: torch's (OMP_NUM_THREADS, else the cores); while other processes
+    keep cores busy, fewer, and a batch of 2 or more computed in two parts at once (train/threads.py,
+    train/workers.py: beside one busy process goDrive's step ran at 0.70x its quiet speed, against 0.60x on one
+    thread and 0.35x on two splitting each product); all of them back when the cores are free. A number fixes
+    torch's threads."""
     seed: int = 3407
     loss_on: Literal["completion", "all"] = "completion"
     save_steps: int = Field(50, gt=0)

@@ -81,17 +81,17 @@ def _export(ctx: Context) -> None:
 
 
 def _eval_gguf(ctx: Context) -> None:
-    from tunesmith.evaluate.compare import evaluate, gguf_models, print_summary
+    from tunesmith.evaluate.compare import evaluate, print_summary, scored_gguf_models
 
-    results = evaluate(ctx.stage_config("eval"), ctx.run, None, gguf_models(ctx.run), ctx.console,
+    results = evaluate(ctx.stage_config("eval"), ctx.run, None, scored_gguf_models(ctx.run), ctx.console,
                        keep_existing=True)
     print_summary(results, ctx.console)
 
 
 def _gguf_evaluated(ctx: Context) -> bool:
-    from tunesmith.evaluate.compare import evaluated_models, gguf_models
+    from tunesmith.evaluate.compare import evaluated_models, scored_gguf_models
 
-    ggufs = gguf_models(ctx.run)
+    ggufs = scored_gguf_models(ctx.run)
     return bool(ggufs) and set(ggufs) <= evaluated_models(ctx.run)
 
 

@@ -158,6 +158,16 @@ def gguf_models(run: Run) -> list[str]:
     return [str(path) for path in run.ggufs()]
 
 
+def scored_gguf_models(run: Run) -> list[str]:
+    """The GGUFs export answered the whole held-out set with (the Modelfile's among them; a larger one answered
+    only the fidelity prompts: export._fidelity), whose answers eval reuses; every GGUF when export scored none.
+    The pipeline scores these: answering the others again would spend the time export saved."""
+    recorded = json.loads(run.fidelity.read_text(encoding="utf-8")) if run.fidelity.is_file() else {}
+    whole = {Path(entry["path"]).resolve() for entry in recorded.get("quantizations", [])
+             if entry.get("exact_match") is not None and entry.get("path")}
+    return [str(path) for path in run.ggufs() if path.resolve() in whole] or gguf_models(run)
+
+
 def print_summary(results: list[ModelScores], console: Console) -> None:
     """One column per model, one row per score: a task scorer can add dozens of per-rule scores, which as
     columns would not fit a terminal (rich squeezed them to nothing in an 80-column `make demo` log)."""

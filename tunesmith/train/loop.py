@@ -138,17 +138,14 @@ class Recipe:
         self.dtype = model_dtype(self.config, self.device)
         if self.device == "cpu" and self.bf16:  # said once: a user comparing losses should know
             self.console.print("computing in bf16 on this CPU (it has AMX/AVX512-BF16; train.bf16: false for fp32)")
+        # Quiet, a batch is one piece on all threads; while the governor sees other processes take cores, it is
+        # computed in parts at once (workers.py), which give way far less.
         self.workers = step_workers(self.device, self.cfg.batch_size, self.cfg.threads, self.world.size,
                                     self.cfg.fsdp, torch.get_num_threads())
         if self.device == "cpu" and isinstance(self.cfg.threads, int):
             torch.set_num_threads(self.cfg.threads)
         elif self.device == "cpu" and self.world.size == 1 and self.threads is None:
-            # With workers the governor sets each worker's threads: on 2 cores one each, nothing to take away.
-            self.threads = ThreadGovernor(self.workers.threads_each, self.workers.set_threads) if self.workers \
-                else ThreadGovernor(torch.get_num_threads(), torch.set_num_threads)
-        if self.workers is not None:
-            self.console.print(f"CPU step: {self.workers.count} parts of each batch at once, "
-                               f"{self.workers.threads_each} thread each (train.threads: auto)")
+            self.threads = ThreadGovernor(torch.get_num_threads(), torch.set_num_threads)
 
     def _setup_data(self) -> None:
         from tunesmith.data import prepare
@@ -198,8 +195,7 @@ class Recipe:
         forward = distributed.wrap(model, completion_loss, self.world, device, cfg.fsdp, self.bf16)
         optimizer = _optimizer(model, config, device, self.console)
         self.model = model
-        self.engine = HFEngine(model, self.data, config, device, pad_id, optimizer, forward, self.world,
-                               self.workers)
+        self.engine = HFEngine(model, self.data, config, device, pad_id, optimizer, forward, self.world)
 
     def _setup_schedule(self) -> None:
         cfg = self.cfg
@@ -359,10 +355,18 @@ class Recipe:
             checkpoint.save(self.run.checkpoints, trainable, optimizer_state, self.rate, state, self.settings)
 
     def _adjust_threads(self, progress: TrainProgress) -> None:
-        if self.threads is not None and (threads := self.threads()) is not None:
-            progress.print(f"compute threads: {threads} (other processes are using the rest of the "
-                           f"{self.threads.most} cores)" if threads < self.threads.most else
-                           f"compute threads: {threads} (the cores are free again)")
+        if self.threads is None or (threads := self.threads()) is None:
+            return
+        busy = threads < self.threads.most
+        parts = ""
+        if self.workers is not None and isinstance(self.engine, HFEngine):
+            self.workers.set_threads(max(1, threads // self.workers.count))
+            self.engine.workers = self.workers if busy else None
+            if busy:
+                parts = f"; each batch in {self.workers.count} parts at once, {self.workers.threads_each} thread each"
+        progress.print(f"compute threads: {threads} (other processes are using the rest of the "
+                       f"{self.threads.most} cores{parts})" if busy else
+                       f"compute threads: {threads} (the cores are free again)")
 
     # ------------------------------------------------------------------------------------------ finish
 

@@ -1,15 +1,18 @@
-"""A CPU training step as independent parts of its batch, each computed by its own thread at once.
+"""A CPU training step as independent parts of its batch, each computed by its own thread at once: how a step
+runs while other processes hold cores.
 
 torch splits every matrix product of one forward and backward between its threads, which then wait for each other
 at every operation. On 2 cores beside one busy single-threaded process, the thread that shares a core runs at half
-speed and its partner waits, thousands of times a step: the goDrive step went from 2.68 s to 7.57 s. Split the
-batch instead, one part per worker thread, each worker computing its part alone with one thread: the workers meet
-once a step, so a busy core slows one part, not every operation. Measured on the 2-core VM, goDrive's batch of 4
-(`bench/threads.py`; bench/RESULTS.md, "Workers"): quiet 2.59 s a step against 2.68 with torch's 2 threads, beside
-the busy process 3.81 s against 4.44 with 1 thread and 7.57 with 2.
+speed and its partner waits, thousands of times a step: goDrive's step went from 2.68 s to 7.57 s; the thread
+governor (threads.py) then dropped to one thread, 4.44 s. Split the batch instead, one part per worker thread, each
+worker computing its part alone: the workers meet once a step, so a busy core slows one part, not every
+operation: 3.81 s (0.70x quiet). Quiet, a step in parts measured 2.55-2.59 s against 2.68 s for goDrive's step
+alone (bench/step_parts.py), but inside `tunesmith train` on the address example it was 2% slower than one piece
+(each part computes the shared prefix of train.share_prefix again): so the loop uses parts only while the governor
+sees other processes take cores (loop.py `_adjust_threads`). bench/RESULTS.md, "A CPU step in two parts at once".
 
 Each part's gradient is computed with torch.autograd.grad and the parts are summed in a fixed order, so a step's
-result does not depend on which worker finishes first (a resumed run repeats an uninterrupted one).
+result does not depend on which worker finishes first.
 """
 
 from __future__ import annotations
@@ -70,8 +73,8 @@ class StepWorkers:
 
 def step_workers(device: str, batch_size: int, threads: str | int, world_size: int, fsdp: bool,
                  torch_threads: int) -> StepWorkers | None:
-    """Workers for a CPU step where they apply: on CPU, one process, `train.threads: auto` (a number fixes
-    torch's threads, one worker), at least 2 cores and 2 examples a batch."""
+    """Workers for a busy machine's CPU steps where they apply: on CPU, one process, `train.threads: auto` (a
+    number fixes torch's threads: one piece), at least 2 cores and 2 examples a batch."""
     if device != "cpu" or world_size != 1 or fsdp or threads != "auto" or batch_size < 2 or torch_threads < 2:
         return None
     return StepWorkers(WORKERS, max(1, torch_threads // WORKERS))
