@@ -91,8 +91,11 @@ def test_the_loop_follows_the_governor(tmp_path, tiny_qwen3, work_clock):
     clock.step_seconds = step_seconds
     config = _config(tmp_path, tiny_qwen3, "governed", max_steps=8, threads="auto")
     threads_before = torch.get_num_threads()
-    out = train_in_process(config, clock, threads=governor)
-    torch.set_num_threads(threads_before)
+    torch.set_num_threads(2)  # the made-up machine's 2 cores: an earlier test's `train.threads: 1` stays in torch
+    try:
+        out = train_in_process(config, clock, threads=governor)
+    finally:
+        torch.set_num_threads(threads_before)
     assert set_to == [1]
     # The batch (4 examples) goes on in two parts at once, one thread each, while the cores are busy.
     assert "compute threads: 1 (other processes are using the rest of the 2 cores; each batch in 2 parts at " \
