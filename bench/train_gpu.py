@@ -94,6 +94,7 @@ STACKS = {
     "cli": "`tunesmith train`, normal",
     "fast_low": "tunesmith low_memory (FastEngine)",
     "fast_ungrouped": "tunesmith normal, LoRA projections one by one (before issue 31)",
+    "fast_blk64": "tunesmith normal, flex attention blocks of 64 tokens (not 128)",
     "fast_qlora": "tunesmith QLoRA (FastEngine, NF4 base, checkpointed)",
     "unsloth_qlora": "Unsloth QLoRA (4-bit), its gradient checkpointing, padded",
     "unsloth_qlora_nogc": "Unsloth QLoRA (4-bit), no gradient checkpointing, padded",
@@ -307,7 +308,7 @@ def worker_fast(a, low_memory: bool, mode: str = "normal") -> dict:
     """tunesmith's path on the same sequences through FastEngine, the engine `tunesmith train` runs: packed
     into buffers of 4,096 tokens (8,192 with low_memory), one buffer per optimizer step, as the CLI's loop
     calls it (`engine.step(i)`, nothing read back between steps). `mode`: "ungrouped" runs each LoRA projection
-    on its own (the step before issue 31); "qlora" loads the base 4-bit as `tunesmith train` does for
+    on its own (the step before issue 31); "blk64" runs flex attention over 64-token blocks; "qlora" loads the base 4-bit as `tunesmith train` does for
     train.method: qlora (bitsandbytes NF4, double quantization) under the QLoRA memory cap."""
     import functools
     from types import SimpleNamespace
@@ -322,6 +323,8 @@ def worker_fast(a, low_memory: bool, mode: str = "normal") -> dict:
     apply_cap(a, qlora)
     if mode == "ungrouped":
         fast.prepare_fast_model = functools.partial(fast.prepare_fast_model, grouped=False)
+    if mode == "blk64":
+        fast.prepare_fast_model = functools.partial(fast.prepare_fast_model, attention_block=64)
     docs = documents(list(batches(a.docs_batches, a.bs)))
     config = Config.model_validate({"model": {"base": a.model}, "train": {
         "low_memory": low_memory, "learning_rate": 2e-4, "weight_decay": 0.0, "loss_on": "all",
@@ -939,6 +942,7 @@ def main() -> None:
                   "unsloth_packed": worker_unsloth_packed,
                   "fast": lambda a: worker_fast(a, False), "fast_low": lambda a: worker_fast(a, True),
                   "fast_ungrouped": lambda a: worker_fast(a, False, "ungrouped"),
+                  "fast_blk64": lambda a: worker_fast(a, False, "blk64"),
                   "fast_qlora": lambda a: worker_fast(a, False, "qlora")}[a.worker]
         print(json.dumps(worker(a)), flush=True)
         return

@@ -25,7 +25,7 @@ from tunesmith.train.fast import (
     prepare_fast_model,
     save_adapter,
 )
-from tunesmith.train.fast.model import dense_document_mask, document_mask_mod
+from tunesmith.train.fast.model import dense_document_mask, document_mask_mod, flex_configs_within
 
 LENGTHS = [5, 17, 9, 30, 12, 3]
 
@@ -123,6 +123,23 @@ def test_flex_block_mask_is_the_dense_document_mask():
     out = flex_attention(q, k, v, block_mask=block)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_flex_blocks_of_64_keep_the_document_mask():
+    """attention_block=64: the 64-token block mask is the same mask, and inductor's own kernel configs for it
+    (H100's defaults use 128-row tiles) are cut to tiles that divide 64, warps and stages kept."""
+    from torch._inductor.template_heuristics.triton import FlexBwDConfig, FlexConfig
+
+    b = pack(examples(), 128)[0]
+    q, k, v = (torch.randn(1, 4, 128, 16) for _ in range(3))
+    block = create_block_mask(document_mask_mod(b.doc_ids), None, None, 128, 128, device="cpu", BLOCK_SIZE=64)
+    assert block.BLOCK_SIZE == (64, 64)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_document_mask(b.doc_ids))
+    assert torch.allclose(flex_attention(q, k, v, block_mask=block), ref, atol=1e-5)
+    fwd = flex_configs_within([FlexConfig(128, 64, 3, 8), FlexConfig(64, 64, 3, 8)], 64)
+    assert fwd == [FlexConfig(64, 64, 3, 8)]
+    bwd = flex_configs_within([FlexBwDConfig(64, 128, 128, 64, 3, 8)], 64)
+    assert bwd == [FlexBwDConfig(64, 64, 64, 64, 3, 8)]
 
 
 def assert_matches_peft(fast, ref) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from tunesmith.config import LoraConfig
 from tunesmith.train.fast.lora import LoraLinear, save_adapter
-from tunesmith.train.fast.model import FastCausalLM, FastPathUnsupported, check_supported
+from tunesmith.train.fast.model import ATTENTION_BLOCK, FastCausalLM, FastPathUnsupported, check_supported
 from tunesmith.train.fast.nf4 import NF4Linear
 from tunesmith.train.fast.packing import IGNORE_INDEX, PackedBatch, pack
 from tunesmith.train.fast.step import make_optimizer, make_train_step
@@ -33,15 +33,18 @@ FOUR_BIT_SEQ_LEN = 4096
 
 
 def prepare_fast_model(model: nn.Module, lora_cfg: LoraConfig, low_memory: bool = False,
-                       compile: bool | None = None, grouped: bool = True) -> FastCausalLM:
+                       compile: bool | None = None, grouped: bool = True,
+                       attention_block: int = ATTENTION_BLOCK) -> FastCausalLM:
     """Add LoRA to a Hugging Face causal LM (in place) and wrap it for packed training.
 
     `model` should already be on its device in its training dtype (bf16 on CUDA), or loaded 4-bit by
     bitsandbytes (QLoRA: its NF4 weights are kept, and its layers checkpointed). `compile` defaults to True
-    on CUDA; `grouped=False` runs each LoRA projection on its own (grouped.py says what grouping buys).
+    on CUDA; `grouped=False` runs each LoRA projection on its own (grouped.py says what grouping buys);
+    `attention_block` is flex attention's block size (64 skips more of a buffer of short documents).
     Raises FastPathUnsupported for architectures the fast path does not run.
     """
-    return FastCausalLM(model, lora_cfg, low_memory=low_memory, compile=compile, grouped=grouped).train()
+    return FastCausalLM(model, lora_cfg, low_memory=low_memory, compile=compile, grouped=grouped,
+                        attention_block=attention_block).train()
 
 
 def buffer_tokens(fast: FastCausalLM) -> int:

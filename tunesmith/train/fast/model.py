@@ -9,6 +9,7 @@ Supported: Llama, Mistral (no sliding window), Qwen2 and Qwen3 decoders.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -24,6 +25,9 @@ from tunesmith.train.fast.nf4 import NF4Linear, take_over_4bit
 from tunesmith.train.fast.packing import IGNORE_INDEX, PackedBatch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ATTENTION_BLOCK = 128
+"""Flex attention's block size (its default): the mask is kept or skipped per block of this many query and key
+tokens. Smaller blocks skip more of a buffer of short documents (bench/RESULTS.md, issue 31)."""
 
 
 class FastPathUnsupported(ModelError):
@@ -126,6 +130,39 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     return out[0].transpose(0, 1)
 
 
+def flex_configs_within(configs: list, size: int) -> list:
+    """Inductor's flex attention kernel configs with every tile side cut to at most `size` (warps and stages
+    kept), so that the kernels fit a block mask of `size`-token blocks."""
+    out = []
+    for conf in configs:
+        tiles = {f.name: min(getattr(conf, f.name), size) for f in dataclasses.fields(conf)
+                 if f.name.startswith("block_")}
+        if (shrunk := dataclasses.replace(conf, **tiles)) not in out:
+            out.append(shrunk)
+    return out
+
+
+def use_flex_blocks(size: int) -> None:
+    """Make inductor pick flex attention kernels whose tiles divide `size` (its defaults on Hopper use 128-row
+    tiles, which a mask of 64-token blocks rejects). Process-wide: inductor asks one handler for its choices."""
+    # Imported here: inductor's import takes seconds, and only CUDA runs need it.
+    from torch._inductor.virtualized import V
+
+    if getattr(V.choices, "flex_tile", None) == size:
+        return
+
+    class SmallFlexTiles(type(V.choices)):
+        flex_tile = size
+
+        def get_flex_attention_fwd_configs(self, head_dim, dtype, device_type="cuda"):
+            return flex_configs_within(super().get_flex_attention_fwd_configs(head_dim, dtype, device_type), size)
+
+        def get_flex_attention_bwd_configs(self, head_dim, dtype, device_type="cuda"):
+            return flex_configs_within(super().get_flex_attention_bwd_configs(head_dim, dtype, device_type), size)
+
+    V.set_choices_handler(SmallFlexTiles())
+
+
 def dense_document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     """The block-diagonal causal mask as a (tokens, tokens) boolean: True where attention is allowed."""
     n = doc_ids.shape[0]
@@ -183,10 +220,14 @@ class FastCausalLM(nn.Module):
     """A causal LM with LoRA adapters, trained on `PackedBatch`es. Call it to get the mean token loss."""
 
     def __init__(self, model: nn.Module, lora_cfg: LoraConfig, low_memory: bool = False,
-                 compile: bool | None = None, ce_chunk: int | None = None, grouped: bool = True):
+                 compile: bool | None = None, ce_chunk: int | None = None, grouped: bool = True,
+                 attention_block: int = ATTENTION_BLOCK):
         super().__init__()
         check_supported(model)
         self.model = model
+        self.attention_block = attention_block
+        if attention_block < ATTENTION_BLOCK:
+            use_flex_blocks(attention_block)
         # A QLoRA base (bitsandbytes' 4-bit layers, or NF4Linear already): its NF4 tensors are read by torch
         # ops the compiler fuses (nf4.py). Its point is memory, so its layers are always checkpointed.
         self.four_bit = take_over_4bit(model) > 0 or any(isinstance(m, NF4Linear) for m in model.modules())
@@ -237,7 +278,7 @@ class FastCausalLM(nn.Module):
         buffer, mask_mod = self._doc_id_buffers[key]
         buffer.copy_(doc_ids)
         n = doc_ids.shape[0]
-        return create_block_mask(mask_mod, None, None, n, n, device=doc_ids.device)
+        return create_block_mask(mask_mod, None, None, n, n, device=doc_ids.device, BLOCK_SIZE=self.attention_block)
 
     # LoRA weights: bf16 working copy, fp32 master ---------------------------------------------------
     def master_parameters(self) -> list[nn.Parameter]:
