@@ -26,12 +26,13 @@ from tunesmith.train.workers import StepWorkers
 
 class HFEngine:
     def __init__(self, model: Any, data: Any, config: Config, device: str, pad_id: int, optimizer: Any,
-                 forward: Any, world: World = ALONE, workers: StepWorkers | None = None):
+                 forward: Any, world: World = ALONE):
         """`forward`: the module the loss runs through, `distributed.wrap(model, completion_loss, ...)`:
-        the plain loss on one process, DDP or FSDP2 around it on several. `workers`: set while other processes
-        hold cores, a CPU step's batch in parts computed at once (train/workers.py)."""
+        the plain loss on one process, DDP or FSDP2 around it on several."""
         self.model, self.data, self.config, self.device, self.pad_id = model, data, config, device, pad_id
-        self.optimizer, self.world, self.workers = optimizer, world, workers
+        self.optimizer, self.world = optimizer, world
+        # Set by the loop while other processes hold cores: a CPU step's batch in parts at once (train/workers.py).
+        self.workers: StepWorkers | None = None
         self.forward = forward
         self.params = [p for p in model.parameters() if p.requires_grad]
         # The shared prefix goes through a KV cache, which gradient checkpointing turns off (transformers).
