@@ -111,7 +111,7 @@ def test_a_larger_gguf_answers_only_the_fidelity_prompts_once_a_smaller_one_keep
     done = run_cli("export", "--run", str(run), "--quant", "f16,q8_0")
     assert done.returncode == 0, done.stderr + done.stdout
     report = json.loads((run / "fidelity.json").read_text())
-    assert report["examples"] == len(QUESTIONS) and report["prompts"] == 3
+    assert report["examples"] == len(QUESTIONS) and report["prompts"] == 3 and report["loglik_prompts"] == 3
     quants = {q["quant"]: q for q in report["quantizations"]}
     assert list(quants) == ["f16", "q8_0"]  # the table keeps the order asked for
     assert len(quants["q8_0"]["answers"]) == len(QUESTIONS) and quants["q8_0"]["exact_match"] is not None

@@ -127,3 +127,33 @@ def test_answers_are_cut_at_the_longest_reference_plus_a_margin(tiny):
     assert hf.answer_limit(tokenizer, references, 256) == longest + hf.ANSWER_MARGIN
     assert hf.answer_limit(tokenizer, references, 4) == 4  # never more than asked
     assert hf.answer_limit(tokenizer, None, 256) == 256  # nothing to compare with: as asked
+
+
+def test_hugging_face_answers_are_the_same_however_the_prompts_are_batched(tiny, config, monkeypatch):
+    """generate_batch decodes as many prompts together as ANSWER_CACHE_BYTES of KV cache holds (a bigger batch
+    runs the LM head nearer the cores' peak); one at a time, by threes or all at once, the greedy answers are
+    the same."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny)
+    conversations = _conversations(config)
+    together = hf.generate_batch(model, tokenizer, conversations, config, MAX_NEW)
+    assert hf.answer_batch_size(model, 64) == hf.MAX_ANSWER_BATCH  # a tiny model's cache: all at once
+    assert together == hf.generate_batch(model, tokenizer, conversations, config, MAX_NEW, batch_size=1)
+    # A cache budget of three prompts' worth: batches of three, the same answers.
+    text = model.config.get_text_config()
+    per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * model.dtype.itemsize
+    monkeypatch.setattr(hf, "ANSWER_CACHE_BYTES", 3 * per_token * 64)
+    assert hf.answer_batch_size(model, 64) == 3
+    assert hf.answer_batch_size(model, 65) == 2
+    assert together == hf.generate_batch(model, tokenizer, conversations, config, MAX_NEW)
+    assert len(set(together)) > len(QUESTIONS) // 2
+
+
+def test_answer_batches_grow_only_as_far_as_their_longest_prompt_allows():
+    lengths = [10, 20, 30, 40, 50]
+    fits = lambda tokens: 200 // tokens  # noqa: E731  (sequences of `tokens` that fit a budget of 200)
+    assert list(hf._batches([0, 1, 2, 3, 4], lengths, 10, fits)) == [[0, 1, 2, 3], [4]]
+    assert list(hf._batches([0, 1, 2, 3, 4], lengths, 60, fits)) == [[0, 1], [2, 3], [4]]
+    assert list(hf._batches([], lengths, 10, fits)) == []

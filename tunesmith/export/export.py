@@ -217,7 +217,7 @@ def _fidelity(run: Run, config: Any, merged: Path, tokenizer: Any, ggufs: dict[s
         model.eval()
         reference = hf.generate_batch(model, tokenizer, conversations, config, max_new)
     prompts, reference_ids = fidelity.prompt_and_reference_ids(tokenizer, cases[:n], config)
-    pairs = list(zip(prompts, reference_ids, strict=True))
+    pairs = list(zip(prompts, reference_ids, strict=True))[:fidelity.LOGLIK_PROMPTS]
     if model is None:
         model = load_model(merged)
         model.eval()
@@ -242,7 +242,8 @@ def _fidelity(run: Run, config: Any, merged: Path, tokenizer: Any, ggufs: dict[s
         path = ggufs[quant]
         whole = not settled if settings.modelfile_quant is None else quant == settings.modelfile_quant
         clock = time.perf_counter()
-        answers[quant] = gguf_answers(path, config, conversations if whole else conversations[:n], max_new)
+        answers[quant] = gguf_answers(path, config, conversations if whole else conversations[:n], max_new,
+                                      tokenizer=tokenizer)
         seconds = time.perf_counter() - clock
         logliks = answer_logliks(path, pairs, n_threads=idle_cores())
         result = fidelity.compare(quant, path, reference[:n], answers[quant][:n],

@@ -2,8 +2,8 @@
 
 Each GGUF answers greedily through the server's batched decoder (inference/gguf.py). Against the
 merged model's greedy answers on the first `export.fidelity_prompts`: exact-output agreement, first-token
-agreement, and the mean log-likelihood per token of the reference answers under both (the gap says how much a
-quantization moved the model even where the greedy answers still agree). Both sides get the same prompt token
+agreement, and on the first `LOGLIK_PROMPTS` the mean log-likelihood per token of the reference answers under
+both (the gap says how much a quantization moved the model even where the greedy answers still agree). Both sides get the same prompt token
 ids, so only the weights differ. Against the references on the whole held-out set, for the GGUFs the
 Modelfile's choice needs (export._fidelity): exact match, and its loss against the merged model's. A GGUF fails when its agreement is under `export.min_agreement` or its exact match
 is more than `export.max_exact_match_loss` below the merged model's (2 points by default).
@@ -29,6 +29,12 @@ from tunesmith.inference import hf
 from tunesmith.inference.cases import Case
 from tunesmith.run import MODELFILE  # the column that marks the Modelfile's GGUF
 
+LOGLIK_PROMPTS = 8
+"""Fidelity prompts whose reference answers are also scored by log-likelihood under the merged model and each GGUF
+(the gap column). No verdict reads the gap, and reading a prompt with its answer costs about what answering it
+does (Gemma 3 270M on 2 cores: ~0.45 s a prompt in llama.cpp, ~0.55 s in Hugging Face; 32 prompts were ~60 s of
+address's export for three models); 8 address answers are ~480 scored tokens."""
+
 
 @dataclass
 class QuantFidelity:
@@ -39,7 +45,8 @@ class QuantFidelity:
     """Share of the first n held-out prompts answered exactly as the merged model answers them."""
     first_token: float
     loglik_gap: float
-    """Mean over cases of (merged − GGUF) mean log-likelihood per reference token, in nats; > 0: GGUF worse."""
+    """Mean over the first LOGLIK_PROMPTS cases of (merged − GGUF) mean log-likelihood per reference token, in
+    nats; > 0: GGUF worse."""
     passed: bool
     seconds: float
     exact_match: float | None = None
@@ -91,7 +98,8 @@ def report(results: list[QuantFidelity], reference_seconds: float, n: int, min_a
            digest: str | None = None) -> dict[str, Any]:
     """fidelity.json: the verdicts, the Modelfile's choice and why, and each GGUF's answers to the held-out
     cases (`digest`: inference.cases.cases_digest), which `tunesmith eval` reuses."""
-    return {"prompts": n, "examples": examples, "min_agreement": min_agreement,
+    return {"prompts": n, "loglik_prompts": min(n, LOGLIK_PROMPTS), "examples": examples,
+            "min_agreement": min_agreement,
             "max_exact_match_loss": max_exact_match_loss, "merged_exact_match": merged_exact_match,
             "merged_seconds": round(reference_seconds, 1),
             "modelfile": None if choice is None else {"quant": choice.quant, "reason": choice.reason,

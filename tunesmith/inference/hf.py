@@ -136,10 +136,27 @@ def answer_limit(tokenizer: Any, references: list[str] | None, max_new: int) -> 
     return min(max_new, longest + ANSWER_MARGIN)
 
 
+ANSWER_CACHE_BYTES = 2 * 2**30
+"""The KV cache one batch of answers may fill: how many prompts `generate_batch` decodes together. On a CPU the
+batch is what keeps the LM head's matrix product near the cores' peak: address's 200 held-out messages with Gemma 3
+270M (a 262k-token vocabulary) on 2 cores took 176 s in batches of 64 and 136 s in one batch of 200, with the same
+answers (bench/RESULTS.md, issue 30). 2 GiB holds 256 such prompts with Gemma, ~50 with Qwen3-0.6B."""
+MAX_ANSWER_BATCH = 256
+
+
+def answer_batch_size(model: Any, tokens: int) -> int:
+    """How many sequences of `tokens` (prompt and answer) fit ANSWER_CACHE_BYTES of the model's KV cache."""
+    config = model.config.get_text_config()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * heads * head_dim * model.dtype.itemsize
+    return max(1, min(MAX_ANSWER_BATCH, ANSWER_CACHE_BYTES // (per_token * max(tokens, 1))))
+
+
 def generate_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], config: Config,
-                   max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy answers for many prompts, left-padded in batches of similar length, each cut at its first stop
-    token (`stop_ids`)."""
+                   max_new_tokens: int, batch_size: int | None = None) -> list[str]:
+    """Greedy answers for many prompts, left-padded in batches of similar length (as many as
+    `answer_batch_size` allows, at most `batch_size`), each cut at its first stop token (`stop_ids`)."""
     import torch
 
     encoded = [prompt_ids(tokenizer, messages, config) for messages in conversations]
@@ -147,8 +164,8 @@ def generate_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str
     answers: list[str] = [""] * len(encoded)
     pad = tokenizer.pad_token_id
     stops = stop_ids(tokenizer)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    for chunk in _batches(order, [len(ids) for ids in encoded], max_new_tokens,
+                          lambda tokens: min(batch_size or MAX_ANSWER_BATCH, answer_batch_size(model, tokens))):
         width = max(len(encoded[i]) for i in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -165,6 +182,19 @@ def generate_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str
             end = next((at for at, token in enumerate(answer) if token in stops), len(answer))
             answers[i] = answer_text(tokenizer, answer[:end], cut=end == len(answer))
     return answers
+
+
+def _batches(order: list[int], lengths: list[int], max_new: int, fits: Any) -> Iterator[list[int]]:
+    """`order` (indices by increasing prompt length) cut into batches, each as long as `fits(tokens)` allows
+    for its longest prompt plus `max_new`."""
+    chunk: list[int] = []
+    for i in order:
+        if chunk and len(chunk) + 1 > fits(lengths[i] + max_new):
+            yield chunk
+            chunk = []
+        chunk.append(i)
+    if chunk:
+        yield chunk
 
 
 def answer_text(tokenizer: Any, tokens: list[int], cut: bool) -> str:

@@ -8,7 +8,6 @@ more than the rest of the model, and copying those logits out cost more again.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from tunesmith.llama.load import EngineError, load_model, new_context
@@ -20,6 +19,7 @@ def answer_logliks(path: str | Path, pairs: list[tuple[list[int], list[int]]],
     empty answer."""
     import llama_cpp as L
     import numpy as np
+    import torch
 
     longest = max((len(prompt) + len(answer) for prompt, answer in pairs), default=1)
     model = load_model(path)
@@ -48,13 +48,13 @@ def answer_logliks(path: str | Path, pairs: list[tuple[list[int], list[int]]],
             rc = L.llama_decode(ctx, batch)
             if rc != 0:
                 raise EngineError(f"llama.cpp could not decode a prompt and its answer (llama_decode returned {rc})")
-            total = 0.0
-            for j, token in enumerate(answer):
-                row = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, first + j), shape=(n_vocab,))
-                row = row.astype(np.float64)
-                peak = row.max()
-                total += row[token] - peak - math.log(float(np.exp(row - peak).sum()))
-            logliks.append(total / len(answer))
+            # The answer's rows are consecutive in llama.cpp's output buffer (one per position asked for, in order).
+            rows = np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, first), shape=(len(answer), n_vocab))
+            # In float64 as before, through torch: numpy's one-threaded exp over Gemma 3's 262k-token rows cost
+            # ~0.2 s a prompt, as much as llama.cpp's pass.
+            rows = torch.from_numpy(rows).double()
+            picked = rows[torch.arange(len(answer)), torch.tensor(answer)] - rows.logsumexp(dim=1)
+            logliks.append(float(picked.mean()))
         return logliks
     finally:
         if batch is not None:
