@@ -96,7 +96,7 @@ STACKS = {
     "fast_ungrouped": "tunesmith normal, LoRA projections one by one (before issue 31)",
     "fast_blk64": "tunesmith normal, flex attention blocks of 64 tokens (not 128)",
     "fast_qlora": "tunesmith QLoRA (FastEngine, NF4 base, checkpointed)",
-    "fast_qlora2k": "tunesmith QLoRA, 2,048-token buffers (not 4,096)",
+    "fast_qlora2k": "tunesmith QLoRA, 2,048-token buffers, 256-token loss chunks",
     "unsloth_qlora": "Unsloth QLoRA (4-bit), its gradient checkpointing, padded",
     "unsloth_qlora_nogc": "Unsloth QLoRA (4-bit), no gradient checkpointing, padded",
     "unsloth": "Unsloth, no gradient checkpointing, padded",
@@ -311,7 +311,7 @@ def worker_fast(a, low_memory: bool, mode: str = "normal") -> dict:
     calls it (`engine.step(i)`, nothing read back between steps). `mode`: "ungrouped" runs each LoRA projection
     on its own (the step before issue 31); "blk64" runs flex attention over 64-token blocks; "qlora" loads the base 4-bit as `tunesmith train` does for
     train.method: qlora (bitsandbytes NF4, double quantization) under the QLoRA memory cap; "qlora2k" the same on
-    2,048-token buffers."""
+    2,048-token buffers with 256-token loss chunks."""
     import functools
     from types import SimpleNamespace
 
@@ -323,8 +323,15 @@ def worker_fast(a, low_memory: bool, mode: str = "normal") -> dict:
 
     qlora = mode in ("qlora", "qlora2k")
     apply_cap(a, qlora)
-    if mode == "qlora2k":  # the 4-bit path on 2,048-token buffers: half the saved layer inputs (memory lever)
+    if mode == "qlora2k":  # memory levers: 2,048-token buffers (half the saved layer inputs), 256-token loss chunks
         fast.FOUR_BIT_SEQ_LEN = 2048
+        prepare = fast.prepare_fast_model
+
+        def prepare_small_chunks(*args, **kwargs):
+            model = prepare(*args, **kwargs)
+            model.ce_chunk = 256
+            return model
+        fast.prepare_fast_model = prepare_small_chunks
     if mode == "ungrouped":
         fast.prepare_fast_model = functools.partial(fast.prepare_fast_model, grouped=False)
     if mode == "blk64":
