@@ -96,6 +96,8 @@ STACKS = {
     "fast_ungrouped": "tunesmith normal, LoRA projections one by one (before issue 31)",
     "fast_blk64": "tunesmith normal, flex attention blocks of 64 tokens (not 128)",
     "fast_qlora": "tunesmith QLoRA (FastEngine, NF4 base, checkpointed)",
+    "fast_qlora_c256": "tunesmith QLoRA, 256-token loss chunks",
+    "fast_qlora2k": "tunesmith QLoRA, 2,048-token buffers, 256-token loss chunks",
     "unsloth_qlora": "Unsloth QLoRA (4-bit), its gradient checkpointing, padded",
     "unsloth_qlora_nogc": "Unsloth QLoRA (4-bit), no gradient checkpointing, padded",
     "unsloth": "Unsloth, no gradient checkpointing, padded",
@@ -308,8 +310,10 @@ def worker_fast(a, low_memory: bool, mode: str = "normal") -> dict:
     """tunesmith's path on the same sequences through FastEngine, the engine `tunesmith train` runs: packed
     into buffers of 4,096 tokens (8,192 with low_memory), one buffer per optimizer step, as the CLI's loop
     calls it (`engine.step(i)`, nothing read back between steps). `mode`: "ungrouped" runs each LoRA projection
-    on its own (the step before issue 31); "blk64" runs flex attention over 64-token blocks; "qlora" loads the base 4-bit as `tunesmith train` does for
-    train.method: qlora (bitsandbytes NF4, double quantization) under the QLoRA memory cap."""
+    on its own (the step before issue 31); "blk64" runs flex attention over 64-token blocks; "qlora" loads the
+    base 4-bit as `tunesmith train` does for train.method: qlora (bitsandbytes NF4, double quantization) under the
+    QLoRA memory cap; "qlora_c256" the same with 256-token loss chunks (not 1,024); "qlora2k" with 2,048-token
+    buffers (not 4,096) and 256-token loss chunks (the QLoRA memory levers, issue 31)."""
     import functools
     from types import SimpleNamespace
 
@@ -319,8 +323,18 @@ def worker_fast(a, low_memory: bool, mode: str = "normal") -> dict:
     from tunesmith.train import fast
     from tunesmith.train.engines import FastEngine
 
-    qlora = mode == "qlora"
+    qlora = mode.startswith("qlora")
     apply_cap(a, qlora)
+    if mode == "qlora2k":  # half the saved layer inputs
+        fast.FOUR_BIT_SEQ_LEN = 2048
+    if mode in ("qlora_c256", "qlora2k"):  # a quarter of the loss chunk's logits, held while every input is saved
+        prepare = fast.prepare_fast_model
+
+        def prepare_small_chunks(*args, **kwargs):
+            model = prepare(*args, **kwargs)
+            model.ce_chunk = 256
+            return model
+        fast.prepare_fast_model = prepare_small_chunks
     if mode == "ungrouped":
         fast.prepare_fast_model = functools.partial(fast.prepare_fast_model, grouped=False)
     if mode == "blk64":
@@ -860,6 +874,8 @@ PAIRS = [  # (ours, theirs, what the issue asks)
     ("fast", "unsloth_gc", "normal vs Unsloth with its checkpointing"),
     ("fast_qlora", "unsloth_qlora", "QLoRA vs Unsloth QLoRA (its checkpointing)"),
     ("fast_qlora", "unsloth_qlora_nogc", "QLoRA vs Unsloth QLoRA without checkpointing"),
+    ("fast_qlora_c256", "unsloth_qlora", "QLoRA, 256-token loss chunks, vs Unsloth QLoRA"),
+    ("fast_qlora2k", "unsloth_qlora", "QLoRA on 2,048-token buffers vs Unsloth QLoRA"),
     ("fast", "fast_ungrouped", "grouped LoRA projections vs one by one"),
     ("fast", "hf", "normal vs transformers + peft"),
 ]
@@ -943,7 +959,9 @@ def main() -> None:
                   "fast": lambda a: worker_fast(a, False), "fast_low": lambda a: worker_fast(a, True),
                   "fast_ungrouped": lambda a: worker_fast(a, False, "ungrouped"),
                   "fast_blk64": lambda a: worker_fast(a, False, "blk64"),
-                  "fast_qlora": lambda a: worker_fast(a, False, "qlora")}[a.worker]
+                  "fast_qlora": lambda a: worker_fast(a, False, "qlora"),
+                  "fast_qlora_c256": lambda a: worker_fast(a, False, "qlora_c256"),
+                  "fast_qlora2k": lambda a: worker_fast(a, False, "qlora2k")}[a.worker]
         print(json.dumps(worker(a)), flush=True)
         return
     started = time.perf_counter()
