@@ -153,7 +153,7 @@ def test_hugging_face_answers_are_the_same_however_the_prompts_are_batched(tiny,
 
 def test_answer_batches_grow_only_as_far_as_their_longest_prompt_allows():
     lengths = [10, 20, 30, 40, 50]
-    fits = lambda tokens: 200 // tokens  # noqa: E731  (sequences of `tokens` that fit a budget of 200)
+    fits = lambda tokens: 200 // tokens  # sequences of `tokens` that fit a budget of 200
     assert list(hf._batches([0, 1, 2, 3, 4], lengths, 10, fits)) == [[0, 1, 2, 3], [4]]
     assert list(hf._batches([0, 1, 2, 3, 4], lengths, 60, fits)) == [[0, 1], [2, 3], [4]]
     assert list(hf._batches([], lengths, 10, fits)) == []

@@ -216,8 +216,8 @@ def _fidelity(run: Run, config: Any, merged: Path, tokenizer: Any, ggufs: dict[s
         model = load_model(merged)
         model.eval()
         reference = hf.generate_batch(model, tokenizer, conversations, config, max_new)
-    prompts, reference_ids = fidelity.prompt_and_reference_ids(tokenizer, cases[:n], config)
-    pairs = list(zip(prompts, reference_ids, strict=True))[:fidelity.LOGLIK_PROMPTS]
+    scored = cases[:min(n, fidelity.LOGLIK_PROMPTS)]  # the prompts of the log-likelihood gap
+    pairs = list(zip(*fidelity.prompt_and_reference_ids(tokenizer, scored, config), strict=True))
     if model is None:
         model = load_model(merged)
         model.eval()

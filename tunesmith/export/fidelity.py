@@ -3,10 +3,11 @@
 Each GGUF answers greedily through the server's batched decoder (inference/gguf.py). Against the
 merged model's greedy answers on the first `export.fidelity_prompts`: exact-output agreement, first-token
 agreement, and on the first `LOGLIK_PROMPTS` the mean log-likelihood per token of the reference answers under
-both (the gap says how much a quantization moved the model even where the greedy answers still agree). Both sides get the same prompt token
-ids, so only the weights differ. Against the references on the whole held-out set, for the GGUFs the
-Modelfile's choice needs (export._fidelity): exact match, and its loss against the merged model's. A GGUF fails when its agreement is under `export.min_agreement` or its exact match
-is more than `export.max_exact_match_loss` below the merged model's (2 points by default).
+both (the gap says how much a quantization moved the model even where the greedy answers still agree). Both
+sides get the same prompt token ids, so only the weights differ. Against the references on the whole held-out
+set, for the GGUFs the Modelfile's choice needs (export._fidelity): exact match, and its loss against the merged
+model's. A GGUF fails when its agreement is under `export.min_agreement` or its exact match is more than
+`export.max_exact_match_loss` below the merged model's (2 points by default).
 
 The answers are not generated twice: the merged model's come from the eval stage when it has answered the same
 prompts, and each GGUF's are kept in fidelity.json, where `tunesmith eval` takes them (evaluate/compare.py). Small

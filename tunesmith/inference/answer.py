@@ -19,7 +19,7 @@ def answers(name: str, config: Config, run: Run, conversations: list[list[dict[s
 
         tokenizer = load_tokenizer(resolve_base(config.model.base, config.model.revision))
         max_new = hf.answer_limit(tokenizer, references, config.eval.max_new_tokens)
-        return gguf_answers(Path(name), config, conversations, max_new)
+        return gguf_answers(Path(name), config, conversations, max_new, tokenizer=tokenizer)
     model, tokenizer = hf.load_finetuned(run, config) if name == "finetuned" else hf.load(config, None)
     if name == "finetuned" and config.train.method == "lora":
         model = model.merge_and_unload()  # same answers, no per-layer adapter overhead while generating

@@ -39,7 +39,8 @@ def gguf_answers(gguf: Path, config: Config, conversations: list[list[dict[str, 
 
     if not conversations:
         return []
-    tokenizer = tokenizer or load_tokenizer(resolve_base(config.model.base, config.model.revision))
+    if tokenizer is None:
+        tokenizer = load_tokenizer(resolve_base(config.model.base, config.model.revision))
     prompts = [hf.prompt_ids(tokenizer, messages, config) for messages in conversations]
     stops = frozenset(hf.stop_ids(tokenizer))
     # Each sequence's cache holds its prompt and answer; a longer one would only take memory. A multiple of 256,
