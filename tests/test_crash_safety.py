@@ -142,6 +142,18 @@ def test_plain_train_over_a_trained_run_refuses_and_force_starts_over(trained, t
     assert json.loads((run / "run.json").read_text())["final"]["steps"] == 2
 
 
+def test_save_total_limit_null_keeps_every_checkpoint_for_the_curve(trained, tmp_path, cli):
+    # The default keeps the newest two (the fixture's 12-step run: 9 and 12); null keeps all, which
+    # bench/accuracy_curve.py --checkpoints then scores one by one.
+    run, config = _copy(trained, tmp_path)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000009", "step-00000012"]
+    done = cli("train", "--config", str(config), "--force", "--set", "train.max_steps=6",
+               "--set", "train.save_steps=2", "--set", "train.save_total_limit=null")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000004",
+                                                                       "step-00000006"]
+
+
 class _Payload:
     """What a planted state.pt could hold: unpickling it calls Path.touch (it could as well call os.system)."""
 

@@ -70,7 +70,7 @@ def test_committed_files_are_what_the_generator_writes():
 
 def test_dataset_sizes_answers_and_held_out_combinations():
     train, test = read("train.jsonl"), read("test.jsonl")
-    assert (len(train), len(test)) == (7799, 300)
+    assert (len(train), len(test)) == (7799 + 7799, 300)
     inputs = {r["input"] for r in train}
     assert len(inputs) == len(train)
     assert not inputs & {r["input"] for r in test}  # no test state occurs in training
@@ -92,12 +92,29 @@ def test_held_out_states_share_no_answer_relevant_features_with_training():
         assert godrive.relevant_key(CALM | {feature: other}) != godrive.relevant_key(CALM), feature
 
 
+def test_the_teaching_half_shows_the_faults_and_the_cut_more_often():
+    train = read("train.jsonl")
+    halves = train[:godrive.TRAIN_SIZE], train[godrive.TRAIN_SIZE:]
+
+    def share(records, test):
+        return sum(map(test, records)) / len(records)
+
+    def gives(rule):
+        return lambda r: rule in godrive.fired_rules(r["input"])[:godrive.MAX_INSTRUCTIONS]
+
+    many = share(halves[1], lambda r: len(godrive.fired_rules(r["input"])) > 3)
+    assert many > 3 * share(halves[0], lambda r: len(godrive.fired_rules(r["input"])) > 3) and many > 0.4
+    for rule in ("gear_start", "neutral_coast", "clutch_ride", "handbrake", "seatbelt", "door", "engine"):
+        assert share(halves[1], gives(rule)) > 1.4 * share(halves[0], gives(rule)), rule
+    assert share(halves[0], lambda r: r["output"] == godrive.ALL_GOOD) > 0.02  # the realistic half keeps calm states
+
+
 def test_the_example_config_loads_the_dataset(tmp_path):
     cfg = load_config(HERE / "config.yaml")
     assert cfg.name == "goDrive" and cfg.model.base == "builtin:gemma3-270m"
     report = LoadReport(cfg.data.train_file)
     examples = load_examples(cfg.data.train_file, cfg.data, report)
-    assert (len(examples), report.shape, report.system_prompt_added) == (7799, "input_output", 7799)
+    assert (len(examples), report.shape, report.system_prompt_added) == (15598, "input_output", 15598)
     assert [m["role"] for m in examples[0].messages] == ["system", "user", "assistant"]
     test_report = LoadReport(cfg.data.test_file)
     assert len(load_examples(cfg.data.test_file, cfg.data, test_report)) == 300

@@ -147,6 +147,10 @@ class TrainConfig(Section):
     seed: int = 3407
     loss_on: Literal["completion", "all"] = "completion"
     save_steps: int = Field(50, gt=0)
+    save_total_limit: int | None = Field(2, gt=0)
+    """Checkpoints kept (the newest), as transformers' TrainingArguments; null keeps every one: what
+    bench/accuracy_curve.py --checkpoints scores afterwards to draw accuracy against minutes without spending the
+    run's budget on eval passes. Two by default: the newest, and the one before it in case the newest is damaged."""
     log_steps: int = Field(10, gt=0)
     eval_steps: int = Field(50, gt=0)
     eval_accuracy: int = Field(32, ge=0)

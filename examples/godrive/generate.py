@@ -1,7 +1,8 @@
 """goDrive, the reference article's task: a car's sensor features in, a driving coach's instruction out.
 
-Run `python examples/godrive/generate.py` to rewrite train.jsonl (7,799 examples), test.jsonl (300 held-out
-examples) and valid.jsonl (100 more, held out the same way, for watching training) next to this file; the output is the same on every run (seeded). The evaluator imports
+Run `python examples/godrive/generate.py` to rewrite train.jsonl (15,598 examples), test.jsonl (300 held-out
+examples) and valid.jsonl (100 more, held out the same way, for watching training) next to this file; the output is
+the same on every run (seeded). The evaluator imports
 `expected(features) -> str` and `score(prediction, reference) -> dict` (`eval.scorer: examples.godrive.generate:score`).
 
 What "held out" means here: a test state's answer-relevant features, every feature but the distractors 刹车 and
@@ -35,10 +36,18 @@ answers can be scored by exact match and per rule.
 The other features (刹车, 油门, 缓慢 speed, the exact forward gear) make the state realistic and are
 distractors: the model has to learn which features matter.
 
-In train.jsonl (share of answers giving each instruction): night 27%, dusk 20%, speeding 17%, seatbelt 15%,
-door 13%, engine 12%, handbrake 11%, each item 7-8%, clutch_ride 8%, gear_start 8%, neutral_coast 6%,
-状态良好 3%; 10% of states fire more than three rules, so the cut to three matters. Answers are 12-56
-tokens with the SmolLM2 tokenizer (median 33, `<|im_end|>` included).
+Training is two halves. The first, 7,799 states drawn as a driving school sees them (REALISTIC), fixes which
+states are held out. The second, 7,799 more, is drawn with the faults two to three times as often (TEACHING), so
+that a short run sees the rules that read two or three features at once, and the cut to three, often enough to
+learn them. In the same 14 CPU minutes (bench/RESULTS.md, Session 12) the half-and-half set gave 61% of the test
+states and 52% of the validation states against 53% and 49% for the realistic set alone, and 43-47% against
+30-31% where four or more rules fire.
+
+In the realistic half (share of answers giving each instruction): night 27%, dusk 20%, speeding 17%, seatbelt
+15%, door 13%, engine 12%, handbrake 11%, each item 7-8%, clutch_ride 8%, gear_start 8%, neutral_coast 6%,
+状态良好 3%; 10% of states fire more than three rules, so the cut to three matters. In the teaching half:
+seatbelt 48%, door 43%, handbrake 25%, engine 24%, gear_start 19%, clutch_ride 12%, neutral_coast 10%, 状态良好
+0.1%; 46% of states fire more than three rules. Answers are 12-56 tokens with the SmolLM2 tokenizer (median 33, `<|im_end|>` included).
 """
 
 from __future__ import annotations
@@ -79,6 +88,7 @@ ALL_GOOD = "状态良好，继续保持。"
 MAX_INSTRUCTIONS = 3
 MOVING_FAST = ("适中", "过快")
 TRAIN_SIZE = 7799
+TEACHING_SIZE = 7799
 TEST_SIZE = 300
 VALID_SIZE = 100
 SEED = 7799
@@ -202,28 +212,52 @@ def _pick(rng: random.Random, weights: dict[str, float]) -> str:
     return rng.choices(list(weights), weights=list(weights.values()))[0]
 
 
-def sample_features(rng: random.Random) -> Features:
+REALISTIC: dict[str, Any] = {
+    "engine": {"打火": 0.92, "熄火": 0.08}, "speed": {"静止": 0.2, "缓慢": 0.3, "适中": 0.3, "过快": 0.2},
+    "moving_manual_gear": {"空挡": 0.12, "1挡": 0.2, "2挡": 0.25, "3挡": 0.2, "4挡": 0.1, "5挡": 0.05, "倒挡": 0.08},
+    "standing_manual_gear": {"空挡": 0.3, "1挡": 0.3, "2挡": 0.1, "3挡": 0.1, "4挡": 0.05, "5挡": 0.05, "倒挡": 0.1},
+    "moving_auto_gear": {"D挡": 0.8, "N挡": 0.12, "R挡": 0.08},
+    "moving_clutch": {"踩下": 0.2, "未踩": 0.8}, "moving_handbrake": {"拉起": 0.1, "放下": 0.9},
+    "belt": {"系上": 0.9, "未系": 0.1}, "door": {"关闭": 0.92, "未关": 0.08},
+    "time": {"白天": 0.5, "傍晚": 0.2, "夜晚": 0.3},
+}
+"""How often each state occurs in a driving school: the held-out (test and validation) states and the first half
+of training are drawn from these."""
+TEACHING: dict[str, Any] = {
+    "engine": {"打火": 0.8, "熄火": 0.2}, "speed": {"静止": 0.3, "缓慢": 0.2, "适中": 0.3, "过快": 0.2},
+    "moving_manual_gear": {"空挡": 0.25, "1挡": 0.15, "2挡": 0.2, "3挡": 0.15, "4挡": 0.1, "5挡": 0.05, "倒挡": 0.1},
+    "standing_manual_gear": {"空挡": 0.2, "1挡": 0.2, "2挡": 0.15, "3挡": 0.15, "4挡": 0.1, "5挡": 0.1, "倒挡": 0.1},
+    "moving_auto_gear": {"D挡": 0.65, "N挡": 0.25, "R挡": 0.1},
+    "moving_clutch": {"踩下": 0.4, "未踩": 0.6}, "moving_handbrake": {"拉起": 0.3, "放下": 0.7},
+    "belt": {"系上": 0.7, "未系": 0.3}, "door": {"关闭": 0.75, "未关": 0.25},
+    "time": {"白天": 0.4, "傍晚": 0.3, "夜晚": 0.3},
+}
+"""The teaching half of training: the faults behind the rules two to three times as often as on the road, so the
+conjunctive rules (gear_start, neutral_coast, clutch_ride) and the cut to three are seen often enough to be learned
+in a short run. A training set drawn only from these taught the conjunctions in 360 steps but lost 状态良好 (its
+recall fell to 0: it then almost never occurs): hence half and half."""
+
+
+def sample_features(rng: random.Random, weights: dict[str, Any] = REALISTIC) -> Features:
     """One plausible car state: the engine off means standing still, reversing items favour reverse gear."""
     site = _pick(rng, {"科目二": 1, "科目三": 1})
     item = _pick(rng, {NO_ITEM: 0.25, **{name: 0.15 for name in ITEMS[site]}})
     manual = rng.random() < 0.6
-    engine = _pick(rng, {"打火": 0.92, "熄火": 0.08})
-    speed = "静止" if engine == "熄火" else _pick(rng, {"静止": 0.2, "缓慢": 0.3, "适中": 0.3, "过快": 0.2})
+    engine = _pick(rng, weights["engine"])
+    speed = "静止" if engine == "熄火" else _pick(rng, weights["speed"])
     moving = speed != "静止"
     reversing = item in ("倒车入库", "侧方停车") and moving and rng.random() < 0.6
     if manual:
         if reversing:
             gear = "倒挡"
-        elif moving:
-            gear = _pick(rng, {"空挡": 0.12, "1挡": 0.2, "2挡": 0.25, "3挡": 0.2, "4挡": 0.1, "5挡": 0.05, "倒挡": 0.08})
         else:
-            gear = _pick(rng, {"空挡": 0.3, "1挡": 0.3, "2挡": 0.1, "3挡": 0.1, "4挡": 0.05, "5挡": 0.05, "倒挡": 0.1})
-        clutch = _pick(rng, {"踩下": 0.2, "未踩": 0.8} if moving else {"踩下": 0.5, "未踩": 0.5})
+            gear = _pick(rng, weights["moving_manual_gear" if moving else "standing_manual_gear"])
+        clutch = _pick(rng, weights["moving_clutch"] if moving else {"踩下": 0.5, "未踩": 0.5})
     else:
         if reversing:
             gear = "R挡"
         elif moving:
-            gear = _pick(rng, {"D挡": 0.8, "N挡": 0.12, "R挡": 0.08})
+            gear = _pick(rng, weights["moving_auto_gear"])
         else:
             gear = _pick(rng, {"P挡": 0.5, "N挡": 0.2, "D挡": 0.25, "R挡": 0.05})
         clutch = "无"
@@ -232,16 +266,16 @@ def sample_features(rng: random.Random) -> Features:
         "当前项目": item,
         "车辆类型": "手动挡" if manual else "自动挡",
         "挡位": gear,
-        "手刹": _pick(rng, {"拉起": 0.1, "放下": 0.9} if moving else {"拉起": 0.6, "放下": 0.4}),
+        "手刹": _pick(rng, weights["moving_handbrake"] if moving else {"拉起": 0.6, "放下": 0.4}),
         "发动机": engine,
-        "安全带": _pick(rng, {"系上": 0.9, "未系": 0.1}),
-        "车门": _pick(rng, {"关闭": 0.92, "未关": 0.08}),
+        "安全带": _pick(rng, weights["belt"]),
+        "车门": _pick(rng, weights["door"]),
         "离合": clutch,
         "刹车": _pick(rng, {"踩下": 0.2, "未踩": 0.8} if moving else {"踩下": 0.5, "未踩": 0.5}),
         "油门": "未踩" if engine == "熄火" else _pick(rng, {"踩下": 0.4, "未踩": 0.6} if moving else
                                                       {"踩下": 0.1, "未踩": 0.9}),
         "速度": speed,
-        "时间特征": _pick(rng, {"白天": 0.5, "傍晚": 0.2, "夜晚": 0.3}),
+        "时间特征": _pick(rng, weights["time"]),
     }
 
 
@@ -253,11 +287,13 @@ def relevant_key(features: Features | str) -> tuple[str, ...]:
 
 
 def generate(train_size: int = TRAIN_SIZE, test_size: int = TEST_SIZE, seed: int = SEED,
-             valid_size: int = VALID_SIZE) -> tuple[list[dict], list[dict], list[dict]]:
-    """(train, test, valid): `train_size` distinct feature states for training; then, from the same stream,
-    `test_size` states and then `valid_size` more whose `relevant_key` occurs neither in training nor in any
-    state drawn before them. The validation states are held out like the test states and disjoint from them:
-    training watches its accuracy on them (data.eval_file) and the test set stays untouched until the end."""
+             valid_size: int = VALID_SIZE, teaching_size: int = TEACHING_SIZE,
+             ) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, test, valid): `train_size` distinct realistic feature states for training; then, from the same
+    stream, `test_size` states and then `valid_size` more whose `relevant_key` occurs neither in training nor in
+    any state drawn before them; then `teaching_size` more training states drawn with TEACHING weights from a
+    stream of their own, none sharing a held-out state's `relevant_key`. The validation states are held out like
+    the test states and disjoint from them: training watches its accuracy on them (data.eval_file) and the test set stays untouched until the end."""
     rng = random.Random(seed)
     seen: set[str] = set()
     lines: list[str] = []
@@ -279,6 +315,15 @@ def generate(train_size: int = TRAIN_SIZE, test_size: int = TEST_SIZE, seed: int
         return drawn
 
     test_lines, valid_lines = held_out(test_size), held_out(valid_size)
+    # The teaching half comes after the held-out states are fixed, from its own stream, and avoids their
+    # answer-relevant features: the test and validation files stay what they were with a realistic training set.
+    teaching_rng = random.Random(seed + 1)
+    while len(lines) < train_size + teaching_size:
+        features = sample_features(teaching_rng, TEACHING)
+        line = format_features(features)
+        if line not in seen and relevant_key(features) not in taken:
+            seen.add(line)
+            lines.append(line)
     train = [{"input": line, "output": expected(line)} for line in lines]
     test, valid = ([{"input": line, "output": expected(line), "rules": fired_rules(line)[:MAX_INSTRUCTIONS]}
                     for line in part] for part in (test_lines, valid_lines))

@@ -22,7 +22,6 @@ from tunesmith.atomic import atomic_path
 from tunesmith.digest import file_sha256
 from tunesmith.errors import ConfigError, DiskFull, TunesmithError
 
-KEEP = 2
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^step-(\d{8})$")
 
@@ -85,10 +84,10 @@ class TrainState:
 
 
 def save(directory: Path, trainable: dict[str, Any], optimizer_state: dict[str, Any], scheduler: Any,
-         state: TrainState, settings: dict[str, Any]) -> Path:
+         state: TrainState, settings: dict[str, Any], keep: int | None = 2) -> Path:
     """`trainable`: the weights that train (name -> tensor), whatever holds them; `optimizer_state`: the
     optimizer's `state_dict()` (under FSDP2 gathered whole first); `settings`: what a resume must match
-    (`resume_settings`). On several ranks, rank 0 alone calls this: the weights and optimizer are the same on
+    (`resume_settings`); `keep`: how many of the newest checkpoints stay (None: all). On several ranks, rank 0 alone calls this: the weights and optimizer are the same on
     every rank, and so the RNG state saved is rank 0's."""
     target = directory / f"step-{state.step:08d}"
     try:
@@ -98,7 +97,7 @@ def save(directory: Path, trainable: dict[str, Any], optimizer_state: dict[str, 
         raise DiskFull(target, "free some space, then `tunesmith train --resume` continues from "
                                f"{kept.name if kept else 'the start'}: the checkpoints before this one are intact"
                        ) from exc
-    for old in complete(directory)[:-KEEP]:
+    for old in complete(directory)[:-keep] if keep else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
 

@@ -352,7 +352,8 @@ class Recipe:
         if self.world.main:
             state.keep(self.budget)
             state.stopped_early = self.stopped_early
-            checkpoint.save(self.run.checkpoints, trainable, optimizer_state, self.rate, state, self.settings)
+            checkpoint.save(self.run.checkpoints, trainable, optimizer_state, self.rate, state, self.settings,
+                            keep=self.cfg.save_total_limit)
 
     def _adjust_threads(self, progress: TrainProgress) -> None:
         if self.threads is None or (threads := self.threads()) is None:
