@@ -17,6 +17,7 @@ from tests.disk import leave_free, pages, small_disk
 from tests.train_support import adapter_weights, write_train_config
 
 SECRET = "s3cret-api-key-0123456789"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -152,6 +153,17 @@ def test_save_total_limit_null_keeps_every_checkpoint_for_the_curve(trained, tmp
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000004",
                                                                        "step-00000006"]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("accuracy_curve", ROOT / "bench" / "accuracy_curve.py")
+    curve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(curve)
+    cases = Path(yaml.safe_load(config.read_text())["data"]["train_file"])
+    label, points = curve.checkpoint_curve(run, config, cases, limit=3)
+    assert [point[0] for point in points] == [2, 4, 6] and "3 of train.jsonl" in label
+    minutes = [point[1] for point in points]
+    assert minutes == sorted(minutes) and minutes[0] > 0
+    assert all(0.0 <= point[2] <= 1.0 for point in points)
 
 
 class _Payload:
