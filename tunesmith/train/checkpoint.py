@@ -87,8 +87,9 @@ def save(directory: Path, trainable: dict[str, Any], optimizer_state: dict[str, 
          state: TrainState, settings: dict[str, Any], keep: int | None = 2) -> Path:
     """`trainable`: the weights that train (name -> tensor), whatever holds them; `optimizer_state`: the
     optimizer's `state_dict()` (under FSDP2 gathered whole first); `settings`: what a resume must match
-    (`resume_settings`); `keep`: how many of the newest checkpoints stay (None: all). On several ranks, rank 0 alone calls this: the weights and optimizer are the same on
-    every rank, and so the RNG state saved is rank 0's."""
+    (`resume_settings`); `keep`: how many of the newest checkpoints stay (None: all). On several ranks, rank 0
+    alone calls this: the weights and optimizer are the same on every rank, and so the RNG state saved is rank
+    0's."""
     target = directory / f"step-{state.step:08d}"
     try:
         _write(target, trainable, optimizer_state, scheduler, state, settings)
