@@ -45,11 +45,12 @@ def checkpoint_curve(run: Path, config_file: Path, cases_file: Path, limit: int)
     from tunesmith.config import load_config
     from tunesmith.inference import hf
     from tunesmith.inference.cases import load_cases
+    from tunesmith.run import Run
     from tunesmith.scorers import load_scorer, mean_scores, score_answers
     from tunesmith.train import checkpoint
 
     config = load_config(config_file, [f"runs_dir={run.parent}", f"name={run.name}"])
-    model, tokenizer = hf.load(config, run / "adapter")
+    model, tokenizer = hf.load_finetuned(Run.of(config), config)
     cases = load_cases(cases_file, config, limit)
     references = [case.reference for case in cases]
     task = load_scorer(config.eval.scorer) if config.eval.scorer else None
@@ -62,7 +63,7 @@ def checkpoint_curve(run: Path, config_file: Path, cases_file: Path, limit: int)
             raise SystemExit(f"{kept}: weights the model does not have, e.g. {min(missing)}")
         checkpoint.copy_into(model, trainable)
         answers = hf.generate_batch(model, tokenizer, [case.messages for case in cases], config, max_new)
-        scores = mean_scores(score_answers(answers, references, "text", task, prompts=[c.prompt for c in cases]))
+        scores = mean_scores(score_answers(answers, references, config.eval.expect, task, prompts=[c.prompt for c in cases]))
         state = checkpoint.TrainState.from_json((kept / "trainer_state.json").read_text())
         points.append((state.step, state.train_seconds / 60, scores["exact_match"], scores.get("exact_match:4+ rules")))
         print(f"{run.name}: step {state.step} {state.train_seconds / 60:.1f} min {scores['exact_match']:.2f}", flush=True)

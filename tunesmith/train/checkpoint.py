@@ -84,7 +84,7 @@ class TrainState:
 
 
 def save(directory: Path, trainable: dict[str, Any], optimizer_state: dict[str, Any], scheduler: Any,
-         state: TrainState, settings: dict[str, Any], keep: int | None = 2) -> Path:
+         state: TrainState, settings: dict[str, Any], *, keep: int | None) -> Path:
     """`trainable`: the weights that train (name -> tensor), whatever holds them; `optimizer_state`: the
     optimizer's `state_dict()` (under FSDP2 gathered whole first); `settings`: what a resume must match
     (`resume_settings`); `keep`: how many of the newest checkpoints stay (None: all). On several ranks, rank 0
